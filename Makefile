@@ -1,0 +1,36 @@
+# imgsim: `make demo` sets everything up and runs the chain on the sample images; `make test` runs the suite.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+FAISS ?= cpu   # `make FAISS=gpu install` for faiss-gpu (CUDA 12)
+
+export IMGSIM_DATA_DIR ?= $(CURDIR)/data
+export DAGSTER_HOME ?= $(IMGSIM_DATA_DIR)/dagster_home
+
+.PHONY: install demo test ui bench clean-data
+
+$(VENV)/.installed: pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (set PYTHON=...)"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[$(strip $(FAISS)),dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+$(DAGSTER_HOME):
+	mkdir -p $@
+
+demo: install | $(DAGSTER_HOME)
+	$(BIN)/imgsim sample-data
+	$(BIN)/imgsim ingest --fallback-random
+	$(BIN)/imgsim search $(IMGSIM_DATA_DIR)/queries/chelsea_reencoded.jpg -k 5
+
+test: install
+	$(BIN)/python -m pytest -q
+
+ui: install | $(DAGSTER_HOME)
+	$(BIN)/dagster dev -h 127.0.0.1 -p 3000 -w workspace.yaml
+
+clean-data:
+	rm -rf $(IMGSIM_DATA_DIR)/images $(IMGSIM_DATA_DIR)/queries $(IMGSIM_DATA_DIR)/assets $(IMGSIM_DATA_DIR)/dagster_home

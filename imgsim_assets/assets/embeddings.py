@@ -1,0 +1,93 @@
+"""``cropped_tensors`` → ``image_embeddings``: DINOv2 vectors streamed to Parquet."""
+
+
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from dagster import AssetExecutionContext, AssetIn, MetadataValue, asset
+
+from imgsim_assets.core import tables
+from imgsim_assets.io_managers import StagedFile
+from imgsim_assets.partitions import image_batches
+from imgsim_assets.resources import EncoderResource, StorageResource
+
+PROGRESS_EVERY_S = 30.0
+
+
+@asset(
+    ins={"cropped_tensors": AssetIn(), "raw_images": AssetIn()},
+    partitions_def=image_batches,
+    io_manager_key="parquet_io_manager",
+    group_name="ingest",
+    kinds={"pytorch", "parquet"},
+)
+def image_embeddings(
+    context: AssetExecutionContext,
+    cropped_tensors: pq.ParquetFile,
+    raw_images: pa.Table,
+    encoder: EncoderResource,
+    storage: StorageResource,
+) -> StagedFile:
+    """One L2-normalised DINOv2 vector per distinct image of the batch (Parquet: image_id, path,
+    sha256, embedding). The model, weights, pooling and preprocessing are recorded in the file."""
+    model = encoder.load()
+    if model.random_weights:
+        context.log.warning(
+            "RANDOM WEIGHTS: no pretrained DINOv2 checkpoint is configured, so these vectors carry no "
+            "learned meaning. Set IMGSIM_WEIGHTS (or the encoder's 'weights') to a checkpoint."
+        )
+    pre = tables.provenance_of(cropped_tensors.schema_arrow)
+    provenance = {**model.provenance(), "preprocess": pre.get("preprocess", {})}
+    first_path = _first_path_by_id(raw_images)
+    total = cropped_tensors.metadata.num_rows
+    staged = storage.staging_path(".parquet")
+    schema = tables.embedding_schema(model.spec.dim, provenance)
+
+    last_log = [time.perf_counter()]
+
+    def progress(done: int, seconds: float) -> None:
+        if time.perf_counter() - last_log[0] >= PROGRESS_EVERY_S or done == total:
+            rate = done / max(seconds, 1e-9)
+            context.log.info(f"embedded {done}/{total} images, {rate:.1f} img/s, ETA {(total - done) / max(rate, 1e-9):.0f}s")
+            last_log[0] = time.perf_counter()
+
+    start = time.perf_counter()
+    batches = tables.iter_tensor_batches(cropped_tensors, model.batch_size)
+    with pq.ParquetWriter(staged, schema) as writer:
+        for ids, vectors in model.embed_batches(batches, progress):
+            paths, digests = zip(*(first_path[i] for i in ids.tolist())) if len(ids) else ((), ())
+            writer.write_table(
+                pa.table(
+                    {"image_id": pa.array(ids, pa.int64()), "path": pa.array(paths, pa.string()),
+                     "sha256": pa.array(digests, pa.string()), "embedding": tables.embeddings_to_arrow(vectors)},
+                    schema=schema,
+                )
+            )
+    seconds = time.perf_counter() - start
+    context.add_output_metadata(
+        {
+            "num_vectors": total,
+            "dim": model.spec.dim,
+            "model": model.spec.model,
+            "weights": "RANDOM (not pretrained)" if model.random_weights else model.weights_file,
+            "pooling": model.spec.pooling,
+            "device": str(model.device),
+            "dtype": str(model.dtype).removeprefix("torch."),
+            "embed_seconds": round(seconds, 3),
+            "images_per_second": round(total / max(seconds, 1e-9), 1),
+            "provenance": MetadataValue.json(provenance),
+        }
+    )
+    return StagedFile(staged)
+
+
+def _first_path_by_id(manifest: pa.Table) -> dict[int, tuple[str, str]]:
+    """image_id → (path, sha256) of its first file in the batch (duplicates share the id)."""
+    out: dict[int, tuple[str, str]] = {}
+    for image_id, path, digest, status in zip(
+        *(manifest.column(c).to_pylist() for c in ("image_id", "path", "sha256", "status"))
+    ):
+        if status == "ok":
+            out.setdefault(image_id, (path, digest))
+    return out

@@ -1,0 +1,81 @@
+"""Batch folder → manifest of every file (``raw_images``) and uint8 pixels (``cropped_tensors``)."""
+
+
+import time
+
+import pyarrow as pa
+from dagster import AssetExecutionContext, AssetOut, MetadataValue, Output, multi_asset
+
+from imgsim_assets.core import images, tables
+from imgsim_assets.io_managers import StagedFile
+from imgsim_assets.partitions import image_batches
+from imgsim_assets.resources import PreprocessResource, StorageResource
+
+
+@multi_asset(
+    outs={
+        "raw_images": AssetOut(
+            io_manager_key="parquet_io_manager",
+            kinds={"pillow", "parquet"},
+            description="Manifest of every file in the batch folder: path (relative to the images root), "
+            "content-addressed image_id, sha256, size, format, and status ok/rejected with the reason "
+            "and the decoder's message. Every file has exactly one row.",
+        ),
+        "cropped_tensors": AssetOut(
+            io_manager_key="parquet_io_manager",
+            kinds={"pillow", "parquet"},
+            description="Each distinct image of the batch decoded, EXIF-rotated and cropped to uint8 3×H×W "
+            "(DINOv2 eval protocol by default), one row per image_id.",
+        ),
+    },
+    partitions_def=image_batches,
+    group_name="ingest",
+)
+def batch_images(context: AssetExecutionContext, storage: StorageResource, preprocessing: PreprocessResource):
+    """Read, hash and decode every file of one batch folder in a single pass."""
+    batch = context.partition_key
+    folder = storage.batch_dir(batch)
+    files = images.list_batch_files(folder)
+    pre = preprocessing.preprocess()
+    height, width = pre.output_size
+    staged = storage.staging_path(".parquet")
+
+    records: list[images.ImageRecord] = []
+    start = time.perf_counter()
+    with tables.TensorWriter(staged, height, width, {"preprocess": pre.describe(), "batch": batch}) as writer:
+        for record, pixels in images.preprocess_files(files, storage.images_dir, pre, workers=preprocessing.workers):
+            records.append(record)
+            if pixels is not None:
+                writer.add(record.image_id, pixels)
+    seconds = time.perf_counter() - start
+
+    manifest = pa.Table.from_pydict(images.records_to_columns(records), schema=tables.MANIFEST_SCHEMA)
+    frame = manifest.to_pandas()
+    rejected = frame[frame.status == images.REJECTED]
+    for row in rejected.itertuples():
+        context.log.warning(f"rejected {row.path}: {row.reason}: {row.message}")
+    yield Output(
+        manifest,
+        output_name="raw_images",
+        metadata={
+            "num_files": len(frame),
+            "num_ok": len(frame) - len(rejected),
+            "num_rejected": len(rejected),
+            "rejected": MetadataValue.md(
+                rejected[["path", "reason", "message"]].to_markdown(index=False) if len(rejected) else "none"
+            ),
+            "folder": MetadataValue.path(str(folder)),
+            "folder_fingerprint": images.folder_fingerprint(files),
+        },
+    )
+    yield Output(
+        StagedFile(staged),
+        output_name="cropped_tensors",
+        metadata={
+            "num_images": len(writer.written),
+            "image_size": f"{height}x{width}",
+            "protocol": pre.protocol,
+            "decode_seconds": round(seconds, 3),
+            "files_per_second": round(len(records) / max(seconds, 1e-9), 1),
+        },
+    )

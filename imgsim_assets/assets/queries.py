@@ -1,0 +1,58 @@
+"""Downstream use of the index: answer a folder of query images."""
+
+
+from pathlib import Path
+
+import pandas as pd
+from dagster import AssetExecutionContext, AssetIn, Config, MetadataValue, asset
+from pydantic import Field
+
+from imgsim_assets.core import images
+from imgsim_assets.core.search import ImageIndex, embed_files, encoder_from_info, preprocess_from_info
+from imgsim_assets.resources import EncoderResource, StorageResource
+
+
+class QueryConfig(Config):
+    query_dir: str = Field(default="", description="folder of query images; default <data>/queries")
+    k: int = 10
+    nprobe: int = Field(default=0, description="0: the nprobe chosen when the index was built")
+
+
+@asset(
+    ins={"faiss_index": AssetIn()},
+    io_manager_key="parquet_io_manager",
+    group_name="downstream",
+    kinds={"faiss"},
+)
+def similar_images(
+    context: AssetExecutionContext,
+    config: QueryConfig,
+    faiss_index: ImageIndex,
+    encoder: EncoderResource,
+    storage: StorageResource,
+) -> pd.DataFrame:
+    """The k nearest indexed images of every image in a query folder (query, rank, image_id, path,
+    inner product, score = (s+1)/2). Queries are embedded exactly as the index's images were."""
+    folder = Path(config.query_dir) if config.query_dir else Path(storage.data_dir) / "queries"
+    files = images.list_batch_files(folder)
+    model = encoder_from_info(faiss_index.info, device=encoder.device, dtype=encoder.dtype)
+    records, vectors = embed_files(files, model, preprocess_from_info(faiss_index.info), root=folder)
+    ok = [r for r in records if r.status == images.OK]
+    rows = []
+    for record, hits in zip(ok, faiss_index.search(vectors, config.k, nprobe=config.nprobe or None)):
+        rows += [{"query": record.path, **hit.to_dict(), "rejected": ""} for hit in hits]
+    for r in records:
+        if r.status != images.OK:
+            context.log.warning(f"query {r.path} rejected: {r.reason}: {r.message}")
+            rows.append({"query": r.path, "rank": 0, "image_id": -1, "inner_product": float("nan"),
+                         "score": float("nan"), "path": "", "batch": "", "copies": 0, "rejected": r.reason})
+    frame = pd.DataFrame(rows)
+    top1 = frame[frame["rank"] == 1][["query", "path", "score"]] if len(frame) else frame
+    context.add_output_metadata(
+        {
+            "num_queries": len(records),
+            "num_rejected": len(records) - len(ok),
+            "top_hits": MetadataValue.md(top1.to_markdown(index=False) if len(top1) else "none"),
+        }
+    )
+    return frame

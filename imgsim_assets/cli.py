@@ -1,0 +1,139 @@
+"""``imgsim``: ingest batch folders, search the index, write the sample corpus."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+RANDOM_BANNER = """\
+!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!
+!! RANDOM WEIGHTS: no pretrained DINOv2 checkpoint was found or configured.   !!
+!! The pipeline runs end to end, but similarity only reflects low-level pixel  !!
+!! statistics. Point IMGSIM_WEIGHTS at a checkpoint for real results.         !!
+!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!"""
+
+
+def _instance(settings):
+    from dagster import DagsterInstance
+
+    if not os.environ.get("DAGSTER_HOME"):
+        os.environ["DAGSTER_HOME"] = str(settings.dagster_home)
+    home = Path(os.environ["DAGSTER_HOME"])
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "dagster.yaml").touch()  # local SQLite storage under DAGSTER_HOME
+    return DagsterInstance.get()
+
+
+def _warn_if_random(weights: str, model: str) -> None:
+    from imgsim_assets.core import dinov2
+
+    if weights == "random":
+        print(RANDOM_BANNER, file=sys.stderr)
+    elif weights == "auto":
+        try:
+            dinov2.find_pretrained(model)
+        except FileNotFoundError as e:
+            print(str(e), file=sys.stderr)
+
+
+def cmd_ingest(args) -> int:
+    from imgsim_assets.core import dinov2
+    from imgsim_assets.settings import Settings
+
+    settings = Settings.from_env()
+    if args.fallback_random and settings.weights == "auto":
+        try:
+            dinov2.find_pretrained(settings.model)
+        except FileNotFoundError as e:
+            print(f"{e}\n\nfalling back to random weights (--fallback-random).", file=sys.stderr)
+            # The code location reads its defaults from the environment, once, at import.
+            os.environ["IMGSIM_WEIGHTS"] = "random"
+            settings = Settings.from_env()
+    _warn_if_random(settings.weights, settings.model)
+
+    from imgsim_assets.definitions import defs
+    from imgsim_assets.ingest import ingest
+
+    instance = _instance(settings)
+    report = ingest(defs, instance, settings.images_dir, retrain=args.retrain)
+    print(
+        f"ingest: {len(report.embedded)} batch(es) embedded, {'retrained, ' if report.trained else ''}"
+        f"{len(report.shards)} shard(s) built, index {'rebuilt' if report.merged else 'unchanged'}"
+    )
+    for label, message in report.failed.items():
+        print(f"  failed: {label}: {message}", file=sys.stderr)
+    return 0 if report.ok else 1
+
+
+def cmd_search(args) -> int:
+    from imgsim_assets.core.search import embed_files, encoder_from_info, preprocess_from_info
+    from imgsim_assets.definitions import defs
+    from imgsim_assets.settings import Settings
+
+    settings = Settings.from_env()
+    instance = _instance(settings)
+    index = defs.load_asset_value("faiss_index", instance=instance)
+    if index.info.get("encoder", {}).get("weights_file") == "random":
+        print(RANDOM_BANNER, file=sys.stderr)
+    encoder = encoder_from_info(index.info, device=settings.device)
+    records, vectors = embed_files([args.image], encoder, preprocess_from_info(index.info))
+    if records[0].status != "ok":
+        print(f"cannot search with {args.image}: {records[0].reason}: {records[0].message}", file=sys.stderr)
+        return 2
+    hits = index.search(vectors, args.k, nprobe=args.nprobe)[0]
+    if args.json:
+        print(json.dumps({"query": args.image, "hits": [h.to_dict() for h in hits]}, indent=2))
+        return 0
+    print(f"query: {args.image}   ({index.num_vectors} images indexed, {index.info.get('factory')})")
+    print(f"{'rank':>4}  {'score':>6}  {'inner':>7}  {'image_id':>20}  path")
+    for h in hits:
+        extra = f"  (+{h.copies - 1} identical)" if h.copies > 1 else ""
+        print(f"{h.rank:>4}  {h.score:6.4f}  {h.inner_product:7.4f}  {h.image_id:>20}  {settings.images_dir / h.path}{extra}")
+    return 0
+
+
+def cmd_sample_data(args) -> int:
+    from imgsim_assets.core.sample_data import write_sample_corpus
+    from imgsim_assets.settings import Settings
+
+    data_dir = Path(args.data_dir) if args.data_dir else Settings.from_env().data_dir
+    folders = write_sample_corpus(data_dir)
+    for name, folder in folders.items():
+        print(f"{name}: {folder} ({sum(1 for p in folder.iterdir() if p.suffix in ('.png', '.jpg'))} images)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="imgsim", description="Image similarity index on Dagster.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("ingest", help="register new batch folders and materialize everything missing or stale")
+    p.add_argument("--retrain", action="store_true", help="refit PCA and centroids (rebuilds every shard)")
+    p.add_argument("--fallback-random", action="store_true",
+                   help="with IMGSIM_WEIGHTS=auto and no checkpoint found, use random weights (demo)")
+    p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("search", help="nearest indexed images of IMAGE")
+    p.add_argument("image")
+    p.add_argument("-k", type=int, default=10)
+    p.add_argument("--nprobe", type=int, default=None, help="IVF lists to visit (default: as tuned at build)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("sample-data", help="write the bundled sample corpus (two batches and queries)")
+    p.add_argument("--data-dir", default=None)
+    p.set_defaults(func=cmd_sample_data)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError, PermissionError) as e:
+        print(f"imgsim {args.command}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,304 @@
+"""DINOv2 ViTs with the official numerics, built from timm's layers.
+
+The module keeps the official parameter layout (``cls_token``, ``pos_embed`` over a 37×37
+grid plus the class position, ``register_tokens``, ``mask_token``, ``blocks.N.*``) so an
+official release checkpoint loads strictly, and it interpolates position embeddings at run
+time exactly as the official code does. timm checkpoints are converted into this layout by
+:func:`convert_timm_state_dict`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from timm.layers import Mlp, PatchEmbed, SwiGLUPacked
+from timm.models.vision_transformer import Block
+
+PATCH_SIZE = 14
+PRETRAIN_IMG_SIZE = 518
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+RANDOM_SEED = 0
+
+
+@dataclass(frozen=True)
+class Variant:
+    embed_dim: int
+    depth: int
+    num_heads: int
+    swiglu: bool = False
+    registers: int = 0
+
+    @property
+    def interpolate_offset(self) -> float:
+        # Official hub models: the plain ones scale by (grid + 0.1) / M without antialias,
+        # the register ones interpolate to the target size with antialias.
+        return 0.0 if self.registers else 0.1
+
+    @property
+    def interpolate_antialias(self) -> bool:
+        return bool(self.registers)
+
+
+_BASE = {
+    "dinov2_vits14": Variant(384, 12, 6),
+    "dinov2_vitb14": Variant(768, 12, 12),
+    "dinov2_vitl14": Variant(1024, 24, 16),
+    "dinov2_vitg14": Variant(1536, 40, 24, swiglu=True),
+}
+VARIANTS: dict[str, Variant] = {
+    **_BASE,
+    **{f"{name}_reg": Variant(v.embed_dim, v.depth, v.num_heads, v.swiglu, registers=4) for name, v in _BASE.items()},
+}
+
+# Where pretrained weights are looked for when ``weights="auto"``.
+TIMM_HUB_NAMES = {
+    "dinov2_vits14": "vit_small_patch14_dinov2.lvd142m",
+    "dinov2_vitb14": "vit_base_patch14_dinov2.lvd142m",
+    "dinov2_vitl14": "vit_large_patch14_dinov2.lvd142m",
+    "dinov2_vitg14": "vit_giant_patch14_dinov2.lvd142m",
+    "dinov2_vits14_reg": "vit_small_patch14_reg4_dinov2.lvd142m",
+    "dinov2_vitb14_reg": "vit_base_patch14_reg4_dinov2.lvd142m",
+    "dinov2_vitl14_reg": "vit_large_patch14_reg4_dinov2.lvd142m",
+    "dinov2_vitg14_reg": "vit_giant_patch14_reg4_dinov2.lvd142m",
+}
+
+
+def official_checkpoint_name(name: str) -> str:
+    """File name of the official release checkpoint, e.g. ``dinov2_vits14_reg4_pretrain.pth``."""
+    return f"{name}4_pretrain.pth" if name.endswith("_reg") else f"{name}_pretrain.pth"
+
+
+class DinoVisionTransformer(nn.Module):
+    """A DINOv2 ViT whose ``forward_features`` returns the official output dict."""
+
+    def __init__(self, variant: Variant, depth: int | None = None) -> None:
+        super().__init__()
+        self.variant = variant
+        dim = variant.embed_dim
+        self.patch_size = PATCH_SIZE
+        self.embed_dim = dim
+        self.num_register_tokens = variant.registers
+        grid = PRETRAIN_IMG_SIZE // PATCH_SIZE
+        self.patch_embed = PatchEmbed(
+            img_size=PRETRAIN_IMG_SIZE, patch_size=PATCH_SIZE, in_chans=3, embed_dim=dim, strict_img_size=False
+        )
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, dim))
+        self.register_tokens = nn.Parameter(torch.zeros(1, variant.registers, dim)) if variant.registers else None
+        self.mask_token = nn.Parameter(torch.zeros(1, dim))  # used in training only; kept for strict loading
+        mlp = dict(mlp_ratio=2.66667 * 2, mlp_layer=SwiGLUPacked, act_layer=nn.SiLU) if variant.swiglu else dict(
+            mlp_ratio=4.0, mlp_layer=Mlp, act_layer=nn.GELU
+        )
+        self.blocks = nn.ModuleList(
+            Block(dim, variant.num_heads, qkv_bias=True, init_values=1e-5, norm_layer=partial(nn.LayerNorm, eps=1e-6), **mlp)
+            for _ in range(depth or variant.depth)
+        )
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+
+    def interpolate_pos_encoding(self, num_patches: int, height: int, width: int, dtype: torch.dtype) -> torch.Tensor:
+        n = self.pos_embed.shape[1] - 1
+        if num_patches == n and height == width:
+            return self.pos_embed.to(dtype)
+        pos = self.pos_embed.float()
+        cls_pos, patch_pos = pos[:, :1], pos[:, 1:]
+        m = int(math.sqrt(n))
+        h0, w0 = height // self.patch_size, width // self.patch_size
+        grid = patch_pos.reshape(1, m, m, -1).permute(0, 3, 1, 2)
+        if self.variant.interpolate_offset:
+            scale = ((h0 + self.variant.interpolate_offset) / m, (w0 + self.variant.interpolate_offset) / m)
+            grid = F.interpolate(grid, scale_factor=scale, mode="bicubic", antialias=self.variant.interpolate_antialias)
+        else:
+            grid = F.interpolate(grid, size=(h0, w0), mode="bicubic", antialias=self.variant.interpolate_antialias)
+        assert grid.shape[-2:] == (h0, w0), (grid.shape, h0, w0)
+        patch_pos = grid.permute(0, 2, 3, 1).reshape(1, h0 * w0, -1)
+        return torch.cat((cls_pos, patch_pos), dim=1).to(dtype)
+
+    def prepare_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        if h % self.patch_size or w % self.patch_size:
+            raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {self.patch_size}")
+        x = self.patch_embed(x)
+        x = torch.cat((self.cls_token.expand(b, -1, -1).to(x.dtype), x), dim=1)
+        x = x + self.interpolate_pos_encoding(x.shape[1] - 1, h, w, x.dtype)
+        if self.register_tokens is not None:
+            x = torch.cat((x[:, :1], self.register_tokens.expand(b, -1, -1).to(x.dtype), x[:, 1:]), dim=1)
+        return x
+
+    def forward_features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = self.prepare_tokens(x)
+        for block in self.blocks:
+            x = block(x)
+        x_norm = self.norm(x)
+        r = self.num_register_tokens
+        return {
+            "x_norm_clstoken": x_norm[:, 0],
+            "x_norm_regtokens": x_norm[:, 1 : r + 1],
+            "x_norm_patchtokens": x_norm[:, r + 1 :],
+            "x_prenorm": x,
+            "masks": None,
+        }
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(x)["x_norm_clstoken"]
+
+
+def _init_random(model: DinoVisionTransformer, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim >= 2 and not name.endswith("mask_token"):
+                p.copy_(torch.nn.init.trunc_normal_(torch.empty_like(p), std=0.02, generator=generator))
+            elif name.endswith(".bias"):
+                p.zero_()
+        model.cls_token.copy_(torch.randn(model.cls_token.shape, generator=generator) * 1e-6)
+
+
+def convert_official_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Official DINOv2 release layout → this module's layout (only the SwiGLU names differ)."""
+    out = {}
+    for k, v in state_dict.items():
+        k = k.replace(".mlp.w12.", ".mlp.fc1.").replace(".mlp.w3.", ".mlp.fc2.")
+        out[k] = v
+    return out
+
+
+def convert_timm_state_dict(state_dict: dict[str, torch.Tensor], embed_dim: int) -> dict[str, torch.Tensor]:
+    """timm ``vit_*_patch14_dinov2`` layout → this module's (official) layout.
+
+    timm's register models fold the class position into ``cls_token`` and keep only patch
+    positions in ``pos_embed``; adding a zero class position restores the official sum.
+    """
+    out = {k: v for k, v in state_dict.items() if not k.startswith("head.")}
+    if "reg_token" in out:
+        out["register_tokens"] = out.pop("reg_token")
+        pos = out["pos_embed"]
+        out["pos_embed"] = torch.cat((torch.zeros_like(pos[:, :1]), pos), dim=1)
+    out.setdefault("mask_token", torch.zeros(1, embed_dim))
+    return out
+
+
+def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("model", "state_dict", "teacher"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} does not hold a state dict")
+    return state
+
+
+def load_state_dict_file(model: DinoVisionTransformer, path: str | os.PathLike) -> None:
+    """Load an official ``.pth`` or a timm ``.safetensors`` checkpoint, strictly."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"DINOv2 checkpoint {path} does not exist")
+    state = _read_checkpoint(path)
+    if "mask_token" in state:
+        state = convert_official_state_dict(state)
+    elif "cls_token" in state and "blocks.0.attn.qkv.weight" in state:
+        state = convert_timm_state_dict(state, model.embed_dim)
+    else:
+        sample = ", ".join(list(state)[:5])
+        raise ValueError(f"{path} is not a DINOv2 checkpoint in the official or timm layout (keys: {sample}, ...)")
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+             for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing[:6]}{' ...' if len(missing) > 6 else ''}")
+        if unexpected:
+            parts.append(f"unexpected keys {unexpected[:6]}{' ...' if len(unexpected) > 6 else ''}")
+        if wrong:
+            parts.append(f"wrong shapes {wrong[:4]}")
+        raise ValueError(f"checkpoint {path} does not fit this model: " + "; ".join(parts))
+    model.load_state_dict(state, strict=True)
+
+
+def candidate_checkpoints(name: str) -> list[Path]:
+    """Places ``weights="auto"`` looks in, in order: the HF hub cache (timm) and torch hub's."""
+    hf_home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
+    hub = Path(os.environ.get("HF_HUB_CACHE", hf_home / "hub"))
+    torch_home = Path(os.environ.get("TORCH_HOME", Path.home() / ".cache" / "torch"))
+    repo = "models--timm--" + TIMM_HUB_NAMES[name]
+    snapshots = sorted((hub / repo / "snapshots").glob("*/model.safetensors"))
+    return [*snapshots, torch_home / "hub" / "checkpoints" / official_checkpoint_name(name)]
+
+
+def find_pretrained(name: str) -> Path:
+    for path in candidate_checkpoints(name):
+        if path.is_file():
+            return path
+    hf_home = os.environ.get("HF_HOME", "~/.cache/huggingface")
+    torch_home = os.environ.get("TORCH_HOME", "~/.cache/torch")
+    raise FileNotFoundError(
+        f"no pretrained weights for {name} found. Put one of these in place, or pass a path:\n"
+        f"  - the official checkpoint {official_checkpoint_name(name)} in {torch_home}/hub/checkpoints/\n"
+        f"  - timm's {TIMM_HUB_NAMES[name]} in the Hugging Face cache under {hf_home}/hub/\n"
+        f"  - weights='/path/to/{official_checkpoint_name(name)}' (or IMGSIM_WEIGHTS=...)\n"
+        f"or use weights='random' for seeded random weights (testing only)."
+    )
+
+
+def load_dinov2(name: str = "dinov2_vits14", weights: str | os.PathLike = "auto", depth: int | None = None) -> DinoVisionTransformer:
+    """Build a DINOv2 ViT in eval mode.
+
+    ``weights``: a path to an official ``.pth`` or timm ``.safetensors`` checkpoint; ``"auto"``
+    to look in the HF hub and torch hub caches (never downloads); ``"random"`` for seeded
+    random weights of the same architecture. ``depth`` builds fewer blocks (tests).
+    """
+    if name not in VARIANTS:
+        raise ValueError(f"unknown DINOv2 model {name!r}; choose one of {', '.join(VARIANTS)}")
+    model = DinoVisionTransformer(VARIANTS[name], depth=depth)
+    if str(weights) == "random":
+        _init_random(model, RANDOM_SEED)
+    else:
+        path = find_pretrained(name) if str(weights) == "auto" else Path(weights).expanduser()
+        load_state_dict_file(model, path)
+    return model.eval()
+
+
+def resolve_weights(name: str, weights: str | os.PathLike) -> str:
+    """What ``weights`` resolves to, for provenance: ``random`` or an absolute file path."""
+    if str(weights) == "random":
+        return "random"
+    path = find_pretrained(name) if str(weights) == "auto" else Path(weights).expanduser()
+    return str(path.resolve())
+
+
+POOLINGS = ("cls", "mean", "cls+gem")
+
+
+def pool(features: dict[str, torch.Tensor], pooling: str = "cls", gem_p: float = 4.0) -> torch.Tensor:
+    """One L2-normalised vector per image from ``forward_features`` output."""
+    cls = features["x_norm_clstoken"].float()
+    patches = features["x_norm_patchtokens"].float()
+    if pooling == "cls":
+        v = cls
+    elif pooling == "mean":
+        v = patches.mean(dim=1)
+    elif pooling == "cls+gem":
+        gem = patches.clamp(min=1e-6).pow(gem_p).mean(dim=1).pow(1.0 / gem_p)
+        v = torch.cat((F.normalize(cls, dim=-1), F.normalize(gem, dim=-1)), dim=-1)
+    else:
+        raise ValueError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
+    return F.normalize(v, dim=-1)
+
+
+def pooled_dim(embed_dim: int, pooling: str) -> int:
+    return 2 * embed_dim if pooling == "cls+gem" else embed_dim

@@ -1,0 +1,109 @@
+"""Atomic file and directory publication.
+
+Every artifact is written under a temporary name in its final directory and then renamed
+into place, so a reader (or a run killed half-way) sees the old version or the new one,
+never a mix. Multi-file artifacts are published as a versioned directory behind a
+symlink that is swapped atomically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def temp_sibling(path: Path) -> Path:
+    """A unique temporary name next to ``path`` (same filesystem, so rename is atomic)."""
+    return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:12]}")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path; on success it replaces ``path`` atomically, on error it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_sibling(path)
+    try:
+        yield tmp
+        if tmp.is_file():
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp.exists():
+            tmp.unlink()
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+
+
+def publish_dir(link: str | os.PathLike, populate) -> Path:
+    """Publish a multi-file artifact at ``link``.
+
+    ``populate(directory)`` fills a fresh versioned directory; then the symlink ``link`` is
+    switched to it in one rename and the previous version is removed. Readers that already
+    opened files of the old version keep reading them (POSIX semantics).
+    """
+    link = Path(link)
+    link.parent.mkdir(parents=True, exist_ok=True)
+    version = link.with_name(f"{link.name}.v-{uuid.uuid4().hex[:12]}")
+    version.mkdir()
+    try:
+        populate(version)
+        _fsync_dir(version)
+        previous = link.resolve() if link.is_symlink() else None
+        if link.exists() and not link.is_symlink():
+            raise FileExistsError(f"{link} exists and is not a published artifact (expected a symlink)")
+        tmp_link = temp_sibling(link)
+        os.symlink(version.name, tmp_link)
+        os.replace(tmp_link, link)
+        _fsync_dir(link.parent)
+    except BaseException:
+        shutil.rmtree(version, ignore_errors=True)
+        raise
+    if previous is not None and previous != version.resolve():
+        shutil.rmtree(previous, ignore_errors=True)
+    return version
+
+
+def remove_stale_temporaries(directory: str | os.PathLike, min_age_s: float = 3600.0) -> int:
+    """Remove leftovers of killed writers in ``directory``: temp files and unpublished versions.
+
+    Only entries older than ``min_age_s`` go, so a writer that is still running keeps its files.
+    """
+    import time
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        return 0
+    live = {p.resolve() for p in directory.iterdir() if p.is_symlink()}
+    cutoff = time.time() - min_age_s
+    removed = 0
+    for p in directory.iterdir():
+        stale_tmp = p.name.startswith(".") and ".tmp-" in p.name
+        orphan_version = ".v-" in p.name and p.is_dir() and not p.is_symlink() and p.resolve() not in live
+        if (stale_tmp or orphan_version) and p.lstat().st_mtime < cutoff:
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            removed += 1
+    return removed

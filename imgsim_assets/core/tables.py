@@ -1,0 +1,130 @@
+"""Arrow schemas and readers of the Parquet artifacts: manifests, pixel tensors, embeddings."""
+
+from __future__ import annotations
+
+import json
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+PROVENANCE_KEY = b"imgsim"
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("path", pa.string()),
+        ("image_id", pa.int64()),
+        ("sha256", pa.string()),
+        ("bytes", pa.int64()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("format", pa.string()),
+        ("status", pa.string()),
+        ("reason", pa.string()),
+        ("message", pa.string()),
+    ]
+)
+
+
+def with_provenance(schema: pa.Schema, provenance: dict) -> pa.Schema:
+    return schema.with_metadata({PROVENANCE_KEY: json.dumps(provenance, sort_keys=True).encode()})
+
+
+def provenance_of(schema: pa.Schema) -> dict:
+    raw = (schema.metadata or {}).get(PROVENANCE_KEY)
+    return json.loads(raw) if raw else {}
+
+
+def tensor_schema(height: int, width: int, provenance: dict) -> pa.Schema:
+    """``cropped_tensors``: one row per distinct image, pixels as uint8 3×H×W bytes."""
+    schema = pa.schema([("image_id", pa.int64()), ("pixels", pa.binary(3 * height * width))])
+    return with_provenance(schema, {**provenance, "height": height, "width": width})
+
+
+def pixels_to_arrow(pixels: np.ndarray) -> pa.FixedSizeBinaryArray:
+    n = len(pixels)
+    flat = np.ascontiguousarray(pixels, dtype=np.uint8).reshape(n, -1)
+    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(flat.shape[1]), n, [None, pa.py_buffer(flat)])
+
+
+def arrow_to_pixels(column: pa.Array, height: int, width: int) -> np.ndarray:
+    size = 3 * height * width
+    buf = column.buffers()[1]
+    flat = np.frombuffer(buf, dtype=np.uint8, count=len(column) * size, offset=column.offset * size)
+    return flat.reshape(len(column), 3, height, width)
+
+
+def iter_tensor_batches(tensors: pq.ParquetFile, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Stream ``(image_ids, pixels)`` from a ``cropped_tensors`` file without loading it whole."""
+    meta = provenance_of(tensors.schema_arrow)
+    h, w = meta["height"], meta["width"]
+    for batch in tensors.iter_batches(batch_size=batch_size):
+        pixels = batch.column("pixels")
+        if pixels.null_count:
+            raise ValueError("cropped_tensors holds null pixel rows")
+        yield batch.column("image_id").to_numpy(), arrow_to_pixels(pixels, h, w)
+
+
+def embedding_schema(dim: int, provenance: dict) -> pa.Schema:
+    schema = pa.schema(
+        [
+            ("image_id", pa.int64()),
+            ("path", pa.string()),
+            ("sha256", pa.string()),
+            ("embedding", pa.list_(pa.float32(), dim)),
+        ]
+    )
+    return with_provenance(schema, provenance)
+
+
+def embeddings_to_arrow(vectors: np.ndarray) -> pa.FixedSizeListArray:
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    return pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), vectors.shape[1])
+
+
+def embedding_matrix(table: pa.Table) -> np.ndarray:
+    """The ``embedding`` column as a float32 N×D array."""
+    column = table.column("embedding").combine_chunks()
+    dim = column.type.list_size
+    if len(column) == 0:
+        return np.zeros((0, dim), dtype=np.float32)
+    return column.flatten().to_numpy(zero_copy_only=False).reshape(len(column), dim)
+
+
+class TensorWriter:
+    """Streams ``(image_id, pixels)`` rows into a ``cropped_tensors`` Parquet file, once per id."""
+
+    def __init__(self, path, height: int, width: int, provenance: dict, rows_per_group: int = 64) -> None:
+        self.schema = tensor_schema(height, width, provenance)
+        self._writer = pq.ParquetWriter(path, self.schema, compression="none")
+        self._rows_per_group = rows_per_group
+        self._ids: list[int] = []
+        self._pixels: list[np.ndarray] = []
+        self.written: set[int] = set()
+
+    def add(self, image_id: int, pixels: np.ndarray) -> bool:
+        if image_id in self.written:
+            return False
+        self.written.add(image_id)
+        self._ids.append(image_id)
+        self._pixels.append(pixels)
+        if len(self._ids) >= self._rows_per_group:
+            self._flush()
+        return True
+
+    def _flush(self) -> None:
+        if self._ids:
+            columns = {"image_id": pa.array(self._ids, pa.int64()), "pixels": pixels_to_arrow(np.stack(self._pixels))}
+            self._writer.write_table(pa.table(columns, schema=self.schema))
+            self._ids, self._pixels = [], []
+
+    def close(self) -> None:
+        self._flush()
+        self._writer.close()
+
+    def __enter__(self) -> "TensorWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,42 @@
+"""The one Definitions object of the code location: wiring only."""
+
+from __future__ import annotations
+
+from dagster import Definitions, load_assets_from_modules
+
+from imgsim_assets import jobs
+from imgsim_assets.assets import embeddings, images, index, queries
+from imgsim_assets.io_managers import (
+    FaissIOManager,
+    ImageIndexIOManager,
+    NpyIOManager,
+    NpzIOManager,
+    ParquetIOManager,
+)
+from imgsim_assets.resources import EncoderResource, PreprocessResource, StorageResource
+from imgsim_assets.settings import Settings
+
+
+def build_definitions(
+    settings: Settings,
+    encoder: EncoderResource | None = None,
+    preprocessing: PreprocessResource | None = None,
+) -> Definitions:
+    root = str(settings.assets_dir)
+    return Definitions(
+        assets=load_assets_from_modules([images, embeddings, index, queries]),
+        jobs=jobs.ALL_JOBS,
+        resources={
+            "encoder": encoder or EncoderResource(model=settings.model, weights=settings.weights, device=settings.device),
+            "preprocessing": preprocessing or PreprocessResource(),
+            "storage": StorageResource(data_dir=str(settings.data_dir)),
+            "parquet_io_manager": ParquetIOManager(root=root),
+            "npy_io_manager": NpyIOManager(root=root),
+            "npz_io_manager": NpzIOManager(root=root),
+            "faiss_io_manager": FaissIOManager(root=root),
+            "image_index_io_manager": ImageIndexIOManager(root=root),
+        },
+    )
+
+
+defs = build_definitions(Settings.from_env())

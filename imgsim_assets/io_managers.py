@@ -1,0 +1,137 @@
+"""One IO manager per file format. Writes are atomic; nothing is pickled.
+
+Files live at ``<assets_dir>/<asset>/<partition>.<ext>`` (or ``<assets_dir>/<asset>.<ext>``
+when unpartitioned). An asset that streams a large artifact writes it to a staging path
+itself and returns :class:`StagedFile`; the IO manager then renames it into place.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import faiss
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from dagster import ConfigurableIOManager, InputContext, MetadataValue, OutputContext
+
+from imgsim_assets.core.index import PcaModel
+from imgsim_assets.core.search import ImageIndex
+from imgsim_assets.core.storage import atomic_path, publish_dir
+
+
+@dataclass(frozen=True)
+class StagedFile:
+    """A complete artifact already written at ``path``, to be moved into place."""
+
+    path: Path
+
+
+class _FileIOManager(ConfigurableIOManager):
+    root: str
+    suffix: ClassVar[str] = ""
+
+    def path_for(self, asset_key, partition_key: str | None) -> Path:
+        base = Path(self.root).joinpath(*asset_key.path)
+        return base / f"{partition_key}{self.suffix}" if partition_key is not None else base.with_suffix(self.suffix)
+
+    def _write(self, path: Path, obj: Any) -> None:
+        raise NotImplementedError
+
+    def _read(self, path: Path, context: InputContext) -> Any:
+        raise NotImplementedError
+
+    def handle_output(self, context: OutputContext, obj: Any) -> None:
+        if obj is None:
+            return
+        path = self.path_for(context.asset_key, context.partition_key if context.has_asset_partitions else None)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(obj, StagedFile):
+            os.replace(obj.path, path)
+        else:
+            self._write(path, obj)
+        context.add_output_metadata({"path": MetadataValue.path(str(path))})
+
+    def load_input(self, context: InputContext) -> Any:
+        key = context.asset_key
+        if not context.has_asset_partitions:
+            return self._read(self.path_for(key, None), context)
+        keys = context.asset_partition_keys
+        if context.has_partition_key and len(keys) == 1:
+            return self._read(self.path_for(key, keys[0]), context)
+        # An unpartitioned consumer of a partitioned asset gets every materialized batch.
+        # Batches registered but not yet materialized are absent; consumers report them.
+        found = {k: self.path_for(key, k) for k in keys}
+        return {k: self._read(p, context) for k, p in found.items() if p.exists()}
+
+
+class ParquetIOManager(_FileIOManager):
+    """DataFrames and Arrow tables as Parquet. Inputs typed ``pq.ParquetFile`` are opened lazily."""
+
+    suffix: ClassVar[str] = ".parquet"
+
+    def _write(self, path: Path, obj: Any) -> None:
+        table = pa.Table.from_pandas(obj, preserve_index=False) if isinstance(obj, pd.DataFrame) else obj
+        with atomic_path(path) as tmp:
+            pq.write_table(table, tmp)
+
+    def _read(self, path: Path, context: InputContext) -> Any:
+        wanted = context.dagster_type.typing_type if context.dagster_type else None
+        if wanted is pq.ParquetFile:
+            return pq.ParquetFile(path)
+        table = pq.read_table(path)
+        return table.to_pandas() if wanted is pd.DataFrame else table
+
+
+class NpyIOManager(_FileIOManager):
+    """Arrays as ``.npy``, memory-mapped on load."""
+
+    suffix: ClassVar[str] = ".npy"
+
+    def _write(self, path: Path, obj: np.ndarray) -> None:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.save(f, np.asarray(obj), allow_pickle=False)
+
+    def _read(self, path: Path, context: InputContext) -> np.ndarray:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+
+
+class NpzIOManager(_FileIOManager):
+    """:class:`PcaModel` as plain arrays in ``.npz``."""
+
+    suffix: ClassVar[str] = ".npz"
+
+    def _write(self, path: Path, obj: PcaModel) -> None:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, **obj.to_arrays())
+
+    def _read(self, path: Path, context: InputContext) -> PcaModel:
+        with np.load(path, allow_pickle=False) as arrays:
+            return PcaModel.from_arrays(arrays)
+
+
+class FaissIOManager(_FileIOManager):
+    """Faiss indexes in Faiss' own format."""
+
+    suffix: ClassVar[str] = ".faiss"
+
+    def _write(self, path: Path, obj: faiss.Index) -> None:
+        with atomic_path(path) as tmp:
+            faiss.write_index(obj, str(tmp))
+
+    def _read(self, path: Path, context: InputContext) -> faiss.Index:
+        return faiss.read_index(str(path))
+
+
+class ImageIndexIOManager(_FileIOManager):
+    """:class:`ImageIndex` as a directory (index, catalog, info) published behind a symlink."""
+
+    def _write(self, path: Path, obj: ImageIndex) -> None:
+        publish_dir(path, obj.save)
+
+    def _read(self, path: Path, context: InputContext) -> ImageIndex:
+        return ImageIndex.load(path)

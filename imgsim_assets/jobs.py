@@ -1,0 +1,38 @@
+"""Jobs: the stages of the main chain, runnable one partition at a time, and the query job."""
+
+from dagster import AssetSelection, define_asset_job
+
+from imgsim_assets.partitions import image_batches
+
+EMBED_ASSETS = ("raw_images", "cropped_tensors", "image_embeddings")
+TRAIN_ASSETS = ("pca_model", "cluster_centroids")
+
+embed_batch_job = define_asset_job(
+    "embed_batch",
+    selection=AssetSelection.assets(*EMBED_ASSETS),
+    partitions_def=image_batches,
+    description="Manifest, pixels and embeddings of one image batch.",
+)
+train_index_job = define_asset_job(
+    "train_index",
+    selection=AssetSelection.assets(*TRAIN_ASSETS),
+    description="Fit PCA and k-means centroids on all batches. Makes every shard stale.",
+)
+index_shard_job = define_asset_job(
+    "index_shard",
+    selection=AssetSelection.assets("faiss_index_shards"),
+    partitions_def=image_batches,
+    description="Encode one batch into its IVF shard with the current PCA and centroids.",
+)
+merge_index_job = define_asset_job(
+    "merge_index",
+    selection=AssetSelection.assets("faiss_index"),
+    description="Merge all shards into the searchable faiss_index and measure its recall.",
+)
+similar_images_job = define_asset_job(
+    "similar_images_job",
+    selection=AssetSelection.assets("similar_images"),
+    description="Load faiss_index and answer every image of a query folder.",
+)
+
+ALL_JOBS = [embed_batch_job, train_index_job, index_shard_job, merge_index_job, similar_images_job]

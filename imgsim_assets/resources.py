@@ -1,0 +1,80 @@
+"""Resources: the encoder, the preprocessing, and where files live. All editable in the launchpad."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Optional
+
+from dagster import ConfigurableResource
+from pydantic import Field
+
+from imgsim_assets.core.encoder import Encoder, EncoderSpec
+from imgsim_assets.core.images import Preprocess
+
+
+class EncoderResource(ConfigurableResource):
+    """The DINOv2 model that turns pixels into vectors, and the device it runs on."""
+
+    model: str = Field(default="dinov2_vits14", description="dinov2_vit{s,b,l,g}14, optionally with _reg")
+    weights: str = Field(default="auto", description="checkpoint path, 'auto' (HF/torch hub caches) or 'random'")
+    device: str = Field(default="auto", description="auto (GPU when present), cpu, cuda or cuda:N")
+    dtype: str = Field(default="auto", description="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
+    batch_size: int = Field(default=64, description="images per forward pass")
+    pooling: str = Field(default="cls", description="cls, mean (of patch tokens) or cls+gem")
+    depth: Optional[int] = Field(default=None, description="build only this many blocks (tests, smoke runs)")
+
+    def spec(self) -> EncoderSpec:
+        return EncoderSpec(model=self.model, weights=self.weights, pooling=self.pooling, depth=self.depth)
+
+    def load(self) -> Encoder:
+        return Encoder(self.spec(), device=self.device, dtype=self.dtype, batch_size=self.batch_size)
+
+
+class PreprocessResource(ConfigurableResource):
+    """How files become fixed-size uint8 tensors (decode, EXIF, resize, crop)."""
+
+    protocol: str = Field(default="dinov2_eval", description="dinov2_eval (resize+center crop) or grid (resize only)")
+    crop_size: int = 224
+    resize_size: int = 256
+    grid_height: int = 1050
+    grid_width: int = 700
+    draft: bool = Field(default=True, description="JPEG DCT-domain downscale before decoding")
+    max_pixels: int = Field(default=178_956_970, description="larger images are rejected as decompression bombs")
+    workers: int = Field(default=0, description="decoding processes; 0 = one per CPU, 1 = inline")
+
+    def preprocess(self) -> Preprocess:
+        return Preprocess(
+            protocol=self.protocol,
+            crop_size=self.crop_size,
+            resize_size=self.resize_size,
+            grid_size=(self.grid_height, self.grid_width),
+            draft=self.draft,
+            max_pixels=self.max_pixels,
+        )
+
+
+class StorageResource(ConfigurableResource):
+    """The data root: ``images/`` (inputs), ``assets/`` (artifacts), ``dagster_home/``."""
+
+    data_dir: str
+
+    @property
+    def images_dir(self) -> Path:
+        return Path(self.data_dir) / "images"
+
+    @property
+    def assets_dir(self) -> Path:
+        return Path(self.data_dir) / "assets"
+
+    def batch_dir(self, batch: str) -> Path:
+        path = (self.images_dir / batch).resolve()
+        if path.parent != self.images_dir.resolve():
+            raise ValueError(f"batch name {batch!r} does not name a folder directly under {self.images_dir}")
+        return path
+
+    def staging_path(self, suffix: str) -> Path:
+        """A fresh path for an artifact being written; the IO manager renames it into place."""
+        staging = self.assets_dir / ".staging"
+        staging.mkdir(parents=True, exist_ok=True)
+        return staging / f"{uuid.uuid4().hex}{suffix}"

@@ -1,0 +1,37 @@
+"""The environment, read once: where data lives and which encoder to use by default."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: Path = Path("data")
+    model: str = "dinov2_vits14"
+    weights: str = "auto"
+    device: str = "auto"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> "Settings":
+        return cls(
+            data_dir=Path(environ.get("IMGSIM_DATA_DIR", "data")).expanduser().resolve(),
+            model=environ.get("IMGSIM_MODEL", cls.model),
+            weights=environ.get("IMGSIM_WEIGHTS", cls.weights),
+            device=environ.get("IMGSIM_DEVICE", cls.device),
+        )
+
+    @property
+    def images_dir(self) -> Path:
+        return self.data_dir / "images"
+
+    @property
+    def assets_dir(self) -> Path:
+        return self.data_dir / "assets"
+
+    @property
+    def dagster_home(self) -> Path:
+        return self.data_dir / "dagster_home"
