@@ -170,7 +170,7 @@ def _failure_message(result) -> str:
     for event in result.all_events:
         if event.is_step_failure and event.step_failure_data and event.step_failure_data.error:
             error = event.step_failure_data.error
-            while error.cause is not None and error.message.startswith("Error occurred while executing"):
+            while error.cause is not None:  # the user code's exception, not Dagster's wrapper
                 error = error.cause
             return error.message.strip().splitlines()[-1] if error.message else "step failed"
     return "run failed"

@@ -80,7 +80,7 @@ def write_synthetic_batch(folder: str | Path, n: int, seed: int, size: tuple[int
     for i in range(n):
         base = rng.uniform(0, 255, size=3)
         grad = rng.uniform(-1.5, 1.5, size=(3, 2))
-        img = base + grad[:, 0, None, None] * yy + grad[:, 1, None, None] * xx
+        img = base[:, None, None] + grad[:, 0, None, None] * yy + grad[:, 1, None, None] * xx
         cy, cx, r = rng.uniform(0, h), rng.uniform(0, w), rng.uniform(8, min(h, w) / 2)
         disc = (yy - cy) ** 2 + (xx - cx) ** 2 < r**2
         img[:, disc] = rng.uniform(0, 255, size=(3, 1))

@@ -1,0 +1,119 @@
+"""The whole chain materialized with Dagster into a temp dir, with a 2-block ViT."""
+
+import shutil
+
+import pyarrow.parquet as pq
+import pytest
+from dagster import AssetKey, instance_for_test
+
+from imgsim_assets.core.sample_data import write_synthetic_batch
+from imgsim_assets.core.search import embed_files, encoder_from_info, preprocess_from_info
+from imgsim_assets.definitions import build_definitions
+from imgsim_assets.ingest import ingest
+from imgsim_assets.resources import EncoderResource, PreprocessResource
+from imgsim_assets.settings import Settings
+
+
+@pytest.fixture
+def pipeline(tmp_path):
+    settings = Settings(data_dir=tmp_path / "data")
+    defs = build_definitions(
+        settings,
+        encoder=EncoderResource(weights="random", depth=2, batch_size=16, device="cpu"),
+        preprocessing=PreprocessResource(crop_size=112, resize_size=128, workers=1),
+    )
+    (tmp_path / "dagster_home").mkdir()
+    with instance_for_test(temp_dir=str(tmp_path / "dagster_home")) as instance:
+        yield settings, defs, instance
+
+
+def _latest_metadata(instance, asset, partition=None):
+    from dagster import AssetRecordsFilter
+
+    records = instance.fetch_materializations(
+        AssetRecordsFilter(asset_key=AssetKey(asset), asset_partitions=[partition] if partition else None), limit=1
+    ).records
+    return records[0] if records else None
+
+
+def test_chain_then_incremental_batch(pipeline):
+    settings, defs, instance = pipeline
+    images = settings.images_dir
+    write_synthetic_batch(images / "b1", 20, seed=1)
+    write_synthetic_batch(images / "b2", 20, seed=2)
+    messages = []
+
+    report = ingest(defs, instance, images, log=messages.append)
+    assert report.ok, report.failed
+    assert (report.new_batches, report.embedded, report.trained, report.shards, report.merged) == (
+        ["b1", "b2"], ["b1", "b2"], True, ["b1", "b2"], True)
+
+    index = defs.load_asset_value("faiss_index", instance=instance)
+    assert index.num_vectors == 40
+    meta = _latest_metadata(instance, "faiss_index").asset_materialization.metadata
+    assert meta["num_vectors"].value == 40
+    assert 0.0 <= meta["recall_at_10"].value <= 1.0
+    assert index.info["encoder"]["weights_file"] == "random"
+
+    # An indexed file, searched as a query, finds itself first.
+    query = images / "b1" / "img_001_0007.png"
+    encoder = encoder_from_info(index.info, device="cpu")
+    records, vectors = embed_files([query], encoder, preprocess_from_info(index.info))
+    first = index.search(vectors, k=5)[0][0]
+    assert (first.image_id, first.path, first.batch) == (records[0].image_id, "b1/img_001_0007.png", "b1")
+    assert first.inner_product == pytest.approx(1.0, abs=1e-4)
+
+    pca_before = _latest_metadata(instance, "pca_model").storage_id
+    # A new batch: 10 new pictures, one exact copy of a b1 file, one file that is not an image.
+    write_synthetic_batch(images / "b3", 10, seed=3)
+    shutil.copy(query, images / "b3" / "copy_of_7.png")
+    (images / "b3" / "notes.jpg").write_text("this is not a jpeg")
+
+    report = ingest(defs, instance, images, log=messages.append)
+    assert report.ok, report.failed
+    assert (report.new_batches, report.embedded, report.trained, report.shards, report.merged) == (
+        ["b3"], ["b3"], False, ["b3"], True)
+    assert _latest_metadata(instance, "pca_model").storage_id == pca_before  # nothing retrained
+
+    index = defs.load_asset_value("faiss_index", instance=instance)
+    assert index.num_vectors == 50  # exactly the 10 new images; the copy is indexed once
+    manifest = defs.load_asset_value("raw_images", instance=instance, partition_key="b3").to_pandas()
+    assert len(manifest) == 12
+    rejected = manifest[manifest.status == "rejected"]
+    assert rejected.path.tolist() == ["b3/notes.jpg"] and rejected.reason.tolist() == ["not_an_image"]
+    copy_hits = index.search(vectors, k=1)[0]
+    assert copy_hits[0].image_id == first.image_id and copy_hits[0].copies == 2
+
+    # Nothing changed: nothing runs.
+    report = ingest(defs, instance, images, log=messages.append)
+    assert (report.embedded, report.shards, report.merged, report.trained) == ([], [], False, False)
+
+    # A file added to a known batch re-embeds that batch only.
+    write_synthetic_batch(images / "b2" / "late", 1, seed=9)
+    report = ingest(defs, instance, images, log=messages.append)
+    assert (report.embedded, report.shards, report.merged) == (["b2"], ["b2"], True)
+    assert defs.load_asset_value("faiss_index", instance=instance).num_vectors == 51
+
+    # An empty batch fails clearly and the others are untouched.
+    (images / "b4").mkdir()
+    report = ingest(defs, instance, images, log=messages.append)
+    assert not report.ok and "contains no files" in report.failed["embed b4"]
+    assert defs.load_asset_value("faiss_index", instance=instance).num_vectors == 51
+
+    # Retraining refits PCA and centroids and rebuilds every shard.
+    shutil.rmtree(images / "b4")
+    report = ingest(defs, instance, images, retrain=True, log=messages.append)
+    assert report.ok and report.trained and sorted(report.shards) == ["b1", "b2", "b3"]
+    assert report.removed_batches == ["b4"]
+    assert defs.load_asset_value("faiss_index", instance=instance).num_vectors == 51
+
+    # The downstream job answers a folder of queries from the materialized index.
+    result = defs.resolve_job_def("similar_images_job").execute_in_process(
+        instance=instance,
+        run_config={"ops": {"similar_images": {"config": {"query_dir": str(images / "b3"), "k": 3}}}},
+    )
+    assert result.success
+    answers = pq.read_table(settings.assets_dir / "similar_images.parquet").to_pandas()
+    top = answers[answers["rank"] == 1].set_index("query")
+    assert top.loc["copy_of_7.png", "image_id"] == first.image_id
+    assert answers[answers["query"] == "notes.jpg"]["rejected"].tolist() == ["not_an_image"]
