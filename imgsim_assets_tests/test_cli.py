@@ -1,0 +1,48 @@
+"""The `imgsim` console script, as a user runs it: a fresh data dir, ingest, search."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from imgsim_assets.core.sample_data import write_synthetic_batch
+
+IMGSIM = [sys.executable, "-m", "imgsim_assets.cli"]
+
+
+def _run(args, env):
+    return subprocess.run(IMGSIM + args, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_ingest_then_search_json(tmp_path):
+    data = tmp_path / "data"
+    files = write_synthetic_batch(data / "images" / "first", 8, seed=5)
+    env = {**os.environ, "IMGSIM_DATA_DIR": str(data), "IMGSIM_WEIGHTS": "random", "IMGSIM_DEVICE": "cpu"}
+    env.pop("DAGSTER_HOME", None)
+
+    ingest = _run(["ingest"], env)
+    assert ingest.returncode == 0, ingest.stderr[-2000:]
+    assert "RANDOM WEIGHTS" in ingest.stderr
+    assert "1 batch(es) embedded" in ingest.stdout
+    assert (data / "dagster_home" / "dagster.yaml").exists()
+
+    search = _run(["search", str(files[3]), "-k", "3", "--json"], env)
+    assert search.returncode == 0, search.stderr[-2000:]
+    hits = json.loads(search.stdout)["hits"]
+    assert len(hits) == 3
+    assert hits[0]["path"] == "first/" + Path(files[3]).name
+    assert abs(hits[0]["score"] - (hits[0]["inner_product"] + 1) / 2) < 1e-6
+
+    bad = tmp_path / "bad.jpg"
+    bad.write_text("nope")
+    refused = _run(["search", str(bad)], env)
+    assert refused.returncode == 2 and "not_an_image" in refused.stderr
+
+
+def test_search_before_ingest_is_a_clear_error(tmp_path):
+    env = {**os.environ, "IMGSIM_DATA_DIR": str(tmp_path / "data"), "IMGSIM_WEIGHTS": "random"}
+    env.pop("DAGSTER_HOME", None)
+    result = _run(["search", str(tmp_path / "x.png")], env)
+    assert result.returncode != 0
+    assert "faiss_index" in result.stderr
