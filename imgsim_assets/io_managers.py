@@ -7,7 +7,6 @@ itself and returns :class:`StagedFile`; the IO manager then renames it into plac
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -21,7 +20,7 @@ from dagster import ConfigurableIOManager, InputContext, MetadataValue, OutputCo
 
 from imgsim_assets.core.index import PcaModel
 from imgsim_assets.core.search import ImageIndex
-from imgsim_assets.core.storage import atomic_path, publish_dir
+from imgsim_assets.core.storage import atomic_path, move_into_place, publish_dir, remove_stale_temporaries
 
 
 @dataclass(frozen=True)
@@ -50,8 +49,9 @@ class _FileIOManager(ConfigurableIOManager):
             return
         path = self.path_for(context.asset_key, context.partition_key if context.has_asset_partitions else None)
         path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(path.parent)  # leftovers of writers killed long ago
         if isinstance(obj, StagedFile):
-            os.replace(obj.path, path)
+            move_into_place(obj.path, path)
         else:
             self._write(path, obj)
         context.add_output_metadata({"path": MetadataValue.path(str(path))})

@@ -11,6 +11,7 @@ from pydantic import Field
 
 from imgsim_assets.core.encoder import Encoder, EncoderSpec
 from imgsim_assets.core.images import Preprocess
+from imgsim_assets.core.storage import remove_stale_temporaries
 
 
 class EncoderResource(ConfigurableResource):
@@ -77,4 +78,5 @@ class StorageResource(ConfigurableResource):
         """A fresh path for an artifact being written; the IO manager renames it into place."""
         staging = self.assets_dir / ".staging"
         staging.mkdir(parents=True, exist_ok=True)
-        return staging / f"{uuid.uuid4().hex}{suffix}"
+        remove_stale_temporaries(staging)
+        return staging / f".staged{suffix}.tmp-{uuid.uuid4().hex}"

@@ -9,12 +9,11 @@ symlink that is swapped atomically.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 
 def _fsync_dir(path: Path) -> None:
@@ -50,9 +49,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp.unlink()
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+def move_into_place(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Durably rename a complete file ``src`` (same filesystem) over ``dst``."""
+    src, dst = Path(src), Path(dst)
+    with open(src, "rb+") as f:
+        os.fsync(f.fileno())
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(src, dst)
+    _fsync_dir(dst.parent)
 
 
 def publish_dir(link: str | os.PathLike, populate) -> Path:
