@@ -18,10 +18,11 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-$(DAGSTER_HOME):
-	mkdir -p $@
+$(DAGSTER_HOME)/dagster.yaml:
+	mkdir -p $(DAGSTER_HOME)
+	printf '# Local Dagster instance: SQLite under this folder.\ntelemetry:\n  enabled: false\n' > $@
 
-demo: install | $(DAGSTER_HOME)
+demo: install $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/imgsim sample-data
 	$(BIN)/imgsim ingest --fallback-random
 	$(BIN)/imgsim search $(IMGSIM_DATA_DIR)/queries/chelsea_reencoded.jpg -k 5
@@ -29,7 +30,7 @@ demo: install | $(DAGSTER_HOME)
 test: install
 	$(BIN)/python -m pytest -q
 
-ui: install | $(DAGSTER_HOME)
+ui: install $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/dagster dev -h 127.0.0.1 -p 3000 -w workspace.yaml
 
 clean-data:

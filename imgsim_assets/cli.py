@@ -16,6 +16,13 @@ RANDOM_BANNER = """\
 !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!"""
 
 
+LOCAL_INSTANCE_YAML = """\
+# Local Dagster instance: runs, events and schedules in SQLite under this folder.
+telemetry:
+  enabled: false
+"""
+
+
 def _instance(settings):
     from dagster import DagsterInstance
 
@@ -23,7 +30,9 @@ def _instance(settings):
         os.environ["DAGSTER_HOME"] = str(settings.dagster_home)
     home = Path(os.environ["DAGSTER_HOME"])
     home.mkdir(parents=True, exist_ok=True)
-    (home / "dagster.yaml").touch()  # local SQLite storage under DAGSTER_HOME
+    config = home / "dagster.yaml"
+    if not config.exists():  # local SQLite storage under DAGSTER_HOME; this tool works offline
+        config.write_text(LOCAL_INSTANCE_YAML)
     return DagsterInstance.get()
 
 

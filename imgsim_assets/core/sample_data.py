@@ -42,8 +42,11 @@ def _skimage_pictures() -> dict[str, Image.Image]:
 def _save(im: Image.Image, path: Path, **kwargs) -> None:
     buf = io.BytesIO()
     im.save(buf, **kwargs)
+    data = buf.getvalue()
+    if path.is_file() and path.read_bytes() == data:
+        return  # unchanged: keep the mtime, so the batch does not look modified
     with atomic_path(path) as tmp:
-        tmp.write_bytes(buf.getvalue())
+        tmp.write_bytes(data)
 
 
 def _variants(im: Image.Image) -> dict[str, Image.Image]:
