@@ -184,7 +184,7 @@ def faiss_index(
     catalog = _catalog(raw_images, ix.ivf_contents(merged)[0])
     factory = f"PCA{pca_model.output_dim}{'W' if pca_model.whiten else ''},L2norm,IVF{merged.nlist},Flat"
     info = {
-        "encoder": {k: v for k, v in pca_model.provenance.items()},
+        "encoder": dict(pca_model.provenance),
         "factory": factory,
         "nlist": int(merged.nlist),
         "nprobe": chosen.nprobe,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -122,8 +123,6 @@ def encoder_from_info(info: dict, device: str = "auto", dtype: str = "auto"):
 
 def embed_files(paths, encoder, pre, root=None):
     """Embed image files as queries: (records, vectors of the ok ones in order)."""
-    import os
-
     from imgsim_assets.core.images import preprocess_file
 
     records, pixels = [], []
