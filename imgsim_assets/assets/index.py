@@ -181,7 +181,7 @@ def faiss_index(
     chosen = ix.choose_nprobe(curve, config.recall_target) if curve else ix.RecallPoint(1, 1.0, 1.0, 0.0)
     merged.nprobe = chosen.nprobe
     index = ix.with_pretransform(pca_model, merged)
-    catalog = _catalog(raw_images, ix.ivf_contents(merged)[0])
+    catalog = _catalog(raw_images, ix.ivf_ids(merged))
     factory = f"PCA{pca_model.output_dim}{'W' if pca_model.whiten else ''},L2norm,IVF{merged.nlist},Flat"
     info = {
         "encoder": dict(pca_model.provenance),

@@ -189,6 +189,15 @@ def shard_centroids(shard: faiss.Index) -> np.ndarray:
     return faiss.rev_swig_ptr(faiss.downcast_index(ivf.quantizer).get_xb(), ivf.nlist * ivf.d).reshape(ivf.nlist, ivf.d).copy()
 
 
+def ivf_ids(index: faiss.Index) -> np.ndarray:
+    """All ids stored in an IVF index (without copying the vectors)."""
+    ivf = faiss.extract_index_ivf(index)
+    invlists = ivf.invlists
+    ids = [faiss.rev_swig_ptr(invlists.get_ids(n), invlists.list_size(n)).copy()
+           for n in range(ivf.nlist) if invlists.list_size(n)]
+    return np.concatenate(ids) if ids else np.zeros(0, np.int64)
+
+
 def ivf_contents(index: faiss.Index) -> tuple[np.ndarray, np.ndarray]:
     """All (ids, vectors) stored in an IVF-Flat index."""
     ivf = faiss.extract_index_ivf(index)
@@ -221,7 +230,7 @@ def merge_shards(centroids: np.ndarray, shards) -> tuple[faiss.IndexIVFFlat, int
                 f"shard {name!r} was built with other centroids (d={ivf.d}, nlist={ivf.nlist}) than the current "
                 f"ones (d={merged.d}, nlist={merged.nlist}); rebuild it with the current pca_model and cluster_centroids"
             )
-        shard_ids, _ = ivf_contents(ivf)
+        shard_ids = ivf_ids(ivf)
         dup = np.intersect1d(shard_ids, seen)
         if len(dup):
             ivf.remove_ids(faiss.IDSelectorBatch(dup))
