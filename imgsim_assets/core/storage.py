@@ -38,10 +38,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         if tmp.is_file():
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
+            move_into_place(tmp, path)
+        else:
+            os.replace(tmp, path)
+            _fsync_dir(path.parent)
     finally:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
