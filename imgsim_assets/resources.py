@@ -24,12 +24,15 @@ class EncoderResource(ConfigurableResource):
     batch_size: int = Field(default=64, description="images per forward pass")
     pooling: str = Field(default="cls", description="cls, mean (of patch tokens) or cls+gem")
     depth: Optional[int] = Field(default=None, description="build only this many blocks (tests, smoke runs)")
+    compile: bool = Field(default=False, description="torch.compile the forward pass (pays off on long GPU runs)")
 
     def spec(self) -> EncoderSpec:
         return EncoderSpec(model=self.model, weights=self.weights, pooling=self.pooling, depth=self.depth)
 
     def load(self) -> Encoder:
-        return Encoder(self.spec(), device=self.device, dtype=self.dtype, batch_size=self.batch_size)
+        return Encoder(
+            self.spec(), device=self.device, dtype=self.dtype, batch_size=self.batch_size, compile=self.compile
+        )
 
 
 class PreprocessResource(ConfigurableResource):

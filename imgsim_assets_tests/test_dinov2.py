@@ -110,3 +110,46 @@ def test_pooling_gives_unit_vectors(pooling, dim):
         v = dinov2.pool(model.forward_features(torch.randn(3, 3, 56, 56)), pooling)
     assert v.shape == (3, dim)
     assert torch.allclose(v.norm(dim=-1), torch.ones(3), atol=1e-5)
+
+
+HUBCONF = '''
+"""Stands in for a clone of facebookresearch/dinov2: its hubconf returns official-layout models."""
+import os
+
+import torch
+
+from imgsim_assets.core import dinov2
+
+dependencies = ["torch"]
+
+
+def dinov2_vits14(pretrained=True, **kwargs):
+    model = dinov2.DinoVisionTransformer(dinov2.VARIANTS["dinov2_vits14"], depth=2)
+    if pretrained:
+        path = os.path.join(os.path.dirname(__file__), "dinov2_vits14_pretrain.pth")
+        model.load_state_dict(torch.load(path, weights_only=True))
+    return model
+
+
+def dinov2_vitb14(pretrained=True, **kwargs):
+    raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+'''
+
+
+def test_local_clone_of_the_official_repo_loads_through_torch_hub(tmp_path):
+    repo = tmp_path / "dinov2"
+    repo.mkdir()
+    (repo / "hubconf.py").write_text(HUBCONF)
+    ref = _timm_reference("dinov2_vits14")
+    torch.save(_as_official(ref.state_dict(), 384), repo / "dinov2_vits14_pretrain.pth")
+
+    assert dinov2.resolve_weights("dinov2_vits14", repo) == str(repo.resolve())
+    model = load_dinov2("dinov2_vits14", weights=repo, depth=2)
+    x = torch.randn(1, 3, 518, 518)
+    with torch.no_grad():
+        assert torch.allclose(model(x), ref.forward_features(x)[:, 0], atol=1e-4)
+
+    with pytest.raises(RuntimeError, match=r"source='local'\) failed: OSError(.|\n)*dinov2_vitb14_pretrain\.pth in .*checkpoints"):
+        load_dinov2("dinov2_vitb14", weights=repo, depth=2)
+    with pytest.raises(ValueError, match=r"torch hub repo .* does not fit this model: unexpected keys \['blocks\.1\."):
+        load_dinov2("dinov2_vits14", weights=repo, depth=1)

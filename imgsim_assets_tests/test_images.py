@@ -148,3 +148,25 @@ def test_parallel_decoding_keeps_order_and_results(tmp_path):
     assert [r.path for r, _ in pooled] == [r.path for r, _ in inline]
     for (_, a), (_, b) in zip(inline, pooled):
         np.testing.assert_array_equal(a, b)
+
+
+def test_jpeg_draft_never_decodes_below_the_target_of_a_rotated_image(monkeypatch):
+    # Stored landscape 1200×300 with EXIF orientation 6: displayed portrait 300×1200.
+    exif = Image.Exif()
+    exif[images.ORIENTATION_TAG] = 6
+    data = _jpeg(Image.fromarray(_photo(300, 1200)), exif=exif.tobytes())
+    pre = Preprocess(protocol="grid", grid_size=(280, 70))  # (height, width) of the upright image
+    resizes = []
+    original = Image.Image.resize
+
+    def spy(self, size, *args, **kwargs):
+        resizes.append((self.size, tuple(size)))
+        return original(self, size, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "resize", spy)
+    record = images.ImageRecord(path="x.jpg")
+    out = decode(data, pre, record)
+    assert out.shape == (3, 280, 70) and record.size == (300, 1200)
+    (src_w, src_h), (dst_w, dst_h) = resizes[-1]
+    assert src_w >= dst_w and src_h >= dst_h, f"decoded {src_w}x{src_h}, upsampled to {dst_w}x{dst_h}"
+    assert (src_w, src_h) == (75, 300)  # 1/4 scale: the smallest that still covers 70×280

@@ -55,6 +55,12 @@ def test_chain_then_incremental_batch(pipeline):
     assert 0.0 <= meta["recall_at_10"].value <= 1.0
     assert index.info["encoder"]["weights_file"] == "random"
 
+    # Every vector names the encoder and preprocessing that made it.
+    embeddings = defs.load_asset_value("image_embeddings", instance=instance, partition_key="b1").to_pandas()
+    assert len(embeddings) == 20
+    assert {c: embeddings[c].unique().tolist() for c in ("model", "weights", "pooling", "preprocess")} == {
+        "model": ["dinov2_vits14 depth=2"], "weights": ["random"], "pooling": ["cls"], "preprocess": ["dinov2_eval 112x112"]}
+
     # An indexed file, searched as a query, finds itself first.
     query = images / "b1" / "img_001_0007.png"
     encoder = encoder_from_info(index.info, device="cpu")

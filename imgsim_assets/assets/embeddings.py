@@ -30,7 +30,8 @@ def image_embeddings(
     storage: StorageResource,
 ) -> StagedFile:
     """One L2-normalised DINOv2 vector per distinct image of the batch (Parquet: image_id, path,
-    sha256, embedding). The model, weights, pooling and preprocessing are recorded in the file."""
+    sha256, embedding). Every row names its model, weights, pooling and preprocessing; the
+    file metadata holds the full settings."""
     model = encoder.load()
     if model.random_weights:
         context.log.warning(
@@ -57,13 +58,7 @@ def image_embeddings(
     with pq.ParquetWriter(staged, schema) as writer:
         for ids, vectors in model.embed_batches(batches, progress):
             paths, digests = zip(*(first_path[i] for i in ids.tolist())) if len(ids) else ((), ())
-            writer.write_table(
-                pa.table(
-                    {"image_id": pa.array(ids, pa.int64()), "path": pa.array(paths, pa.string()),
-                     "sha256": pa.array(digests, pa.string()), "embedding": tables.embeddings_to_arrow(vectors)},
-                    schema=schema,
-                )
-            )
+            writer.write_table(tables.embedding_table(schema, ids, paths, digests, vectors))
     seconds = time.perf_counter() - start
     context.add_output_metadata(
         {

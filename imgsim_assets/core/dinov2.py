@@ -205,14 +205,18 @@ def load_state_dict_file(model: DinoVisionTransformer, path: str | os.PathLike) 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"DINOv2 checkpoint {path} does not exist")
-    state = _read_checkpoint(path)
+    load_state_dict(model, _read_checkpoint(path), source=f"checkpoint {path}")
+
+
+def load_state_dict(model: DinoVisionTransformer, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load weights in the official or timm layout, strictly, naming every mismatch."""
     if "mask_token" in state:
         state = convert_official_state_dict(state)
     elif "cls_token" in state and "blocks.0.attn.qkv.weight" in state:
         state = convert_timm_state_dict(state, model.embed_dim)
     else:
         sample = ", ".join(list(state)[:5])
-        raise ValueError(f"{path} is not a DINOv2 checkpoint in the official or timm layout (keys: {sample}, ...)")
+        raise ValueError(f"{source} is not a DINOv2 checkpoint in the official or timm layout (keys: {sample}, ...)")
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -226,8 +230,34 @@ def load_state_dict_file(model: DinoVisionTransformer, path: str | os.PathLike) 
             parts.append(f"unexpected keys {unexpected[:6]}{' ...' if len(unexpected) > 6 else ''}")
         if wrong:
             parts.append(f"wrong shapes {wrong[:4]}")
-        raise ValueError(f"checkpoint {path} does not fit this model: " + "; ".join(parts))
+        raise ValueError(f"{source} does not fit this model: " + "; ".join(parts))
     model.load_state_dict(state, strict=True)
+
+
+def is_hub_repo(path: str | os.PathLike) -> bool:
+    """A local clone of facebookresearch/dinov2 (or any folder with a ``hubconf.py``)."""
+    return Path(path).expanduser().joinpath("hubconf.py").is_file()
+
+
+def load_from_hub_repo(model: DinoVisionTransformer, repo_dir: str | os.PathLike, name: str) -> None:
+    """Weights of ``name`` from ``torch.hub.load(repo_dir, name, source="local")``.
+
+    The official hubconf fetches the release checkpoint through torch hub's cache, so offline
+    it needs the file in ``$TORCH_HOME/hub/checkpoints``; its model is only used as a source
+    of weights, the forward pass is this module's.
+    """
+    repo_dir = str(Path(repo_dir).expanduser().resolve())
+    try:
+        hub_model = torch.hub.load(repo_dir, name, source="local", pretrained=True)
+    except Exception as e:  # the hubconf is user code: any failure is reported the same way
+        raise RuntimeError(
+            f"torch.hub.load({repo_dir!r}, {name!r}, source='local') failed: {type(e).__name__}: {e}\n"
+            f"Offline, the official hubconf needs {official_checkpoint_name(name)} in "
+            f"{torch.hub.get_dir()}/checkpoints/ (or pass that file as the weights instead)."
+        ) from e
+    if not isinstance(hub_model, nn.Module):
+        raise TypeError(f"{repo_dir}/hubconf.py:{name} returned {type(hub_model).__name__}, not a torch module")
+    load_state_dict(model, hub_model.state_dict(), source=f"torch hub repo {repo_dir} ({name})")
 
 
 def candidate_checkpoints(name: str) -> list[Path]:
@@ -258,15 +288,19 @@ def find_pretrained(name: str) -> Path:
 def load_dinov2(name: str = "dinov2_vits14", weights: str | os.PathLike = "auto", depth: int | None = None) -> DinoVisionTransformer:
     """Build a DINOv2 ViT in eval mode.
 
-    ``weights``: a path to an official ``.pth`` or timm ``.safetensors`` checkpoint; ``"auto"``
-    to look in the HF hub and torch hub caches (never downloads); ``"random"`` for seeded
-    random weights of the same architecture. ``depth`` builds fewer blocks (tests).
+    ``weights``: a path to an official ``.pth`` or timm ``.safetensors`` checkpoint; a local
+    clone of the official repository (a folder with ``hubconf.py``, loaded through
+    ``torch.hub.load(dir, name, source="local")``); ``"auto"`` to look in the HF hub and
+    torch hub caches (never downloads); ``"random"`` for seeded random weights of the same
+    architecture. ``depth`` builds fewer blocks (tests).
     """
     if name not in VARIANTS:
         raise ValueError(f"unknown DINOv2 model {name!r}; choose one of {', '.join(VARIANTS)}")
     model = DinoVisionTransformer(VARIANTS[name], depth=depth)
     if str(weights) == "random":
         _init_random(model, RANDOM_SEED)
+    elif is_hub_repo(weights):
+        load_from_hub_repo(model, weights, name)
     else:
         path = find_pretrained(name) if str(weights) == "auto" else Path(weights).expanduser()
         load_state_dict_file(model, path)
@@ -274,7 +308,7 @@ def load_dinov2(name: str = "dinov2_vits14", weights: str | os.PathLike = "auto"
 
 
 def resolve_weights(name: str, weights: str | os.PathLike) -> str:
-    """What ``weights`` resolves to, for provenance: ``random`` or an absolute file path."""
+    """What ``weights`` resolves to, for provenance: ``random`` or an absolute file or repo path."""
     if str(weights) == "random":
         return "random"
     path = find_pretrained(name) if str(weights) == "auto" else Path(weights).expanduser()

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import os
+import queue
+import threading
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 import torch
 
 from imgsim_assets.core import dinov2
+from imgsim_assets.core.images import ImageRecord, Preprocess, preprocess_files
+
+T = TypeVar("T")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -54,15 +60,30 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 class Encoder:
-    """A loaded model plus the normalisation and pooling that turn pixels into vectors."""
+    """A loaded model plus the normalisation and pooling that turn pixels into vectors.
 
-    def __init__(self, spec: EncoderSpec, device: str = "auto", dtype: str = "auto", batch_size: int = 64) -> None:
+    Input pipelines (reading Parquet, decoding files) run ahead in a background thread, and
+    on a GPU their batches are pinned there, so the model never waits for the next batch.
+    ``compile=True`` wraps the forward pass in ``torch.compile`` (first batch is slow).
+    """
+
+    def __init__(
+        self,
+        spec: EncoderSpec,
+        device: str = "auto",
+        dtype: str = "auto",
+        batch_size: int = 64,
+        compile: bool = False,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.spec = spec
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.batch_size = batch_size
         self.weights_file = dinov2.resolve_weights(spec.model, spec.weights)
         self.model = dinov2.load_dinov2(spec.model, self.weights_file, depth=spec.depth).to(self.device)
+        self._forward = torch.compile(self.model.forward_features) if compile else self.model.forward_features
         self._mean = torch.tensor(dinov2.IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1) * 255
         self._std = torch.tensor(dinov2.IMAGENET_STD, device=self.device).view(1, 3, 1, 1) * 255
 
@@ -73,17 +94,21 @@ class Encoder:
     def provenance(self) -> dict:
         return {**self.spec.describe(), "weights_file": self.weights_file, "dim": self.spec.dim}
 
-    @torch.inference_mode()
-    def embed(self, pixels: np.ndarray | torch.Tensor) -> np.ndarray:
-        """uint8 ``N×3×H×W`` → float32 ``N×D`` unit vectors."""
-        x = torch.as_tensor(np.ascontiguousarray(pixels) if isinstance(pixels, np.ndarray) else pixels)
+    def _host_tensor(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
+        x = torch.from_numpy(np.ascontiguousarray(pixels)) if isinstance(pixels, np.ndarray) else pixels
         if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"expected uint8 N×3×H×W pixels, got {x.dtype} {tuple(x.shape)}")
-        if self.device.type == "cuda":
-            x = x.pin_memory().to(self.device, non_blocking=True)
+        if self.device.type == "cuda" and not x.is_cuda and not x.is_pinned():
+            x = x.pin_memory()
+        return x
+
+    @torch.inference_mode()
+    def embed(self, pixels: np.ndarray | torch.Tensor) -> np.ndarray:
+        """uint8 ``N×3×H×W`` (host or device) → float32 ``N×D`` unit vectors."""
+        x = self._host_tensor(pixels).to(self.device, non_blocking=True)
         x = (x.float() - self._mean) / self._std
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-            feats = self.model.forward_features(x)
+            feats = self._forward(x)
         return dinov2.pool(feats, self.spec.pooling).cpu().numpy().astype(np.float32, copy=False)
 
     def embed_batches(
@@ -91,11 +116,106 @@ class Encoder:
         batches: Iterable[tuple[np.ndarray, np.ndarray]],
         progress: Callable[[int, float], None] | None = None,
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Stream ``(ids, pixels)`` batches to ``(ids, vectors)``; ``progress(done, seconds)`` after each."""
+        """Stream ``(ids, pixels)`` batches to ``(ids, vectors)``; ``progress(done, seconds)`` after each.
+
+        ``batches`` is consumed in a background thread, one batch ahead of the model.
+        """
+        host = ((ids, self._host_tensor(pixels)) for ids, pixels in batches)
         done, start = 0, time.perf_counter()
-        for ids, pixels in batches:
+        for ids, pixels in prefetch(host):
             vectors = self.embed(pixels)
             done += len(ids)
             if progress is not None:
                 progress(done, time.perf_counter() - start)
             yield ids, vectors
+
+    def embed_files(
+        self,
+        paths: Iterable[str | os.PathLike],
+        pre: Preprocess,
+        root: str | os.PathLike,
+        workers: int = 0,
+        progress: Callable[[int, float], None] | None = None,
+    ) -> Iterator[tuple[list[ImageRecord], np.ndarray]]:
+        """Image files → ``(records, vectors)`` per model batch, decoding in worker processes.
+
+        ``records`` are every file seen since the previous batch, rejected ones included;
+        ``vectors`` belong to the ``ok`` ones, in order. Nothing is lost: each file ends up in
+        exactly one ``records`` list.
+        """
+        batches = _pixel_batches(preprocess_files(paths, root, pre, workers=workers), self.batch_size)
+        host = ((records, self._host_tensor(pixels)) for records, pixels in batches)
+        done, start = 0, time.perf_counter()
+        for records, pixels in prefetch(host):
+            vectors = self.embed(pixels) if len(pixels) else np.zeros((0, self.spec.dim), np.float32)
+            done += len(records)
+            if progress is not None:
+                progress(done, time.perf_counter() - start)
+            yield records, vectors
+
+
+def _pixel_batches(
+    results: Iterable[tuple[ImageRecord, np.ndarray | None]], batch_size: int
+) -> Iterator[tuple[list[ImageRecord], np.ndarray]]:
+    records: list[ImageRecord] = []
+    pixels: list[np.ndarray] = []
+    for record, px in results:
+        records.append(record)
+        if px is not None:
+            pixels.append(px)
+            if len(pixels) == batch_size:
+                yield records, np.stack(pixels)
+                records, pixels = [], []
+    if records:
+        yield records, (np.stack(pixels) if pixels else np.zeros((0, 3, 1, 1), np.uint8))
+
+
+_DONE = object()
+
+
+def prefetch(items: Iterable[T], depth: int = 2) -> Iterator[T]:
+    """Iterate ``items`` in a background thread, up to ``depth`` items ahead of the consumer.
+
+    Exceptions from ``items`` are re-raised in the consumer; stopping early stops the thread
+    and closes ``items``.
+    """
+    buffer: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                buffer.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        iterator = iter(items)
+        try:
+            for item in iterator:
+                if not put((item, None)):
+                    break
+        except BaseException as e:  # handed to the consumer
+            put((_DONE, e))
+            return
+        finally:
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                close()
+        put((_DONE, None))
+
+    thread = threading.Thread(target=produce, name="imgsim-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = buffer.get()
+            if item is _DONE:
+                if error is not None:
+                    raise error
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()

@@ -7,9 +7,11 @@ library's message. Nothing raises for a bad file.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import hashlib
 import io
+import itertools
 import multiprocessing
 import os
 import warnings
@@ -112,6 +114,11 @@ class ImageRecord:
     reason: str = ""
     message: str = ""
 
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) as displayed, after EXIF rotation."""
+        return (self.width, self.height)
+
     def reject(self, reason: str, message: str) -> "ImageRecord":
         self.status, self.reason, self.message = REJECTED, reason, message
         return self
@@ -189,8 +196,10 @@ def decode(data: bytes, pre: Preprocess, record: ImageRecord) -> np.ndarray | No
                 return None
             frames = getattr(im, "n_frames", 1)
             if pre.draft and im.format == "JPEG":
-                # DCT-domain downscale: decodes at 1/2, 1/4 or 1/8 size, never below the resize target.
-                im.draft("RGB", pre.resized_size(width, height))
+                # DCT-domain downscale: decodes at 1/2, 1/4 or 1/8 size, never below the resize
+                # target. The target is for the upright image; draft works before the rotation.
+                target_w, target_h = pre.resized_size(*record.size)
+                im.draft("RGB", (target_h, target_w) if transposed else (target_w, target_h))
             im.load()
             im = _to_rgb(ImageOps.exif_transpose(im))
             out_h, out_w = pre.output_size
@@ -239,10 +248,13 @@ def preprocess_files(
     pre: Preprocess,
     workers: int = 0,
     chunk: int = 16,
+    prefetch: int = 2,
 ) -> Iterator[tuple[ImageRecord, np.ndarray | None]]:
     """Preprocess files in order, decoding in ``workers`` processes (0: one per CPU, 1: inline).
 
-    Results stream back in input order while later chunks are still decoding.
+    Results stream back in input order while the workers decode ahead. At most
+    ``prefetch`` chunks per worker are in flight, so a slow consumer (a model on a CPU)
+    holds a bounded number of decoded images however many files there are.
     """
     paths = [str(p) for p in paths]
     workers = workers or min(os.cpu_count() or 1, 8)
@@ -250,11 +262,17 @@ def preprocess_files(
         for p in paths:
             yield preprocess_file(p, root, pre)
         return
-    chunks = [(paths[i : i + chunk], str(root), pre) for i in range(0, len(paths), chunk)]
+    chunks = iter([(paths[i : i + chunk], str(root), pre) for i in range(0, len(paths), chunk)])
     # spawn, not fork: the caller may be a threaded server process (Dagster's run worker).
     ctx = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-        for results in pool.map(_preprocess_chunk, chunks):
+        in_flight: collections.deque[concurrent.futures.Future] = collections.deque(
+            pool.submit(_preprocess_chunk, c) for c in itertools.islice(chunks, workers * prefetch)
+        )
+        while in_flight:
+            results = in_flight.popleft().result()
+            for c in itertools.islice(chunks, 1):
+                in_flight.append(pool.submit(_preprocess_chunk, c))
             yield from results
 
 

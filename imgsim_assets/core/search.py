@@ -121,15 +121,12 @@ def encoder_from_info(info: dict, device: str = "auto", dtype: str = "auto"):
     return Encoder(spec, device=device, dtype=dtype)
 
 
-def embed_files(paths, encoder, pre, root=None):
+def embed_files(paths, encoder, pre, root=None, workers: int = 1):
     """Embed image files as queries: (records, vectors of the ok ones in order)."""
-    from imgsim_assets.core.images import preprocess_file
-
-    records, pixels = [], []
-    for p in paths:
-        record, px = preprocess_file(p, root or os.path.dirname(os.path.abspath(p)), pre)
-        records.append(record)
-        if px is not None:
-            pixels.append(px)
-    vectors = encoder.embed(np.stack(pixels)) if pixels else np.zeros((0, encoder.spec.dim), np.float32)
-    return records, vectors
+    paths = [os.path.abspath(p) for p in paths]
+    root = root or os.path.commonpath([os.path.dirname(p) for p in paths] or ["."])
+    records, vectors = [], []
+    for batch_records, batch_vectors in encoder.embed_files(paths, pre, root, workers=workers):
+        records.extend(batch_records)
+        vectors.append(batch_vectors)
+    return records, (np.concatenate(vectors) if vectors else np.zeros((0, encoder.spec.dim), np.float32))

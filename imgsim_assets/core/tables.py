@@ -66,6 +66,12 @@ def iter_tensor_batches(tensors: pq.ParquetFile, batch_size: int) -> Iterator[tu
         yield batch.column("image_id").to_numpy(), arrow_to_pixels(pixels, h, w)
 
 
+# Stamped on every row of ``image_embeddings`` (dictionary-encoded: ~nothing on disk), so a
+# vector keeps saying where it came from after files are concatenated or re-exported.
+ROW_PROVENANCE = ("model", "weights", "pooling", "preprocess")
+_LABEL = pa.dictionary(pa.int32(), pa.string())
+
+
 def embedding_schema(dim: int, provenance: dict) -> pa.Schema:
     schema = pa.schema(
         [
@@ -73,9 +79,37 @@ def embedding_schema(dim: int, provenance: dict) -> pa.Schema:
             ("path", pa.string()),
             ("sha256", pa.string()),
             ("embedding", pa.list_(pa.float32(), dim)),
+            *((name, _LABEL) for name in ROW_PROVENANCE),
         ]
     )
     return with_provenance(schema, provenance)
+
+
+def row_provenance(provenance: dict) -> dict[str, str]:
+    """The short per-row labels for an encoder + preprocessing provenance dict."""
+    pre = provenance.get("preprocess") or {}
+    weights = str(provenance.get("weights_file", ""))
+    return {
+        "model": str(provenance.get("model", "")) + (f" depth={provenance['depth']}" if provenance.get("depth") else ""),
+        "weights": weights if weights == "random" else weights.rsplit("/", 1)[-1],
+        "pooling": str(provenance.get("pooling", "")),
+        "preprocess": f"{pre.get('protocol', '')} {'x'.join(map(str, pre.get('output_size', [])))}".strip(),
+    }
+
+
+def embedding_table(schema: pa.Schema, image_ids, paths, digests, vectors: np.ndarray) -> pa.Table:
+    """One batch of ``image_embeddings`` rows, provenance labels filled in from ``schema``."""
+    n = len(image_ids)
+    labels = row_provenance(provenance_of(schema))
+    zeros = pa.array(np.zeros(n, dtype=np.int32))
+    columns = {
+        "image_id": pa.array(image_ids, pa.int64()),
+        "path": pa.array(paths, pa.string()),
+        "sha256": pa.array(digests, pa.string()),
+        "embedding": embeddings_to_arrow(vectors),
+        **{name: pa.DictionaryArray.from_arrays(zeros, pa.array([labels[name]])) for name in ROW_PROVENANCE},
+    }
+    return pa.table(columns, schema=schema)
 
 
 def embeddings_to_arrow(vectors: np.ndarray) -> pa.FixedSizeListArray:
