@@ -30,6 +30,13 @@ demo: install $(DAGSTER_HOME)/dagster.yaml
 test: install
 	$(BIN)/python -m pytest -q
 
+# Side-by-side benchmarks (minutes on 2 cores); each prints both sides and the ratio.
+bench: install
+	$(BIN)/python -m bench.preprocess
+	$(BIN)/python -m bench.embedding
+	$(BIN)/python -m bench.memory
+	$(BIN)/python -m bench.throughput --models dinov2_vits14 --decode workers --images 256 --batch-size 64
+
 ui: install $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/dagster dev -h 127.0.0.1 -p 3000 -w workspace.yaml
 

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from dagster import ConfigurableIOManager, InputContext, MetadataValue, OutputContext
 
+from imgsim_assets.core import tables
 from imgsim_assets.core.index import PcaModel
 from imgsim_assets.core.search import ImageIndex
 from imgsim_assets.core.storage import atomic_path, move_into_place, publish_dir, remove_stale_temporaries
@@ -82,7 +83,7 @@ class ParquetIOManager(_FileIOManager):
     def _read(self, path: Path, context: InputContext) -> Any:
         wanted = context.dagster_type.typing_type if context.dagster_type else None
         if wanted is pq.ParquetFile:
-            return pq.ParquetFile(path)
+            return tables.open_stream(path)
         table = pq.read_table(path)
         return table.to_pandas() if wanted is pd.DataFrame else table
 

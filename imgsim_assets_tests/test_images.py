@@ -36,7 +36,10 @@ def test_eval_protocol_matches_torchvision_resize_center_crop():
     ref = transforms.Compose([transforms.Resize(256, interpolation=transforms.InterpolationMode.BICUBIC),
                               transforms.CenterCrop(224), transforms.PILToTensor()])(Image.fromarray(a))
     assert out.shape == (3, 224, 224) and out.dtype == np.uint8
-    np.testing.assert_array_equal(out, ref.numpy())
+    # Resampling only the cropped box uses the same filter and sample centres; float rounding
+    # may move a handful of pixels by one level.
+    diff = np.abs(out.astype(int) - ref.numpy().astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
     assert (rec.status, rec.width, rec.height, rec.format) == ("ok", 400, 300, "PNG")
 
 
@@ -170,3 +173,21 @@ def test_jpeg_draft_never_decodes_below_the_target_of_a_rotated_image(monkeypatc
     (src_w, src_h), (dst_w, dst_h) = resizes[-1]
     assert src_w >= dst_w and src_h >= dst_h, f"decoded {src_w}x{src_h}, upsampled to {dst_w}x{dst_h}"
     assert (src_w, src_h) == (75, 300)  # 1/4 scale: the smallest that still covers 70×280
+
+
+def test_pixel_tensors_stream_in_bounded_memory(tmp_path):
+    import pyarrow as pa
+
+    from imgsim_assets.core import tables
+
+    path = tmp_path / "tensors.parquet"
+    rng = np.random.default_rng(0)
+    with tables.TensorWriter(path, 56, 56, {}, rows_per_group=8) as writer:
+        for i in range(960):  # 120 row groups, 27 MB of pixels
+            writer.add(i, rng.integers(0, 256, (3, 56, 56), dtype=np.uint8))
+    before, peak, seen = pa.total_allocated_bytes(), 0, []
+    for ids, pixels in tables.iter_tensor_batches(tables.open_stream(path), 8):
+        peak = max(peak, pa.total_allocated_bytes() - before)
+        seen.extend(ids.tolist())
+    assert seen == list(range(960))
+    assert peak < 2 * 2**20, f"reading held {peak / 2**20:.1f} MB"

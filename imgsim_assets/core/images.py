@@ -14,6 +14,7 @@ import io
 import itertools
 import multiprocessing
 import os
+import threading
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -167,11 +168,20 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def _center_crop(im: Image.Image, height: int, width: int) -> Image.Image:
+def _resize_and_crop(im: Image.Image, pre: Preprocess) -> Image.Image:
+    """torchvision's ``Resize`` (bicubic, antialiased) then ``CenterCrop``, in one step.
+
+    Resampling only the source box that lands in the crop gives the same pixels as resizing
+    everything and cropping afterwards (same filter scale and sample centres) for less work.
+    """
+    out_h, out_w = pre.output_size
+    new_w, new_h = pre.resized_size(*im.size)
     # Same rounding as torchvision.transforms.functional.center_crop.
-    top = int(round((im.height - height) / 2.0))
-    left = int(round((im.width - width) / 2.0))
-    return im.crop((left, top, left + width, top + height))
+    top = int(round((new_h - out_h) / 2.0))
+    left = int(round((new_w - out_w) / 2.0))
+    sx, sy = im.width / new_w, im.height / new_h
+    box = (left * sx, top * sy, (left + out_w) * sx, (top + out_h) * sy)
+    return im.resize((out_w, out_h), Image.BICUBIC, box=box)
 
 
 def decode(data: bytes, pre: Preprocess, record: ImageRecord) -> np.ndarray | None:
@@ -186,7 +196,8 @@ def decode(data: bytes, pre: Preprocess, record: ImageRecord) -> np.ndarray | No
             record.format = im.format or ""
             width, height = im.size
             # The manifest reports the size as displayed, i.e. after EXIF rotation.
-            transposed = im.getexif().get(ORIENTATION_TAG, 1) in (5, 6, 7, 8)
+            orientation = im.getexif().get(ORIENTATION_TAG, 1)
+            transposed = orientation in (5, 6, 7, 8)
             record.width, record.height = (height, width) if transposed else (width, height)
             if width * height > pre.max_pixels:
                 record.reject(DECOMPRESSION_BOMB, f"{width}x{height} pixels exceeds the limit of {pre.max_pixels}")
@@ -201,12 +212,9 @@ def decode(data: bytes, pre: Preprocess, record: ImageRecord) -> np.ndarray | No
                 target_w, target_h = pre.resized_size(*record.size)
                 im.draft("RGB", (target_h, target_w) if transposed else (target_w, target_h))
             im.load()
-            im = _to_rgb(ImageOps.exif_transpose(im))
-            out_h, out_w = pre.output_size
-            new_w, new_h = pre.resized_size(*im.size)
-            im = im.resize((new_w, new_h), Image.BICUBIC)
-            if (new_h, new_w) != (out_h, out_w):
-                im = _center_crop(im, out_h, out_w)
+            if orientation in (2, 3, 4, 5, 6, 7, 8):
+                im = ImageOps.exif_transpose(im)
+            im = _resize_and_crop(_to_rgb(im), pre)
             if frames > 1:
                 record.message = f"first of {frames} frames"
             return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).copy()
@@ -242,6 +250,43 @@ def _preprocess_chunk(args: tuple[list[str], str, Preprocess]) -> list[tuple[Ima
     return [preprocess_file(p, root, pre) for p in paths]
 
 
+_pool_lock = threading.Lock()
+_pool: tuple[int, concurrent.futures.ProcessPoolExecutor] | None = None
+
+
+def default_workers() -> int:
+    return min(os.cpu_count() or 1, 8)
+
+
+def decode_pool(workers: int = 0) -> concurrent.futures.ProcessPoolExecutor:
+    """The process-wide pool of ``workers`` (0: one per CPU, at most 8) decode processes,
+    started on first use and reused.
+
+    Starting workers costs seconds (each imports the interpreter's main module), so one pool
+    serves every batch a process decodes. spawn, not fork: the caller may be a threaded
+    server process (Dagster's run worker).
+    """
+    global _pool
+    workers = workers or default_workers()
+    with _pool_lock:
+        if _pool is not None and (_pool[0] != workers or _pool[1]._broken):
+            _pool[1].shutdown(wait=False, cancel_futures=True)
+            _pool = None
+        if _pool is None:
+            ctx = multiprocessing.get_context("spawn")
+            _pool = (workers, concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx))
+        return _pool[1]
+
+
+def shutdown_decode_pool() -> None:
+    """Stop the decode processes (they are started again on demand)."""
+    global _pool
+    with _pool_lock:
+        if _pool is not None:
+            _pool[1].shutdown(wait=True, cancel_futures=True)
+            _pool = None
+
+
 def preprocess_files(
     paths: Iterable[str | os.PathLike],
     root: str | os.PathLike,
@@ -257,23 +302,23 @@ def preprocess_files(
     holds a bounded number of decoded images however many files there are.
     """
     paths = [str(p) for p in paths]
-    workers = workers or min(os.cpu_count() or 1, 8)
+    workers = workers or default_workers()
     if workers <= 1 or len(paths) <= chunk:
         for p in paths:
             yield preprocess_file(p, root, pre)
         return
     chunks = iter([(paths[i : i + chunk], str(root), pre) for i in range(0, len(paths), chunk)])
-    # spawn, not fork: the caller may be a threaded server process (Dagster's run worker).
-    ctx = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-        in_flight: collections.deque[concurrent.futures.Future] = collections.deque(
-            pool.submit(_preprocess_chunk, c) for c in itertools.islice(chunks, workers * prefetch)
-        )
+    pool = decode_pool(workers)
+    in_flight = collections.deque(pool.submit(_preprocess_chunk, c) for c in itertools.islice(chunks, workers * prefetch))
+    try:
         while in_flight:
             results = in_flight.popleft().result()
             for c in itertools.islice(chunks, 1):
                 in_flight.append(pool.submit(_preprocess_chunk, c))
             yield from results
+    finally:
+        for future in in_flight:  # abandoned early: drop what has not started
+            future.cancel()
 
 
 def records_to_columns(records: list[ImageRecord]) -> dict[str, list]:

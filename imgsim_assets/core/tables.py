@@ -55,6 +55,15 @@ def arrow_to_pixels(column: pa.Array, height: int, width: int) -> np.ndarray:
     return flat.reshape(len(column), 3, height, width)
 
 
+def open_stream(path) -> pq.ParquetFile:
+    """A Parquet file opened for reading row group by row group in bounded memory.
+
+    (pyarrow's default ``pre_buffer`` caches every row group read until the file is closed,
+    so streaming a large file would end up holding all of it.)
+    """
+    return pq.ParquetFile(path, pre_buffer=False)
+
+
 def iter_tensor_batches(tensors: pq.ParquetFile, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Stream ``(image_ids, pixels)`` from a ``cropped_tensors`` file without loading it whole."""
     meta = provenance_of(tensors.schema_arrow)
