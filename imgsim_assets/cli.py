@@ -78,25 +78,41 @@ def cmd_ingest(args) -> int:
 
 
 def cmd_search(args) -> int:
+    import pyarrow.compute as pc
+
+    from imgsim_assets.core import tables
     from imgsim_assets.core.search import embed_files, encoder_from_info, preprocess_from_info
     from imgsim_assets.definitions import defs
     from imgsim_assets.settings import Settings
 
+    if (args.image is None) == (args.id is None):
+        print("imgsim search: give either an IMAGE file or --id IMAGE_ID", file=sys.stderr)
+        return 2
     settings = Settings.from_env()
     instance = _instance(settings)
     index = defs.load_asset_value("faiss_index", instance=instance)
     if index.info.get("encoder", {}).get("weights_file") == "random":
         print(RANDOM_BANNER, file=sys.stderr)
-    encoder = encoder_from_info(index.info, device=settings.device)
-    records, vectors = embed_files([args.image], encoder, preprocess_from_info(index.info))
-    if records[0].status != "ok":
-        print(f"cannot search with {args.image}: {records[0].reason}: {records[0].message}", file=sys.stderr)
-        return 2
-    hits = index.search(vectors, args.k, nprobe=args.nprobe)[0]
+    if args.id is not None:
+        path, batch, _ = index.describe(args.id)
+        if not path:
+            print(f"imgsim search: image_id {args.id} is not in the index", file=sys.stderr)
+            return 2
+        embeddings = defs.load_asset_value("image_embeddings", instance=instance, partition_key=batch)
+        rows = embeddings.filter(pc.equal(embeddings.column("image_id"), args.id))
+        vectors, query = tables.embedding_matrix(rows)[:1], f"image_id {args.id} ({path})"
+    else:
+        encoder = encoder_from_info(index.info, device=settings.device)
+        records, vectors = embed_files([args.image], encoder, preprocess_from_info(index.info))
+        if records[0].status != "ok":
+            print(f"cannot search with {args.image}: {records[0].reason}: {records[0].message}", file=sys.stderr)
+            return 2
+        query = args.image
+    hits = index.search(vectors, args.k, nprobe=args.nprobe, batches=args.batch)[0]
     if args.json:
-        print(json.dumps({"query": args.image, "hits": [h.to_dict() for h in hits]}, indent=2))
+        print(json.dumps({"query": query, "hits": [h.to_dict() for h in hits]}, indent=2))
         return 0
-    print(f"query: {args.image}   ({index.num_vectors} images indexed, {index.info.get('factory')})")
+    print(f"query: {query}   ({index.num_vectors} images indexed, {index.info.get('factory')})")
     print(f"{'rank':>4}  {'score':>6}  {'inner':>7}  {'image_id':>20}  path")
     for h in hits:
         extra = f"  (+{h.copies - 1} identical)" if h.copies > 1 else ""
@@ -125,8 +141,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="with IMGSIM_WEIGHTS=auto and no checkpoint found, use random weights (demo)")
     p.set_defaults(func=cmd_ingest)
 
-    p = sub.add_parser("search", help="nearest indexed images of IMAGE")
-    p.add_argument("image")
+    p = sub.add_parser("search", help="nearest indexed images of IMAGE (or of an indexed image, --id)")
+    p.add_argument("image", nargs="?", help="an image file to search with")
+    p.add_argument("--id", type=int, default=None, help="search with an indexed image, by its image_id")
+    p.add_argument("--batch", action="append", default=None, help="only answer from this batch (repeatable)")
     p.add_argument("-k", type=int, default=10)
     p.add_argument("--nprobe", type=int, default=None, help="IVF lists to visit (default: as tuned at build)")
     p.add_argument("--json", action="store_true", help="machine-readable output")

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from dagster import Definitions, load_assets_from_modules
+from dagster import Definitions, load_asset_checks_from_modules, load_assets_from_modules
 
 from imgsim_assets import jobs
-from imgsim_assets.assets import embeddings, images, index, queries
+from imgsim_assets.assets import analysis, embeddings, images, index, queries
 from imgsim_assets.io_managers import (
     FaissIOManager,
     ImageIndexIOManager,
@@ -24,7 +24,8 @@ def build_definitions(
 ) -> Definitions:
     root = str(settings.assets_dir)
     return Definitions(
-        assets=load_assets_from_modules([images, embeddings, index, queries]),
+        assets=load_assets_from_modules([images, embeddings, index, queries, analysis]),
+        asset_checks=load_asset_checks_from_modules([index]),
         jobs=jobs.ALL_JOBS,
         resources={
             "encoder": encoder or EncoderResource(model=settings.model, weights=settings.weights, device=settings.device),

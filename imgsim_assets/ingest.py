@@ -16,7 +16,7 @@ from typing import Callable
 from dagster import AssetKey, AssetRecordsFilter, DagsterInstance, Definitions
 
 from imgsim_assets.core import images
-from imgsim_assets.jobs import embed_batch_job, index_shard_job, merge_index_job, train_index_job
+from imgsim_assets.jobs import analyze_index_job, embed_batch_job, index_shard_job, merge_index_job, train_index_job
 from imgsim_assets.partitions import image_batches
 
 # Step-level DEBUG events stay in the run's event log (and the UI); the terminal gets INFO.
@@ -62,6 +62,7 @@ class IngestReport:
     trained: bool = False
     shards: list[str] = field(default_factory=list)
     merged: bool = False
+    analyzed: bool = False
     failed: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -149,12 +150,12 @@ def ingest(
         log("no batch has embeddings; nothing to index")
         return report
 
-    if retrain or not ledger.storage_id("cluster_centroids"):
+    if retrain or not ledger.storage_id("index_template"):
         if not run(train_index_job.name, "train index"):
             return report
         report.trained = True
 
-    trained = [("pca_model", None), ("cluster_centroids", None)]
+    trained = [("pca_model", None), ("index_template", None)]
     for batch in embedded_ok:
         if ledger.stale("faiss_index_shards", batch, [("image_embeddings", batch), *trained]):
             if run(index_shard_job.name, f"shard {batch}", batch):
@@ -163,6 +164,11 @@ def ingest(
     shard_parts = [("faiss_index_shards", b) for b in embedded_ok]
     if report.shards or report.removed_batches or ledger.stale("faiss_index", None, [*trained, *shard_parts]):
         report.merged = run(merge_index_job.name, "merge index")
+    if ledger.storage_id("faiss_index") and (
+        report.merged or ledger.stale("near_duplicates", None, [("faiss_index", None)])
+        or ledger.stale("image_clusters", None, [("cluster_centroids", None)])
+    ):
+        report.analyzed = run(analyze_index_job.name, "analyze index")
     return report
 
 

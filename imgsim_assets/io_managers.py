@@ -7,6 +7,7 @@ itself and returns :class:`StagedFile`; the IO manager then renames it into plac
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -82,6 +83,8 @@ class ParquetIOManager(_FileIOManager):
 
     def _read(self, path: Path, context: InputContext) -> Any:
         wanted = context.dagster_type.typing_type if context.dagster_type else None
+        if typing.get_origin(wanted) is dict:  # partitions → values: the type of one value
+            wanted = typing.get_args(wanted)[1]
         if wanted is pq.ParquetFile:
             return tables.open_stream(path)
         table = pq.read_table(path)

@@ -5,7 +5,7 @@ from dagster import AssetSelection, define_asset_job
 from imgsim_assets.partitions import image_batches
 
 EMBED_ASSETS = ("raw_images", "cropped_tensors", "image_embeddings")
-TRAIN_ASSETS = ("pca_model", "cluster_centroids")
+TRAIN_ASSETS = ("pca_model", "cluster_centroids", "index_template")
 
 embed_batch_job = define_asset_job(
     "embed_batch",
@@ -16,7 +16,7 @@ embed_batch_job = define_asset_job(
 train_index_job = define_asset_job(
     "train_index",
     selection=AssetSelection.assets(*TRAIN_ASSETS),
-    description="Fit PCA and k-means centroids on all batches. Makes every shard stale.",
+    description="Fit PCA, k-means centroids and the sized, trained index template on all batches. Makes every shard stale.",
 )
 index_shard_job = define_asset_job(
     "index_shard",
@@ -29,10 +29,15 @@ merge_index_job = define_asset_job(
     selection=AssetSelection.assets("faiss_index"),
     description="Merge all shards into the searchable faiss_index and measure its recall.",
 )
+analyze_index_job = define_asset_job(
+    "analyze_index",
+    selection=AssetSelection.assets("near_duplicates", "image_clusters"),
+    description="Near-duplicate groups (range search on faiss_index) and every image's cluster.",
+)
 similar_images_job = define_asset_job(
     "similar_images_job",
     selection=AssetSelection.assets("similar_images"),
     description="Load faiss_index and answer every image of a query folder.",
 )
 
-ALL_JOBS = [embed_batch_job, train_index_job, index_shard_job, merge_index_job, similar_images_job]
+ALL_JOBS = [embed_batch_job, train_index_job, index_shard_job, merge_index_job, analyze_index_job, similar_images_job]

@@ -18,13 +18,14 @@ def _run(args, env):
 def test_ingest_then_search_json(tmp_path):
     data = tmp_path / "data"
     files = write_synthetic_batch(data / "images" / "first", 8, seed=5)
+    write_synthetic_batch(data / "images" / "second", 4, seed=6)
     env = {**os.environ, "IMGSIM_DATA_DIR": str(data), "IMGSIM_WEIGHTS": "random", "IMGSIM_DEVICE": "cpu"}
     env.pop("DAGSTER_HOME", None)
 
     ingest = _run(["ingest"], env)
     assert ingest.returncode == 0, ingest.stderr[-2000:]
     assert "RANDOM WEIGHTS" in ingest.stderr
-    assert "1 batch(es) embedded" in ingest.stdout
+    assert "2 batch(es) embedded" in ingest.stdout
     assert (data / "dagster_home" / "dagster.yaml").exists()
 
     search = _run(["search", str(files[3]), "-k", "3", "--json"], env)
@@ -33,6 +34,15 @@ def test_ingest_then_search_json(tmp_path):
     assert len(hits) == 3
     assert hits[0]["path"] == "first/" + Path(files[3]).name
     assert abs(hits[0]["score"] - (hits[0]["inner_product"] + 1) / 2) < 1e-6
+
+    # Query by an indexed image's id, answering only from another batch.
+    by_id = _run(["search", "--id", str(hits[0]["image_id"]), "--batch", "second", "-k", "10", "--json"], env)
+    assert by_id.returncode == 0, by_id.stderr[-2000:]
+    answer = json.loads(by_id.stdout)
+    assert answer["query"].startswith(f"image_id {hits[0]['image_id']}")
+    assert len(answer["hits"]) == 4 and {h["batch"] for h in answer["hits"]} == {"second"}
+    unknown = _run(["search", "--id", "12345"], env)
+    assert unknown.returncode == 2 and "not in the index" in unknown.stderr
 
     bad = tmp_path / "bad.jpg"
     bad.write_text("nope")

@@ -4,6 +4,7 @@ import shutil
 
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 from dagster import AssetKey, instance_for_test
 
 from imgsim_assets.core.sample_data import write_synthetic_batch
@@ -36,6 +37,14 @@ def _latest_metadata(instance, asset, partition=None):
     return records[0] if records else None
 
 
+def _check(instance, name):
+    from dagster import AssetCheckKey
+
+    key = AssetCheckKey(AssetKey("faiss_index"), name)
+    record = instance.event_log_storage.get_latest_asset_check_execution_by_key([key])[key]
+    return record.event.asset_check_evaluation
+
+
 def test_chain_then_incremental_batch(pipeline):
     settings, defs, instance = pipeline
     images = settings.images_dir
@@ -45,15 +54,26 @@ def test_chain_then_incremental_batch(pipeline):
 
     report = ingest(defs, instance, images, log=messages.append)
     assert report.ok, report.failed
-    assert (report.new_batches, report.embedded, report.trained, report.shards, report.merged) == (
-        ["b1", "b2"], ["b1", "b2"], True, ["b1", "b2"], True)
+    assert (report.new_batches, report.embedded, report.trained, report.shards, report.merged, report.analyzed) == (
+        ["b1", "b2"], ["b1", "b2"], True, ["b1", "b2"], True, True)
 
     index = defs.load_asset_value("faiss_index", instance=instance)
     assert index.num_vectors == 40
     meta = _latest_metadata(instance, "faiss_index").asset_materialization.metadata
     assert meta["num_vectors"].value == 40
-    assert 0.0 <= meta["recall_at_10"].value <= 1.0
+    # 40 vectors: exact search, so held-out recall is perfect and the check passes.
+    assert meta["factory"].value.endswith(",L2norm,Flat") and meta["recall_at_10"].value == pytest.approx(1.0)
+    assert "data:image/png;base64," in meta["recall_curve_plot"].value
+    assert _check(instance, "faiss_index_recall").passed
     assert index.info["encoder"]["weights_file"] == "random"
+    template = _latest_metadata(instance, "index_template").asset_materialization.metadata
+    assert (template["factory"].value, template["nlist"].value) == ("Flat", 1)
+    pca_meta = _latest_metadata(instance, "pca_model").asset_materialization.metadata
+    assert "data:image/png;base64," in pca_meta["explained_variance_plot"].value
+    shard = _latest_metadata(instance, "faiss_index_shards", "b1").asset_materialization.metadata
+    assert shard["drift"].value == pytest.approx(1.0, abs=0.5)
+    clusters = defs.load_asset_value("image_clusters", instance=instance).to_pandas()
+    assert len(clusters) == 40 and clusters.image_id.is_unique
 
     # Every vector names the encoder and preprocessing that made it.
     embeddings = defs.load_asset_value("image_embeddings", instance=instance, partition_key="b1").to_pandas()
@@ -73,6 +93,7 @@ def test_chain_then_incremental_batch(pipeline):
     # A new batch: 10 new pictures, one exact copy of a b1 file, one file that is not an image.
     write_synthetic_batch(images / "b3", 10, seed=3)
     shutil.copy(query, images / "b3" / "copy_of_7.png")
+    Image.open(query).resize((120, 90)).save(images / "b3" / "smaller_7.png")  # a near-duplicate
     (images / "b3" / "notes.jpg").write_text("this is not a jpeg")
 
     report = ingest(defs, instance, images, log=messages.append)
@@ -82,9 +103,14 @@ def test_chain_then_incremental_batch(pipeline):
     assert _latest_metadata(instance, "pca_model").storage_id == pca_before  # nothing retrained
 
     index = defs.load_asset_value("faiss_index", instance=instance)
-    assert index.num_vectors == 50  # exactly the 10 new images; the copy is indexed once
+    assert index.num_vectors == 51  # the 10 new images and the smaller copy; the exact copy is indexed once
+    pairs = defs.load_asset_value("near_duplicates", instance=instance).to_pandas()
     manifest = defs.load_asset_value("raw_images", instance=instance, partition_key="b3").to_pandas()
-    assert len(manifest) == 12
+    assert len(manifest) == 13
+    smaller = manifest.set_index("path").loc["b3/smaller_7.png", "image_id"]
+    pair = pairs[(pairs.image_id_a == min(smaller, first.image_id)) & (pairs.image_id_b == max(smaller, first.image_id))]
+    assert len(pair) == 1 and pair.similarity.iloc[0] >= 0.95
+    assert set(pairs.path_a) | set(pairs.path_b) >= {"b1/img_001_0007.png", "b3/smaller_7.png"}
     rejected = manifest[manifest.status == "rejected"]
     assert rejected.path.tolist() == ["b3/notes.jpg"] and rejected.reason.tolist() == ["not_an_image"]
     copy_hits = index.search(vectors, k=1)[0]
@@ -98,20 +124,20 @@ def test_chain_then_incremental_batch(pipeline):
     write_synthetic_batch(images / "b2" / "late", 1, seed=9)
     report = ingest(defs, instance, images, log=messages.append)
     assert (report.embedded, report.shards, report.merged) == (["b2"], ["b2"], True)
-    assert defs.load_asset_value("faiss_index", instance=instance).num_vectors == 51
+    assert defs.load_asset_value("faiss_index", instance=instance).num_vectors == 52
 
     # An empty batch fails clearly and the others are untouched.
     (images / "b4").mkdir()
     report = ingest(defs, instance, images, log=messages.append)
     assert not report.ok and "contains no files" in report.failed["embed b4"]
-    assert defs.load_asset_value("faiss_index", instance=instance).num_vectors == 51
+    assert defs.load_asset_value("faiss_index", instance=instance).num_vectors == 52
 
     # Retraining refits PCA and centroids and rebuilds every shard.
     shutil.rmtree(images / "b4")
     report = ingest(defs, instance, images, retrain=True, log=messages.append)
     assert report.ok and report.trained and sorted(report.shards) == ["b1", "b2", "b3"]
     assert report.removed_batches == ["b4"]
-    assert defs.load_asset_value("faiss_index", instance=instance).num_vectors == 51
+    assert defs.load_asset_value("faiss_index", instance=instance).num_vectors == 52
 
     # The downstream job answers a folder of queries from the materialized index.
     result = defs.resolve_job_def("similar_images_job").execute_in_process(

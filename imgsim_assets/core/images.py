@@ -7,6 +7,7 @@ library's message. Nothing raises for a bad file.
 
 from __future__ import annotations
 
+import atexit
 import collections
 import concurrent.futures
 import hashlib
@@ -275,6 +276,7 @@ def decode_pool(workers: int = 0) -> concurrent.futures.ProcessPoolExecutor:
         if _pool is None:
             ctx = multiprocessing.get_context("spawn")
             _pool = (workers, concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx))
+            atexit.register(shutdown_decode_pool)  # before the interpreter tears modules down
         return _pool[1]
 
 

@@ -12,6 +12,7 @@ import json
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Iterable
 
 import faiss
 import numpy as np
@@ -43,6 +44,7 @@ class PcaModel:
     explained_variance_ratio: np.ndarray  # (d,) fraction of the total variance
     whiten: bool = False
     provenance: dict = field(default_factory=dict)  # how the fitted embeddings were made
+    train_residual: float = float("nan")  # mean residual_fraction() of the fitting sample
 
     @property
     def input_dim(self) -> int:
@@ -64,6 +66,16 @@ class PcaModel:
             raise ValueError(f"PCA expects vectors of dimension {self.input_dim}, got shape {x.shape}")
         return normalize_rows((x - self.mean) @ self._projection().T)
 
+    def residual_fraction(self, x: np.ndarray) -> np.ndarray:
+        """Per vector, the share of its (centred) energy the kept axes do not explain.
+
+        New data far from what the PCA was fitted on has a larger residual: the drift measure.
+        """
+        centred = np.asarray(x, dtype=np.float32) - self.mean
+        kept = centred @ self.components.T
+        total = np.maximum((centred**2).sum(axis=1), 1e-12)
+        return np.clip(1.0 - (kept**2).sum(axis=1) / total, 0.0, 1.0)
+
     def faiss_transform(self) -> faiss.VectorTransform:
         """The same map as :meth:`transform`, as a Faiss pre-transform chain."""
         a = self._projection().astype(np.float32)
@@ -81,6 +93,7 @@ class PcaModel:
             "explained_variance_ratio": self.explained_variance_ratio.astype(np.float32),
             "whiten": np.array(self.whiten),
             "provenance": np.array(json.dumps(self.provenance, sort_keys=True)),
+            "train_residual": np.array(self.train_residual, dtype=np.float64),
         }
 
     @classmethod
@@ -92,6 +105,7 @@ class PcaModel:
             explained_variance_ratio=np.asarray(arrays["explained_variance_ratio"]),
             whiten=bool(arrays["whiten"]),
             provenance=json.loads(str(arrays["provenance"])) if "provenance" in arrays else {},
+            train_residual=float(arrays["train_residual"]) if "train_residual" in arrays else float("nan"),
         )
 
 
@@ -127,7 +141,7 @@ def fit_pca(
     # Fix each axis' sign so refits on the same data give identical vectors.
     signs = np.sign(components[np.arange(keep), np.abs(components).argmax(axis=1)])
     components *= signs[:, None]
-    return PcaModel(
+    model = PcaModel(
         mean=pca.mean_.astype(np.float32),
         components=components.astype(np.float32),
         explained_variance=pca.explained_variance_[:keep].astype(np.float32),
@@ -135,6 +149,8 @@ def fit_pca(
         whiten=whiten,
         provenance=dict(provenance or {}),
     )
+    model.train_residual = float(model.residual_fraction(x).mean())
+    return model
 
 
 def choose_nlist(n: int, per_sqrt: float = 4.0, max_nlist: int = 65536) -> int:
@@ -161,24 +177,140 @@ def train_centroids(x: np.ndarray, k: int, seed: int = 0, niter: int = 20, gpu: 
     return np.ascontiguousarray(kmeans.centroids, dtype=np.float32)
 
 
-def empty_ivf(centroids: np.ndarray) -> faiss.IndexIVFFlat:
-    """A trained, empty inner-product IVF index over fixed centroids."""
+CODECS = ("Flat", "SQ8", "PQ")
+ID_BYTES = 8
+PQ_MIN_TRAIN = 256 * MIN_POINTS_PER_CENTROID  # a PQ sub-quantizer has 256 centroids
+
+
+@dataclass(frozen=True)
+class IndexPlan:
+    """The Faiss layout for a collection: ``nlist`` inverted lists (1 = exact search) and a code."""
+
+    nlist: int
+    codec: str  # "Flat" (float32), "SQ8" (one byte per dimension) or "PQ<m>" (m bytes)
+    dim: int
+    notes: tuple[str, ...] = ()
+
+    @property
+    def exact(self) -> bool:
+        return self.nlist == 1 and self.codec == "Flat"
+
+    @property
+    def code_bytes(self) -> int:
+        if self.codec == "Flat":
+            return 4 * self.dim
+        if self.codec == "SQ8":
+            return self.dim
+        return int(self.codec[2:])
+
+    def memory_bytes(self, n: int) -> int:
+        """Vectors, ids and centroids of an index holding ``n`` vectors."""
+        return n * (self.code_bytes + ID_BYTES) + self.nlist * self.dim * 4
+
+    @property
+    def factory(self) -> str:
+        return "Flat" if self.exact else f"IVF{self.nlist},{self.codec}"
+
+
+def _pq_sizes(d: int) -> list[int]:
+    """PQ byte counts that divide ``d``, largest first (at least 2 dimensions per sub-vector)."""
+    return [m for m in range(d // 2, 0, -1) if d % m == 0]
+
+
+def plan_index(
+    n: int,
+    dim: int,
+    memory_budget_bytes: int = 4 << 30,
+    exact_max: int = 20_000,
+    per_sqrt: float = 4.0,
+    nlist: int | None = None,
+    codec: str | None = None,
+    train_samples: int | None = None,
+) -> IndexPlan:
+    """Choose the index for ``n`` vectors of dimension ``dim`` within a memory budget.
+
+    Up to ``exact_max`` vectors: exact search. Above: IVF with about ``per_sqrt``·√n lists and
+    the most precise code that fits the budget (Flat, then SQ8, then the largest PQ).
+    ``nlist``/``codec`` force a choice; an impossible one (too few vectors to train it) falls
+    back to a smaller valid configuration and says so in ``notes``.
+    """
+    notes: list[str] = []
+    train_samples = n if train_samples is None else train_samples
+    if nlist is None:
+        nlist = 1 if n <= exact_max else choose_nlist(n, per_sqrt)
+    elif nlist > max(1, n // MIN_POINTS_PER_CENTROID):
+        fallback = choose_nlist(n, per_sqrt)
+        notes.append(f"nlist {nlist} needs {nlist * MIN_POINTS_PER_CENTROID} vectors, have {n}: using {fallback}")
+        nlist = fallback
+    nlist = max(1, nlist)
+    if codec is None:
+        for candidate in ["Flat", "SQ8", *(f"PQ{m}" for m in _pq_sizes(dim))]:
+            codec = candidate
+            if IndexPlan(nlist, candidate, dim).memory_bytes(n) <= memory_budget_bytes:
+                break
+        else:
+            notes.append(f"nothing fits {memory_budget_bytes >> 20} MiB; using the smallest code, {codec}")
+    if codec not in ("Flat", "SQ8") and not (codec.startswith("PQ") and codec[2:].isdigit() and dim % int(codec[2:]) == 0):
+        raise ValueError(f"unknown or invalid code {codec!r} for dimension {dim}: use Flat, SQ8 or PQ<m> with m dividing {dim}")
+    if codec.startswith("PQ") and train_samples < PQ_MIN_TRAIN:
+        notes.append(f"{codec} needs {PQ_MIN_TRAIN} training vectors, have {train_samples}: using SQ8")
+        codec = "SQ8"
+    return IndexPlan(nlist=nlist, codec=codec, dim=dim, notes=tuple(notes))
+
+
+def empty_ivf(centroids: np.ndarray, codec: str = "Flat") -> faiss.IndexIVF:
+    """An inner-product IVF index over fixed centroids (trained quantizer, empty lists).
+
+    ``Flat`` needs no further training; ``SQ8``/``PQ<m>`` codes still do (:func:`train_template`).
+    """
     centroids = np.ascontiguousarray(centroids, dtype=np.float32)
     k, d = centroids.shape
     quantizer = faiss.IndexFlatIP(d)
     quantizer.add(centroids)
-    index = faiss.IndexIVFFlat(quantizer, d, k, faiss.METRIC_INNER_PRODUCT)
+    if codec == "Flat":
+        index = faiss.IndexIVFFlat(quantizer, d, k, faiss.METRIC_INNER_PRODUCT)
+    elif codec == "SQ8":
+        index = faiss.IndexIVFScalarQuantizer(quantizer, d, k, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
+    elif codec.startswith("PQ"):
+        index = faiss.IndexIVFPQ(quantizer, d, k, int(codec[2:]), 8, faiss.METRIC_INNER_PRODUCT)
+    else:
+        raise ValueError(f"unknown code {codec!r}")
     index.own_fields = True
     quantizer.this.disown()
-    index.is_trained = True
+    if codec == "Flat":
+        index.is_trained = True
     return index
 
 
-def build_shard(centroids: np.ndarray, ids: np.ndarray, vectors: np.ndarray) -> faiss.IndexIVFFlat:
-    """An IVF shard holding ``vectors`` (already PCA-reduced and normalised) under ``ids``."""
-    index = empty_ivf(centroids)
+def train_template(centroids: np.ndarray, codec: str = "Flat", sample: np.ndarray | None = None) -> faiss.IndexIVF:
+    """The trained, empty index every shard starts from: fixed centroids plus a trained code."""
+    index = empty_ivf(centroids, codec)
+    if not index.is_trained:
+        if sample is None or not len(sample):
+            raise ValueError(f"the {codec} code needs training vectors")
+        index.train(np.ascontiguousarray(sample, dtype=np.float32))  # the quantizer is kept as is
+    return index
+
+
+def layout_fingerprint(index: faiss.Index) -> str:
+    """Identifies the centroids and trained code of an IVF index, not its contents."""
+    import hashlib
+
+    ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+    h = hashlib.sha256(f"{type(ivf).__name__}:{ivf.d}:{ivf.nlist}:{ivf.code_size}".encode())
+    h.update(shard_centroids(ivf).tobytes())
+    if isinstance(ivf, faiss.IndexIVFScalarQuantizer):
+        h.update(faiss.vector_to_array(ivf.sq.trained).tobytes())
+    elif isinstance(ivf, faiss.IndexIVFPQ):
+        h.update(faiss.vector_to_array(ivf.pq.centroids).tobytes())
+    return h.hexdigest()[:16]
+
+
+def build_shard(template: faiss.IndexIVF, ids: np.ndarray, vectors: np.ndarray) -> faiss.IndexIVF:
+    """A shard: a copy of the trained ``template`` holding ``vectors`` (PCA-reduced, unit) under ``ids``."""
+    index = faiss.clone_index(template)
     if vectors.shape[1] != index.d:
-        raise ValueError(f"shard vectors have dimension {vectors.shape[1]} but the centroids have {index.d}")
+        raise ValueError(f"shard vectors have dimension {vectors.shape[1]} but the trained index has {index.d}")
     if len(ids):
         index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.asarray(ids, dtype=np.int64))
     return index
@@ -198,37 +330,27 @@ def ivf_ids(index: faiss.Index) -> np.ndarray:
     return np.concatenate(ids) if ids else np.zeros(0, np.int64)
 
 
-def ivf_contents(index: faiss.Index) -> tuple[np.ndarray, np.ndarray]:
-    """All (ids, vectors) stored in an IVF-Flat index."""
+def list_sizes(index: faiss.Index) -> np.ndarray:
     ivf = faiss.extract_index_ivf(index)
-    invlists = ivf.invlists
-    ids, vecs = [], []
-    for list_no in range(ivf.nlist):
-        size = invlists.list_size(list_no)
-        if not size:
-            continue
-        ids.append(faiss.rev_swig_ptr(invlists.get_ids(list_no), size).copy())
-        codes = faiss.rev_swig_ptr(invlists.get_codes(list_no), size * invlists.code_size)
-        vecs.append(np.frombuffer(codes.tobytes(), dtype=np.float32).reshape(size, ivf.d))
-    if not ids:
-        return np.zeros(0, np.int64), np.zeros((0, ivf.d), np.float32)
-    return np.concatenate(ids), np.concatenate(vecs)
+    return np.array([ivf.invlists.list_size(i) for i in range(ivf.nlist)], dtype=np.int64)
 
 
-def merge_shards(centroids: np.ndarray, shards) -> tuple[faiss.IndexIVFFlat, int]:
-    """Merge shards into one IVF index; an id already present is not added again.
+def merge_shards(template: faiss.IndexIVF, shards) -> tuple[faiss.IndexIVF, int]:
+    """Merge shards into one index; an id already present is not added again.
 
     Returns the merged index and how many duplicate vectors were skipped.
     """
-    merged = empty_ivf(centroids)
+    merged = faiss.clone_index(template)
+    expected = layout_fingerprint(merged)
     seen = np.zeros(0, dtype=np.int64)
     skipped = 0
     for name, shard in shards:
         ivf = faiss.extract_index_ivf(shard)
-        if ivf.d != merged.d or ivf.nlist != merged.nlist or not np.array_equal(shard_centroids(ivf), centroids):
+        if layout_fingerprint(ivf) != expected:
             raise ValueError(
-                f"shard {name!r} was built with other centroids (d={ivf.d}, nlist={ivf.nlist}) than the current "
-                f"ones (d={merged.d}, nlist={merged.nlist}); rebuild it with the current pca_model and cluster_centroids"
+                f"shard {name!r} was built with another trained index ({type(ivf).__name__}, d={ivf.d}, "
+                f"nlist={ivf.nlist}) than the current one ({type(merged).__name__}, d={merged.d}, nlist={merged.nlist}); "
+                "rebuild it with the current pca_model and cluster_centroids"
             )
         shard_ids = ivf_ids(ivf)
         dup = np.intersect1d(shard_ids, seen)
@@ -250,8 +372,48 @@ def with_pretransform(pca: PcaModel, ivf: faiss.Index) -> faiss.IndexPreTransfor
 
 def recall_at_k(found: np.ndarray, truth: np.ndarray, k: int) -> float:
     """Mean fraction of the true top-``k`` found in the returned top-``k``."""
-    hits = [len(np.intersect1d(f[:k][f[:k] >= 0], t[:k])) for f, t in zip(found, truth)]
-    return float(np.mean(hits)) / k if len(hits) else 1.0
+    hits = [len(np.intersect1d(f[:k][f[:k] >= 0], t[:k][t[:k] >= 0])) / max(int((t[:k] >= 0).sum()), 1)
+            for f, t in zip(found, truth)]
+    return float(np.mean(hits)) if len(hits) else 1.0
+
+
+def exact_neighbours(
+    queries: np.ndarray, query_ids: np.ndarray, database: Iterable[tuple[np.ndarray, np.ndarray]], k: int = 10
+) -> np.ndarray:
+    """Ids of the exact top-``k`` (inner product) of each query, streaming over ``database``
+    chunks of ``(ids, vectors)``. A query's own id is left out (held-out evaluation), and an id
+    met twice counts once, as in the index. Missing neighbours are -1."""
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    nq = len(queries)
+    best_s = np.full((nq, k), -np.inf, dtype=np.float32)
+    best_i = np.full((nq, k), -1, dtype=np.int64)
+    seen = np.zeros(0, dtype=np.int64)
+    for ids, vectors in database:
+        keep = ~np.isin(ids, seen)
+        ids, vectors = ids[keep], np.ascontiguousarray(vectors[keep], dtype=np.float32)
+        seen = np.union1d(seen, ids)
+        if not len(ids):
+            continue
+        scores, pos = faiss.knn(queries, vectors, min(k + 1, len(ids)), metric=faiss.METRIC_INNER_PRODUCT)
+        found = ids[pos]
+        scores[found == query_ids[:, None]] = -np.inf
+        all_s = np.concatenate([best_s, scores], axis=1)
+        all_i = np.concatenate([best_i, found], axis=1)
+        order = np.argsort(-all_s, axis=1, kind="stable")[:, :k]
+        best_s = np.take_along_axis(all_s, order, axis=1)
+        best_i = np.take_along_axis(all_i, order, axis=1)
+    best_i[~np.isfinite(best_s)] = -1
+    return best_i
+
+
+def search_excluding_self(index: faiss.Index, queries: np.ndarray, query_ids: np.ndarray, k: int) -> np.ndarray:
+    """Top-``k`` ids from ``index`` with each query's own id removed."""
+    _, found = index.search(np.ascontiguousarray(queries, dtype=np.float32), k + 1)
+    out = np.full((len(queries), k), -1, dtype=np.int64)
+    for row, (ids, own) in enumerate(zip(found, query_ids)):
+        ids = ids[(ids != own) & (ids >= 0)][:k]
+        out[row, : len(ids)] = ids
+    return out
 
 
 @dataclass
@@ -259,32 +421,34 @@ class RecallPoint:
     nprobe: int
     recall_at_10: float
     one_recall_at_1: float
-    ms_per_query: float
+    ms_per_query: float  # median latency of single-query searches
 
 
-def recall_curve(ivf: faiss.IndexIVF, n_queries: int = 1000, k: int = 10, seed: int = 0) -> list[RecallPoint]:
-    """Recall of ``ivf`` against exact search over the same vectors, for nprobe = 1, 2, 4, … nlist.
+def single_query_ms(index: faiss.Index, queries: np.ndarray, k: int = 10, n: int = 200) -> float:
+    """Median wall time of one-query searches, in ms (what an interactive user waits)."""
+    times = []
+    for q in np.ascontiguousarray(queries[:n], dtype=np.float32):
+        t0 = time.perf_counter()
+        index.search(q[None], k)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times) * 1000) if times else 0.0
 
-    Queries are a sample of the indexed vectors; the exact top-k comes from a flat index.
-    """
-    ids, vectors = ivf_contents(ivf)
-    if not len(ids):
+
+def recall_curve(
+    ivf: faiss.IndexIVF, queries: np.ndarray, query_ids: np.ndarray, truth: np.ndarray, k: int = 10
+) -> list[RecallPoint]:
+    """Recall of ``ivf`` against exact ``truth`` (from :func:`exact_neighbours`) for
+    nprobe = 1, 2, 4, … nlist; ``queries`` are in the index's space (PCA-reduced, unit)."""
+    if not len(queries):
         return []
-    queries = vectors[sample_indices(len(ids), n_queries, seed)]
-    flat = faiss.IndexFlatIP(ivf.d)
-    flat.add(vectors)
-    k = min(k, len(ids))
-    _, truth_pos = flat.search(queries, k)
-    truth = ids[truth_pos]
     curve = []
     nprobe = 1
     saved = ivf.nprobe
     while True:
         ivf.nprobe = nprobe
-        t0 = time.perf_counter()
-        _, found = ivf.search(queries, k)
-        ms = (time.perf_counter() - t0) * 1000 / len(queries)
-        curve.append(RecallPoint(nprobe, recall_at_k(found, truth, k), float(np.mean(found[:, 0] == truth[:, 0])), ms))
+        found = search_excluding_self(ivf, queries, query_ids, k)
+        one = float(np.mean((found[:, 0] == truth[:, 0]) | (truth[:, 0] < 0)))
+        curve.append(RecallPoint(nprobe, recall_at_k(found, truth, k), one, single_query_ms(ivf, queries, k)))
         if nprobe >= ivf.nlist:
             break
         nprobe = min(nprobe * 2, ivf.nlist)
@@ -298,3 +462,26 @@ def choose_nprobe(curve: list[RecallPoint], target: float) -> RecallPoint:
         if point.recall_at_10 >= target:
             return point
     return max(curve, key=lambda p: p.recall_at_10)
+
+
+def nearest_centroid(vectors: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(cluster, cosine similarity to its centroid) of each unit vector."""
+    sims, clusters = faiss.knn(np.ascontiguousarray(vectors, dtype=np.float32), centroids, 1, metric=faiss.METRIC_INNER_PRODUCT)
+    return clusters[:, 0], sims[:, 0]
+
+
+def connected_groups(a: np.ndarray, b: np.ndarray) -> dict[int, int]:
+    """image_id → group number for the graph with edges ``a[i]–b[i]``; group 0 is the largest."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    nodes = np.union1d(a, b)
+    if not len(nodes):
+        return {}
+    ia, ib = np.searchsorted(nodes, a), np.searchsorted(nodes, b)
+    graph = coo_matrix((np.ones(len(ia)), (ia, ib)), shape=(len(nodes), len(nodes)))
+    _, labels = connected_components(graph, directed=False)
+    sizes = np.bincount(labels)
+    rank = np.empty_like(sizes)
+    rank[np.lexsort((np.arange(len(sizes)), -sizes))] = np.arange(len(sizes))
+    return dict(zip(nodes.tolist(), rank[labels].tolist()))

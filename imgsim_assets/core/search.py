@@ -51,6 +51,7 @@ class ImageIndex:
         self._rows = order
         self._paths = self.catalog.column("path").to_pylist()
         self._batches = self.catalog.column("batch").to_pylist()
+        self._row_ids = ids
 
     @property
     def num_vectors(self) -> int:
@@ -60,25 +61,49 @@ class ImageIndex:
     def ivf(self) -> faiss.IndexIVF:
         return faiss.extract_index_ivf(self.index)
 
-    def _describe(self, image_id: int) -> tuple[str, str, int]:
+    def to_index_space(self, embeddings: np.ndarray) -> np.ndarray:
+        """Raw embeddings → the vectors the IVF stores (the index's own PCA + normalisation)."""
+        x = np.ascontiguousarray(embeddings, dtype=np.float32)
+        chain = faiss.downcast_index(self.index).chain
+        for i in range(chain.size()):
+            x = chain.at(i).apply(x)
+        return x
+
+    def describe(self, image_id: int) -> tuple[str, str, int]:
+        """(first path, its batch, number of files) of an indexed image_id; empty if unknown."""
         lo, hi = np.searchsorted(self._ids, [image_id, image_id + 1])
         if lo == hi:
             return "", "", 0
         row = self._rows[lo]
         return self._paths[row], self._batches[row], int(hi - lo)
 
-    def search(self, queries: np.ndarray, k: int = 10, nprobe: int | None = None) -> list[list[Hit]]:
-        """Top-``k`` neighbours of each query embedding (N×D, as produced by the encoder)."""
+    def ids_in_batches(self, batches: list[str]) -> np.ndarray:
+        """The image_ids with at least one file in one of ``batches``."""
+        unknown = sorted(set(batches) - set(self._batches))
+        if unknown:
+            raise ValueError(f"no indexed batch named {', '.join(map(repr, unknown))}")
+        return np.unique(self._row_ids[np.isin(np.asarray(self._batches, dtype=object), batches)])
+
+    def search(
+        self, queries: np.ndarray, k: int = 10, nprobe: int | None = None, batches: list[str] | None = None
+    ) -> list[list[Hit]]:
+        """Top-``k`` neighbours of each query embedding (N×D, as produced by the encoder),
+        optionally only among images of ``batches``."""
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         if queries.shape[1] != self.index.d:
             raise ValueError(f"query vectors have dimension {queries.shape[1]} but the index expects {self.index.d}")
-        params = faiss.SearchParametersIVF(nprobe=int(nprobe)) if nprobe else None
+        params = None
+        if nprobe or batches:
+            params = faiss.SearchParametersIVF(nprobe=int(nprobe or self.ivf.nprobe))
+            if batches:
+                selector = faiss.IDSelectorBatch(self.ids_in_batches(batches))
+                params.sel = selector
         scores, ids = self.index.search(queries, min(k, max(self.num_vectors, 1)), params=params)
         results = []
         for row_scores, row_ids in zip(scores, ids):
             hits = []
             for rank, (s, i) in enumerate(((s, i) for s, i in zip(row_scores, row_ids) if i >= 0), start=1):
-                path, batch, copies = self._describe(int(i))
+                path, batch, copies = self.describe(int(i))
                 hits.append(Hit(rank, int(i), float(s), similarity_score(s), path, batch, copies))
             results.append(hits)
         return results

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -126,13 +126,49 @@ def embeddings_to_arrow(vectors: np.ndarray) -> pa.FixedSizeListArray:
     return pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), vectors.shape[1])
 
 
-def embedding_matrix(table: pa.Table) -> np.ndarray:
+def embedding_matrix(table: pa.Table | pa.RecordBatch) -> np.ndarray:
     """The ``embedding`` column as a float32 N×D array."""
-    column = table.column("embedding").combine_chunks()
+    column = table.column("embedding")
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
     dim = column.type.list_size
     if len(column) == 0:
         return np.zeros((0, dim), dtype=np.float32)
     return column.flatten().to_numpy(zero_copy_only=False).reshape(len(column), dim)
+
+
+def iter_embeddings(files: Iterable[pq.ParquetFile], rows: int = 65_536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``(image_ids, vectors)`` chunks over ``image_embeddings`` files, in bounded memory."""
+    for f in files:
+        for batch in f.iter_batches(batch_size=rows, columns=["image_id", "embedding"]):
+            yield batch.column("image_id").to_numpy(), embedding_matrix(batch)
+
+
+def sample_embeddings(files: dict[str, pq.ParquetFile], cap: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Up to ``cap`` ``(image_ids, vectors)`` drawn uniformly across files, in proportion to
+    their sizes, reading one row group at a time."""
+    total = sum(f.metadata.num_rows for f in files.values())
+    if total == 0:
+        raise ValueError("no embeddings to train on: every batch is empty or fully rejected")
+    ids, parts = [], []
+    for i, (_, f) in enumerate(sorted(files.items())):
+        n = f.metadata.num_rows
+        share = min(n, int(np.ceil(cap * n / total)))
+        wanted = np.sort(np.random.default_rng(seed + i).choice(n, size=share, replace=False)) if share < n else np.arange(n)
+        offset = 0
+        for group in range(f.metadata.num_row_groups):
+            size = f.metadata.row_group(group).num_rows
+            local = wanted[(wanted >= offset) & (wanted < offset + size)] - offset
+            if len(local):
+                table = f.read_row_group(group, columns=["image_id", "embedding"]).take(pa.array(local))
+                ids.append(table.column("image_id").to_numpy())
+                parts.append(embedding_matrix(table))
+            offset += size
+    x, image_ids = np.concatenate(parts), np.concatenate(ids)
+    if len(x) > cap:
+        keep = np.sort(np.random.default_rng(seed).choice(len(x), size=cap, replace=False))
+        x, image_ids = x[keep], image_ids[keep]
+    return image_ids, x
 
 
 class TensorWriter:

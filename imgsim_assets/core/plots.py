@@ -1,0 +1,80 @@
+"""Small PNG plots for asset metadata: people would rather look at these than read them."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+
+
+def _figure(width: float = 5.0, height: float = 3.0):
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display, no GUI toolkit
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(width, height), dpi=100)
+    return plt, fig, ax
+
+
+def _png(plt, fig) -> bytes:
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def markdown_image(png: bytes, alt: str) -> str:
+    """Markdown that shows ``png`` inline (the Dagster UI renders data URIs)."""
+    return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})"
+
+
+def explained_variance(ratio: np.ndarray, kept: int) -> bytes:
+    plt, fig, ax = _figure()
+    cumulative = np.cumsum(ratio)
+    ax.plot(np.arange(1, len(ratio) + 1), cumulative, lw=1.5)
+    ax.axvline(kept, color="tab:red", ls="--", lw=1, label=f"kept {kept} ({cumulative[kept - 1]:.1%})")
+    ax.set(xlabel="principal components", ylabel="cumulative explained variance", ylim=(0, 1.01))
+    ax.legend(loc="lower right")
+    return _png(plt, fig)
+
+
+def cluster_sizes(sizes: np.ndarray) -> bytes:
+    plt, fig, ax = _figure()
+    ax.hist(sizes, bins=min(50, max(5, len(sizes) // 4)), color="tab:blue")
+    ax.set(xlabel="vectors per cluster", ylabel="clusters", title=f"{len(sizes)} clusters, mean {sizes.mean():.0f}")
+    return _png(plt, fig)
+
+
+def recall_curve(nprobe, recall, ms, target: float) -> bytes:
+    plt, fig, ax = _figure()
+    ax.plot(ms, recall, marker="o")
+    for x, y, p in zip(ms, recall, nprobe):
+        ax.annotate(f"nprobe {p}", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    ax.axhline(target, color="tab:red", ls="--", lw=1, label=f"target {target}")
+    ax.set(xlabel="ms per single query", ylabel="recall@10", ylim=(min(min(recall), target) - 0.05, 1.01))
+    ax.legend(loc="lower right")
+    return _png(plt, fig)
+
+
+def thumbnail_grid(rows: list[list[str]], size: int = 96) -> bytes:
+    """One row of thumbnails per group of image files (unreadable files show blank)."""
+    from PIL import Image
+
+    width = max(len(r) for r in rows) if rows else 1
+    canvas = Image.new("RGB", (width * (size + 4), max(len(rows), 1) * (size + 4)), (255, 255, 255))
+    for y, row in enumerate(rows):
+        for x, path in enumerate(row):
+            try:
+                with Image.open(path) as im:
+                    im.draft("RGB", (size, size))
+                    thumb = im.convert("RGB")
+                    thumb.thumbnail((size, size))
+                canvas.paste(thumb, (x * (size + 4), y * (size + 4)))
+            except OSError:
+                continue
+    buf = io.BytesIO()
+    canvas.save(buf, format="PNG")
+    return buf.getvalue()
