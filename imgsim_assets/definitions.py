@@ -13,7 +13,8 @@ from imgsim_assets.io_managers import (
     NpzIOManager,
     ParquetIOManager,
 )
-from imgsim_assets.resources import EncoderResource, PreprocessResource, StorageResource
+from imgsim_assets.resources import EncoderResource, PreprocessResource, StorageResource, WatchResource
+from imgsim_assets.sensors import new_image_batches
 from imgsim_assets.settings import Settings
 
 
@@ -27,10 +28,12 @@ def build_definitions(
         assets=load_assets_from_modules([images, embeddings, index, queries, analysis]),
         asset_checks=load_asset_checks_from_modules([index]),
         jobs=jobs.ALL_JOBS,
+        sensors=[new_image_batches],
         resources={
             "encoder": encoder or EncoderResource(model=settings.model, weights=settings.weights, device=settings.device),
             "preprocessing": preprocessing or PreprocessResource(),
             "storage": StorageResource(data_dir=str(settings.data_dir)),
+            "watch": WatchResource(),
             "parquet_io_manager": ParquetIOManager(root=root),
             "npy_io_manager": NpyIOManager(root=root),
             "npz_io_manager": NpzIOManager(root=root),

@@ -83,3 +83,12 @@ class StorageResource(ConfigurableResource):
         staging.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(staging)
         return staging / f".staged{suffix}.tmp-{uuid.uuid4().hex}"
+
+
+class WatchResource(ConfigurableResource):
+    """How the ``new_image_batches`` sensor decides that a batch folder is complete."""
+
+    quiet_seconds: float = Field(default=60.0, description="a folder without _SUCCESS is complete after this "
+                                 "long without changes")
+    max_batches_per_tick: int = Field(default=25, description="folders examined per sensor tick (round-robin)")
+    time_budget_seconds: float = Field(default=20.0, description="stop examining folders after this long")

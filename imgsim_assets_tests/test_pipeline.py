@@ -5,7 +5,7 @@ import shutil
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
-from dagster import AssetKey, instance_for_test
+from dagster import AssetKey, Definitions, instance_for_test
 
 from imgsim_assets.core.sample_data import write_synthetic_batch
 from imgsim_assets.core.search import embed_files, encoder_from_info, preprocess_from_info
@@ -149,3 +149,38 @@ def test_chain_then_incremental_batch(pipeline):
     top = answers[answers["rank"] == 1].set_index("query")
     assert top.loc["copy_of_7.png", "image_id"] == first.image_id
     assert answers[answers["query"] == "notes.jpg"]["rejected"].tolist() == ["not_an_image"]
+
+
+def test_recall_below_target_fails_the_check_and_blocks_downstream(pipeline):
+    from dagster import AssetSelection, define_asset_job
+
+    settings, defs, instance = pipeline
+    write_synthetic_batch(settings.images_dir / "b1", 45, seed=4)
+    report = ingest(defs, instance, settings.images_dir, log=lambda m: None)
+    assert report.ok, report.failed
+    near_duplicates_then = _latest_metadata(instance, "near_duplicates").storage_id
+
+    # Ask the index for more than exact search can give: the blocking check must stop the run.
+    job = define_asset_job("strict", selection=AssetSelection.assets("faiss_index", "near_duplicates"))
+    strict = Definitions.merge(defs, Definitions(jobs=[job])).resolve_job_def("strict")
+    result = strict.execute_in_process(
+        instance=instance, raise_on_error=False,
+        run_config={"ops": {"faiss_index": {"config": {"recall_target": 1.01}}}},
+    )
+    assert not result.success
+    evaluation = _check(instance, "faiss_index_recall")
+    assert not evaluation.passed and evaluation.metadata["target"].value == 1.01
+    assert _latest_metadata(instance, "near_duplicates").storage_id == near_duplicates_then  # not rebuilt
+
+
+def test_too_many_clusters_fall_back_and_say_so(pipeline):
+    settings, defs, instance = pipeline
+    write_synthetic_batch(settings.images_dir / "b1", 30, seed=5)
+    instance.add_dynamic_partitions("image_batches", ["b1"])
+    assert defs.resolve_job_def("embed_batch").execute_in_process(instance=instance, partition_key="b1").success
+    result = defs.resolve_job_def("train_index").execute_in_process(
+        instance=instance, run_config={"ops": {"cluster_centroids": {"config": {"nlist": 64}}}}
+    )
+    assert result.success
+    meta = _latest_metadata(instance, "cluster_centroids").asset_materialization.metadata
+    assert meta["nlist"].value == 1 and "64 clusters need 2496 vectors, have 30" in meta["fallbacks"].value[0]

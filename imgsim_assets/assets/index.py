@@ -40,8 +40,9 @@ class PcaConfig(Config):
 class CentroidsConfig(Config):
     nlist: Optional[int] = Field(default=None, description="number of clusters; default per_sqrt·√N")
     per_sqrt: float = Field(default=4.0, description="clusters per √N (4 to 16 is the useful range)")
-    points_per_centroid: int = Field(default=128, description="train on this many vectors per cluster (30 to 256)")
-    niter: int = 20
+    points_per_centroid: int = Field(default=ix.TRAIN_POINTS_PER_CENTROID,
+                                     description="train on this many vectors per cluster (30 to 256)")
+    niter: int = ix.KMEANS_ITERATIONS
     seed: int = 0
 
 
@@ -140,9 +141,14 @@ def cluster_centroids(
     pca_model: ix.PcaModel,
 ) -> np.ndarray:
     """Spherical k-means centroids (K×d) of PCA-reduced, L2-normalised embeddings (Faiss, on GPU
-    when there is one). K ≈ 4·√N by default, trained on a sample of about 128·K vectors."""
+    when there is one). K ≈ 4·√N by default, trained on a sample of about 64·K vectors."""
     total = _total(image_embeddings)
-    nlist = max(1, min(config.nlist or ix.choose_nlist(total, config.per_sqrt), total))
+    nlist, fallbacks = config.nlist or ix.choose_nlist(total, config.per_sqrt), []
+    if nlist > max(1, total // ix.MIN_POINTS_PER_CENTROID):
+        fallback = ix.choose_nlist(total, config.per_sqrt)
+        fallbacks.append(f"{nlist} clusters need {nlist * ix.MIN_POINTS_PER_CENTROID} vectors, have {total}: using {fallback}")
+        context.log.warning(fallbacks[-1])
+        nlist = fallback
     per_centroid = min(max(config.points_per_centroid, 30), ix.MAX_POINTS_PER_CENTROID)
     _, raw = tables.sample_embeddings(image_embeddings, per_centroid * nlist, config.seed)
     sample = pca_model.transform(raw)
@@ -160,6 +166,7 @@ def cluster_centroids(
             "mean_similarity_to_centroid": float(sims.mean()),
             "gpu": faiss.get_num_gpus() > 0,
             "train_seconds": round(time.perf_counter() - start, 3),
+            "fallbacks": MetadataValue.json(fallbacks),
             "cluster_sizes": MetadataValue.md(plots.markdown_image(plots.cluster_sizes(sizes), "cluster sizes")),
         }
     )

@@ -12,6 +12,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from imgsim_assets.core.index import set_parallel_mode
+
 INDEX_FILE = "index.faiss"
 CATALOG_FILE = "catalog.parquet"
 INFO_FILE = "index.json"
@@ -98,6 +100,7 @@ class ImageIndex:
             if batches:
                 selector = faiss.IDSelectorBatch(self.ids_in_batches(batches))
                 params.sel = selector
+        set_parallel_mode(self.index, len(queries))
         scores, ids = self.index.search(queries, min(k, max(self.num_vectors, 1)), params=params)
         results = []
         for row_scores, row_ids in zip(scores, ids):

@@ -1,0 +1,82 @@
+"""The new_image_batches sensor on a real folder: completeness, changes, bounded ticks."""
+
+import json
+
+from dagster import DagsterInstance, SensorResult, SkipReason, build_sensor_context
+
+from imgsim_assets.core.sample_data import write_synthetic_batch
+from imgsim_assets.resources import StorageResource, WatchResource
+from imgsim_assets.sensors import new_image_batches
+from imgsim_assets.watch import plan_tick
+
+
+def _batch(root, name, n=2, seed=0, done=True):
+    write_synthetic_batch(root / name, n, seed=seed, size=(32, 32))
+    if done:
+        (root / name / "_SUCCESS").touch()
+
+
+def test_complete_folders_run_once_and_incomplete_ones_wait_for_quiet(tmp_path):
+    _batch(tmp_path, "b1")
+    _batch(tmp_path, "b2", done=False)
+    tick = plan_tick(tmp_path, {}, set(), now=1000.0, quiet_seconds=60)
+    assert tick.new_partitions == ["b1"] and [b for b, _ in tick.runs] == ["b1"] and tick.waiting == ["b2"]
+
+    tick = plan_tick(tmp_path, tick.cursor, {"b1"}, now=1030.0, quiet_seconds=60)
+    assert tick.runs == [] and tick.waiting == ["b2"]  # b1 done; b2 quiet for 30 s only
+    tick = plan_tick(tmp_path, tick.cursor, {"b1"}, now=1061.0, quiet_seconds=60)
+    assert tick.new_partitions == ["b2"] and [b for b, _ in tick.runs] == ["b2"]
+    tick = plan_tick(tmp_path, tick.cursor, {"b1", "b2"}, now=1200.0, quiet_seconds=60)
+    assert tick.runs == [] and tick.new_partitions == []
+
+
+def test_files_added_to_a_known_batch_rerun_it_after_quiet(tmp_path):
+    _batch(tmp_path, "b1")
+    tick = plan_tick(tmp_path, {}, set(), now=0.0)
+    first = tick.runs[0][1]
+    write_synthetic_batch(tmp_path / "b1" / "late", 1, seed=9, size=(32, 32))
+    tick = plan_tick(tmp_path, tick.cursor, {"b1"}, now=10.0)
+    # _SUCCESS is there, so the change is picked up at once, with a new fingerprint.
+    assert tick.new_partitions == [] and len(tick.runs) == 1 and tick.runs[0][1] != first
+
+
+def test_ticks_are_bounded_and_resume_round_robin(tmp_path):
+    for i in range(5):
+        _batch(tmp_path, f"b{i}", n=1, seed=i)
+    seen, cursor = [], {}
+    for _ in range(3):
+        tick = plan_tick(tmp_path, cursor, set(seen), now=0.0, max_batches=2)
+        assert len(tick.runs) <= 2
+        seen += [b for b, _ in tick.runs]
+        cursor = json.loads(json.dumps(tick.cursor))  # the cursor survives serialisation
+    assert seen == ["b0", "b1", "b2", "b3", "b4"]
+
+
+def test_invalid_names_empty_and_vanished_folders(tmp_path):
+    _batch(tmp_path, "ok")
+    (tmp_path / "bad,name").mkdir()
+    (tmp_path / "empty").mkdir()
+    tick = plan_tick(tmp_path, {}, set(), now=0.0)
+    assert [b for b, _ in tick.runs] == ["ok"] and "bad,name" in tick.invalid and tick.waiting == ["empty"]
+    for f in (tmp_path / "ok").iterdir():
+        f.unlink()
+    (tmp_path / "ok").rmdir()
+    assert "ok" not in plan_tick(tmp_path, tick.cursor, {"ok"}, now=1.0).cursor["folders"]
+
+
+def test_sensor_registers_partitions_and_requests_runs(tmp_path):
+    images = tmp_path / "data" / "images"
+    _batch(images, "batch-1")
+    with DagsterInstance.ephemeral() as instance:
+        context = build_sensor_context(
+            instance=instance,
+            resources={"storage": StorageResource(data_dir=str(tmp_path / "data")), "watch": WatchResource()},
+        )
+        result = new_image_batches(context)
+        assert isinstance(result, SensorResult)
+        assert [r.partition_key for r in result.run_requests] == ["batch-1"]
+        assert result.dynamic_partitions_requests[0].partition_keys == ["batch-1"]
+        instance.add_dynamic_partitions("image_batches", ["batch-1"])
+        again = build_sensor_context(instance=instance, cursor=context.cursor, resources={
+            "storage": StorageResource(data_dir=str(tmp_path / "data")), "watch": WatchResource()})
+        assert isinstance(new_image_batches(again), SkipReason)
