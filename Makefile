@@ -18,9 +18,8 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-$(DAGSTER_HOME)/dagster.yaml:
-	mkdir -p $(DAGSTER_HOME)
-	printf '# Local Dagster instance: SQLite under this folder.\ntelemetry:\n  enabled: false\n' > $@
+$(DAGSTER_HOME)/dagster.yaml: | $(VENV)/.installed
+	$(BIN)/python -m imgsim_assets.instance $(DAGSTER_HOME)
 
 demo: install $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/imgsim sample-data

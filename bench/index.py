@@ -119,6 +119,8 @@ def main(argv=None) -> None:
     parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "imgsim-bench-index")
     parser.add_argument("--autofaiss-venv", type=Path, default=Path(tempfile.gettempdir()) / "imgsim-autofaiss-venv")
     parser.add_argument("--skip-autofaiss", action="store_true")
+    parser.add_argument("--reuse-autofaiss", action="store_true",
+                        help="evaluate the autofaiss index an earlier run left in --dir instead of building it again")
     args = parser.parse_args(argv)
     args.dir.mkdir(parents=True, exist_ok=True)
 
@@ -150,17 +152,23 @@ def main(argv=None) -> None:
 
     if args.skip_autofaiss:
         return
-    data = args.dir / "x.npy"
-    np.save(data, x)
-    python = autofaiss_venv(args.autofaiss_venv)
     out = args.dir / "autofaiss.index"
-    driver = args.dir / "driver.py"
-    driver.write_text(AUTOFAISS_DRIVER)
-    run = subprocess.run([str(python), str(driver), str(data), str(out), f"{args.budget_mb}M"],
-                         capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    if run.returncode != 0:
-        sys.exit(f"autofaiss failed:\n{run.stderr[-3000:]}")
-    result = json.loads(run.stdout.strip().splitlines()[-1])
+    recorded = args.dir / "autofaiss.result.json"
+    if args.reuse_autofaiss and out.exists() and recorded.exists():
+        result = json.loads(recorded.read_text())  # same seeds, same data: built by an earlier run
+        print(f"  (autofaiss index and build time reused from {recorded})")
+    else:
+        data = args.dir / "x.npy"
+        np.save(data, x)
+        python = autofaiss_venv(args.autofaiss_venv)
+        driver = args.dir / "driver.py"
+        driver.write_text(AUTOFAISS_DRIVER)
+        run = subprocess.run([str(python), str(driver), str(data), str(out), f"{args.budget_mb}M"],
+                             capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        if run.returncode != 0:
+            sys.exit(f"autofaiss failed:\n{run.stderr[-3000:]}")
+        result = json.loads(run.stdout.strip().splitlines()[-1])
+        recorded.write_text(json.dumps({**result, "n": args.n, "dim": args.dim, "budget_mb": args.budget_mb}))
     theirs = faiss.read_index(str(out))
     their_recall, their_p50 = evaluate(theirs, queries, truth)
     print(f"  autofaiss {result['infos'].get('index_key')} ({result['infos'].get('index_param')}): build "

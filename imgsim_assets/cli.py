@@ -16,23 +16,14 @@ RANDOM_BANNER = """\
 !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!"""
 
 
-LOCAL_INSTANCE_YAML = """\
-# Local Dagster instance: runs, events and schedules in SQLite under this folder.
-telemetry:
-  enabled: false
-"""
-
-
 def _instance(settings):
     from dagster import DagsterInstance
 
+    from imgsim_assets.instance import ensure_instance_yaml
+
     if not os.environ.get("DAGSTER_HOME"):
         os.environ["DAGSTER_HOME"] = str(settings.dagster_home)
-    home = Path(os.environ["DAGSTER_HOME"])
-    home.mkdir(parents=True, exist_ok=True)
-    config = home / "dagster.yaml"
-    if not config.exists():  # local SQLite storage under DAGSTER_HOME; this tool works offline
-        config.write_text(LOCAL_INSTANCE_YAML)
+    ensure_instance_yaml(os.environ["DAGSTER_HOME"])
     return DagsterInstance.get()
 
 

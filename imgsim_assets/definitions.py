@@ -14,6 +14,7 @@ from imgsim_assets.io_managers import (
     ParquetIOManager,
 )
 from imgsim_assets.resources import EncoderResource, PreprocessResource, StorageResource, WatchResource
+from imgsim_assets.schedules import retrain_index
 from imgsim_assets.sensors import new_image_batches
 from imgsim_assets.settings import Settings
 
@@ -29,6 +30,7 @@ def build_definitions(
         asset_checks=load_asset_checks_from_modules([index]),
         jobs=jobs.ALL_JOBS,
         sensors=[new_image_batches],
+        schedules=[retrain_index],
         resources={
             "encoder": encoder or EncoderResource(model=settings.model, weights=settings.weights, device=settings.device),
             "preprocessing": preprocessing or PreprocessResource(),

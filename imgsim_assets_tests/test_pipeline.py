@@ -184,3 +184,38 @@ def test_too_many_clusters_fall_back_and_say_so(pipeline):
     assert result.success
     meta = _latest_metadata(instance, "cluster_centroids").asset_materialization.metadata
     assert meta["nlist"].value == 1 and "64 clusters need 2496 vectors, have 30" in meta["fallbacks"].value[0]
+
+
+def test_automation_schedules_and_pools(pipeline):
+    from dagster import build_schedule_context, evaluate_automation_conditions
+
+    from imgsim_assets.schedules import retrain_index
+
+    settings, defs, instance = pipeline
+    images = settings.images_dir
+    write_synthetic_batch(images / "b1", 40, seed=1)
+    assert ingest(defs, instance, images, log=lambda m: None).ok
+    baseline = evaluate_automation_conditions(defs=defs, instance=instance)
+
+    # Nothing drifted: the weekly retrain skips.
+    assert retrain_index(build_schedule_context(instance=instance)).skip_message.startswith("no batch drifted")
+
+    # A new batch is embedded (what the sensor requests); automation asks for its shard only.
+    write_synthetic_batch(images / "b2", 10, seed=2)
+    instance.add_dynamic_partitions("image_batches", ["b2"])
+    assert defs.resolve_job_def("embed_batch").execute_in_process(instance=instance, partition_key="b2").success
+    after = evaluate_automation_conditions(defs=defs, instance=instance, cursor=baseline.cursor)
+    assert after.get_requested_partitions(AssetKey("faiss_index_shards")) == {"b2"}
+    for trained in ("pca_model", "cluster_centroids", "index_template"):
+        assert after.get_num_requested(AssetKey(trained)) == 0
+
+    # Drift above a (deliberately zero) threshold: the check warns and the schedule retrains.
+    result = defs.resolve_job_def("merge_index").execute_in_process(
+        instance=instance, run_config={"ops": {"faiss_index": {"config": {"drift_threshold": 0.0}}}})
+    assert result.success and not _check(instance, "retraining_due").passed
+    request = retrain_index(build_schedule_context(instance=instance))
+    assert request.run_key.startswith("retrain-after-check-") and request.tags["imgsim/reason"] == "drift"
+
+    # GPU steps share the one-slot pool.
+    pools = {name: defs.get_assets_def(name).op.pool for name in ("image_embeddings", "cluster_centroids", "pca_model")}
+    assert pools == {"image_embeddings": "gpu", "cluster_centroids": "gpu", "pca_model": None}

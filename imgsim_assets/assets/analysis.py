@@ -4,7 +4,7 @@
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from dagster import AssetExecutionContext, AssetIn, Config, MetadataValue, asset
+from dagster import AssetExecutionContext, AssetIn, AutomationCondition, Config, MetadataValue, asset
 from pydantic import Field
 
 from imgsim_assets.core import index as ix
@@ -33,6 +33,7 @@ def _distinct_embeddings(files: dict[str, pq.ParquetFile]):
     io_manager_key="parquet_io_manager",
     group_name="downstream",
     kinds={"faiss", "parquet"},
+    automation_condition=AutomationCondition.eager(),
 )
 def near_duplicates(
     context: AssetExecutionContext,
@@ -95,6 +96,7 @@ def near_duplicates(
     io_manager_key="parquet_io_manager",
     group_name="downstream",
     kinds={"faiss", "parquet"},
+    automation_condition=AutomationCondition.eager(),
 )
 def image_clusters(
     context: AssetExecutionContext,

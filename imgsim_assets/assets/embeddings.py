@@ -10,6 +10,7 @@ from dagster import AssetExecutionContext, AssetIn, MetadataValue, asset
 from imgsim_assets.core import tables
 from imgsim_assets.io_managers import StagedFile
 from imgsim_assets.partitions import image_batches
+from imgsim_assets.policies import GPU_POOL, TRANSIENT_RETRY
 from imgsim_assets.resources import EncoderResource, StorageResource
 
 PROGRESS_EVERY_S = 30.0
@@ -21,6 +22,8 @@ PROGRESS_EVERY_S = 30.0
     io_manager_key="parquet_io_manager",
     group_name="ingest",
     kinds={"pytorch", "parquet"},
+    pool=GPU_POOL,
+    retry_policy=TRANSIENT_RETRY,
 )
 def image_embeddings(
     context: AssetExecutionContext,

@@ -16,6 +16,7 @@ from dagster import (
     AssetIn,
     AssetKey,
     AssetRecordsFilter,
+    AutomationCondition,
     Config,
     MetadataValue,
     asset,
@@ -27,6 +28,7 @@ from imgsim_assets.core import index as ix
 from imgsim_assets.core import plots, tables
 from imgsim_assets.core.search import ImageIndex
 from imgsim_assets.partitions import image_batches
+from imgsim_assets.policies import GPU_POOL, TRAINED, TRANSIENT_RETRY
 
 
 class PcaConfig(Config):
@@ -93,6 +95,7 @@ def _total(files: dict[str, pq.ParquetFile]) -> int:
     io_manager_key="npz_io_manager",
     group_name="index",
     kinds={"scikitlearn"},
+    automation_condition=TRAINED,
 )
 def pca_model(
     context: AssetExecutionContext, config: PcaConfig, image_embeddings: dict[str, pq.ParquetFile]
@@ -133,6 +136,8 @@ def pca_model(
     io_manager_key="npy_io_manager",
     group_name="index",
     kinds={"faiss"},
+    automation_condition=TRAINED,
+    pool=GPU_POOL,
 )
 def cluster_centroids(
     context: AssetExecutionContext,
@@ -178,6 +183,7 @@ def cluster_centroids(
     io_manager_key="faiss_io_manager",
     group_name="index",
     kinds={"faiss"},
+    automation_condition=TRAINED,
 )
 def index_template(
     context: AssetExecutionContext,
@@ -227,6 +233,8 @@ def index_template(
     io_manager_key="faiss_io_manager",
     group_name="index",
     kinds={"faiss"},
+    automation_condition=AutomationCondition.eager(),
+    retry_policy=TRANSIENT_RETRY,
 )
 def faiss_index_shards(
     context: AssetExecutionContext, image_embeddings: pa.Table, pca_model: ix.PcaModel, index_template: faiss.Index
@@ -296,6 +304,8 @@ def held_out_recall(ivf: faiss.IndexIVF, transform, image_embeddings: dict[str, 
     io_manager_key="image_index_io_manager",
     group_name="index",
     kinds={"faiss"},
+    automation_condition=AutomationCondition.eager(),
+    retry_policy=TRANSIENT_RETRY,
 )
 def faiss_index(
     context: AssetExecutionContext,
