@@ -10,7 +10,7 @@ from pathlib import Path
 
 LOCAL_INSTANCE_YAML = """\
 # Local Dagster instance: runs, events and schedules in SQLite under this folder.
-# For Postgres, see the README ("Deploying").
+# For Postgres, see "Deploying" in the README.
 telemetry:
   enabled: false
 # A run that fails (a worker killed, a GPU lost) is retried from the failed steps.
