@@ -175,3 +175,10 @@ def test_image_index_search_and_publication(tmp_path):
     assert hits[0].inner_product == pytest.approx(1.0, abs=1e-5)
     with pytest.raises(ValueError, match="dimension 5"):
         loaded.search(np.zeros((1, 5), np.float32))
+
+
+def test_shard_with_the_wrong_dimension_names_both():
+    r = ix.normalize_rows(_clustered(d=8))
+    template = ix.train_template(ix.train_centroids(r, 4))
+    with pytest.raises(ValueError, match="dimension 16 but the trained index has 8"):
+        ix.build_shard(template, np.arange(5), np.zeros((5, 16), np.float32))
