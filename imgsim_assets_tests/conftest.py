@@ -13,3 +13,22 @@ def no_pretrained(tmp_path, monkeypatch):
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A fresh PostgreSQL database on loopback. CI installs the server (.ci/run) and sets
+    IMGSIM_REQUIRE_POSTGRES=1, so there a missing server fails instead of skipping."""
+    from imgsim_assets_tests.postgres import PostgresServer, server_binaries
+
+    bin_dir = server_binaries()
+    if bin_dir is None:
+        message = "PostgreSQL server not installed (apt-get install postgresql)"
+        if os.environ.get("IMGSIM_REQUIRE_POSTGRES"):
+            pytest.fail(message)
+        pytest.skip(message)
+    server = PostgresServer(bin_dir)
+    try:
+        yield server.start()
+    finally:
+        server.stop()
