@@ -58,7 +58,7 @@ def cmd_ingest(args) -> int:
     from imgsim_assets.ingest import ingest
 
     instance = _instance(settings)
-    report = ingest(defs, instance, settings.images_dir, retrain=args.retrain)
+    report = ingest(defs, instance, settings.images_dir, retrain=args.retrain, milvus=args.milvus)
     print(
         f"ingest: {len(report.embedded)} batch(es) embedded, {'retrained, ' if report.trained else ''}"
         f"{len(report.shards)} shard(s) built, index {'rebuilt' if report.merged else 'unchanged'}"
@@ -80,6 +80,8 @@ def cmd_search(args) -> int:
         print("imgsim search: give either an IMAGE file or --id IMAGE_ID", file=sys.stderr)
         return 2
     settings = Settings.from_env()
+    if args.backend == "milvus":
+        return _search_milvus(args, settings)
     instance = _instance(settings)
     index = defs.load_asset_value("faiss_index", instance=instance)
     if index.info.get("encoder", {}).get("weights_file") == "random":
@@ -111,6 +113,38 @@ def cmd_search(args) -> int:
     return 0
 
 
+def _search_milvus(args, settings) -> int:
+    from imgsim_assets.core import milvus
+    from imgsim_assets.core.search import embed_files, encoder_from_info, preprocess_from_info, similarity_score
+
+    if args.image is None:
+        print("imgsim search --backend milvus: give an IMAGE file", file=sys.stderr)
+        return 2
+    uri = args.milvus_uri or settings.milvus_uri or str(settings.data_dir / "milvus.db")
+    client = milvus.connect(uri)
+    if not client.has_collection(args.collection):
+        print(f"imgsim search: Milvus at {uri!r} has no collection {args.collection!r}; materialize "
+              "milvus_collection first", file=sys.stderr)
+        return 2
+    info = {"encoder": milvus.provenance(client, args.collection)}
+    records, vectors = embed_files([args.image], encoder_from_info(info, device=settings.device),
+                                   preprocess_from_info(info))
+    if records[0].status != "ok":
+        print(f"cannot search with {args.image}: {records[0].reason}: {records[0].message}", file=sys.stderr)
+        return 2
+    hits = milvus.search(client, args.collection, vectors, args.k, batches=args.batch)[0]
+    for rank, hit in enumerate(hits, start=1):
+        hit.update(rank=rank, score=similarity_score(hit["inner_product"]))
+    if args.json:
+        print(json.dumps({"query": args.image, "backend": "milvus", "hits": hits}, indent=2))
+        return 0
+    print(f"query: {args.image}   (Milvus {uri}, collection {args.collection})")
+    for hit in hits:
+        print(f"{hit['rank']:>4}  {hit['score']:6.4f}  {hit['inner_product']:7.4f}  {hit['image_id']:>20}  "
+              f"{settings.images_dir / hit['path']}")
+    return 0
+
+
 def cmd_sample_data(args) -> int:
     from imgsim_assets.core.sample_data import write_sample_corpus
     from imgsim_assets.settings import Settings
@@ -128,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("ingest", help="register new batch folders and materialize everything missing or stale")
     p.add_argument("--retrain", action="store_true", help="refit PCA and centroids (rebuilds every shard)")
+    p.add_argument("--milvus", action="store_true", help="also upsert changed batches into Milvus "
+                   "(milvus_collection; $IMGSIM_MILVUS_URI or a Milvus Lite file)")
     p.add_argument("--fallback-random", action="store_true",
                    help="with IMGSIM_WEIGHTS=auto and no checkpoint found, use random weights (demo)")
     p.set_defaults(func=cmd_ingest)
@@ -139,6 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-k", type=int, default=10)
     p.add_argument("--nprobe", type=int, default=None, help="IVF lists to visit (default: as tuned at build)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--backend", choices=["faiss", "milvus"], default="faiss",
+                   help="faiss: the materialized faiss_index; milvus: the milvus_collection")
+    p.add_argument("--milvus-uri", default=None, help="default: $IMGSIM_MILVUS_URI, else <data>/milvus.db")
+    p.add_argument("--collection", default="imgsim", help="Milvus collection")
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("sample-data", help="write the bundled sample corpus (two batches and queries)")
@@ -148,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError, PermissionError) as e:
+    except (FileNotFoundError, ValueError, PermissionError, ConnectionError) as e:
         print(f"imgsim {args.command}: {e}", file=sys.stderr)
         return 2
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dagster import Definitions, load_asset_checks_from_modules, load_assets_from_modules
 
 from imgsim_assets import jobs
-from imgsim_assets.assets import analysis, embeddings, images, index, queries
+from imgsim_assets.assets import analysis, embeddings, images, index, milvus, queries
 from imgsim_assets.io_managers import (
     FaissIOManager,
     ImageIndexIOManager,
@@ -13,7 +13,13 @@ from imgsim_assets.io_managers import (
     NpzIOManager,
     ParquetIOManager,
 )
-from imgsim_assets.resources import EncoderResource, PreprocessResource, StorageResource, WatchResource
+from imgsim_assets.resources import (
+    EncoderResource,
+    MilvusResource,
+    PreprocessResource,
+    StorageResource,
+    WatchResource,
+)
 from imgsim_assets.schedules import retrain_index
 from imgsim_assets.sensors import new_image_batches
 from imgsim_assets.settings import Settings
@@ -26,7 +32,7 @@ def build_definitions(
 ) -> Definitions:
     root = str(settings.assets_dir)
     return Definitions(
-        assets=load_assets_from_modules([images, embeddings, index, queries, analysis]),
+        assets=load_assets_from_modules([images, embeddings, index, queries, analysis, milvus]),
         asset_checks=load_asset_checks_from_modules([index]),
         jobs=jobs.ALL_JOBS,
         sensors=[new_image_batches],
@@ -36,6 +42,7 @@ def build_definitions(
             "preprocessing": preprocessing or PreprocessResource(),
             "storage": StorageResource(data_dir=str(settings.data_dir)),
             "watch": WatchResource(),
+            "milvus_db": MilvusResource(uri=settings.milvus_uri),
             "parquet_io_manager": ParquetIOManager(root=root),
             "npy_io_manager": NpyIOManager(root=root),
             "npz_io_manager": NpzIOManager(root=root),

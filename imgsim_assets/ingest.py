@@ -16,7 +16,14 @@ from typing import Callable
 from dagster import AssetKey, AssetRecordsFilter, DagsterInstance, Definitions
 
 from imgsim_assets.core import images
-from imgsim_assets.jobs import analyze_index_job, embed_batch_job, index_shard_job, merge_index_job, train_index_job
+from imgsim_assets.jobs import (
+    analyze_index_job,
+    embed_batch_job,
+    index_shard_job,
+    merge_index_job,
+    milvus_sync_job,
+    train_index_job,
+)
 from imgsim_assets.partitions import image_batches
 
 # Step-level DEBUG events stay in the run's event log (and the UI); the terminal gets INFO.
@@ -63,6 +70,7 @@ class IngestReport:
     shards: list[str] = field(default_factory=list)
     merged: bool = False
     analyzed: bool = False
+    milvus: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -109,6 +117,7 @@ def ingest(
     images_dir: Path,
     retrain: bool = False,
     log: Callable[[str], None] = print,
+    milvus: bool = False,
 ) -> IngestReport:
     """Bring ``faiss_index`` up to date with the batch folders under ``images_dir``."""
     report = IngestReport()
@@ -149,6 +158,11 @@ def ingest(
     if not embedded_ok:
         log("no batch has embeddings; nothing to index")
         return report
+    if milvus:
+        for batch in embedded_ok:
+            if ledger.stale("milvus_collection", batch, [("image_embeddings", batch)]):
+                if run(milvus_sync_job.name, f"milvus {batch}", batch):
+                    report.milvus.append(batch)
 
     if retrain or not ledger.storage_id("index_template"):
         if not run(train_index_job.name, "train index"):

@@ -29,6 +29,12 @@ merge_index_job = define_asset_job(
     selection=AssetSelection.assets("faiss_index"),
     description="Merge all shards into the searchable faiss_index and measure its recall.",
 )
+milvus_sync_job = define_asset_job(
+    "milvus_sync",
+    selection=AssetSelection.assets("milvus_collection"),
+    partitions_def=image_batches,
+    description="Upsert one batch's embeddings into the Milvus collection.",
+)
 analyze_index_job = define_asset_job(
     "analyze_index",
     selection=AssetSelection.assets("near_duplicates", "image_clusters"),
@@ -40,4 +46,5 @@ similar_images_job = define_asset_job(
     description="Load faiss_index and answer every image of a query folder.",
 )
 
-ALL_JOBS = [embed_batch_job, train_index_job, index_shard_job, merge_index_job, analyze_index_job, similar_images_job]
+ALL_JOBS = [embed_batch_job, train_index_job, index_shard_job, merge_index_job, analyze_index_job, milvus_sync_job,
+            similar_images_job]

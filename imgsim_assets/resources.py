@@ -92,3 +92,18 @@ class WatchResource(ConfigurableResource):
                                  "long without changes")
     max_batches_per_tick: int = Field(default=25, description="folders examined per sensor tick (round-robin)")
     time_budget_seconds: float = Field(default=20.0, description="stop examining folders after this long")
+
+
+class MilvusResource(ConfigurableResource):
+    """Where ``milvus_collection`` puts the vectors: a Milvus Lite file or a server/cluster URI."""
+
+    uri: str = Field(default="", description="http(s)://host:19530 for a server; a .db path for Milvus Lite; "
+                     "empty: <data>/milvus.db")
+    token: str = Field(default="", description="user:password or API token for a server")
+    collection: str = "imgsim"
+    index_type: str = Field(default="FLAT", description="Milvus index type (FLAT works everywhere; "
+                            "HNSW, IVF_FLAT, AUTOINDEX on servers)")
+    timeout_seconds: float = 10.0
+
+    def resolved_uri(self, data_dir: str) -> str:
+        return self.uri or str(Path(data_dir) / "milvus.db")

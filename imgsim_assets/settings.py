@@ -14,6 +14,7 @@ class Settings:
     model: str = "dinov2_vits14"
     weights: str = "auto"
     device: str = "auto"
+    milvus_uri: str = ""  # empty: a Milvus Lite file, <data>/milvus.db
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> "Settings":
@@ -22,6 +23,7 @@ class Settings:
             model=environ.get("IMGSIM_MODEL", cls.model),
             weights=environ.get("IMGSIM_WEIGHTS", cls.weights),
             device=environ.get("IMGSIM_DEVICE", cls.device),
+            milvus_uri=environ.get("IMGSIM_MILVUS_URI", cls.milvus_uri),
         )
 
     @property

@@ -22,7 +22,7 @@ def test_ingest_then_search_json(tmp_path):
     env = {**os.environ, "IMGSIM_DATA_DIR": str(data), "IMGSIM_WEIGHTS": "random", "IMGSIM_DEVICE": "cpu"}
     env.pop("DAGSTER_HOME", None)
 
-    ingest = _run(["ingest"], env)
+    ingest = _run(["ingest", "--milvus"], env)
     assert ingest.returncode == 0, ingest.stderr[-2000:]
     assert "RANDOM WEIGHTS" in ingest.stderr
     assert "2 batch(es) embedded" in ingest.stdout
@@ -43,6 +43,16 @@ def test_ingest_then_search_json(tmp_path):
     assert len(answer["hits"]) == 4 and {h["batch"] for h in answer["hits"]} == {"second"}
     unknown = _run(["search", "--id", "12345"], env)
     assert unknown.returncode == 2 and "not in the index" in unknown.stderr
+
+    # The same query answered by the Milvus Lite collection that `ingest --milvus` filled.
+    # Raw vectors of a random-weight ViT are nearly collinear, so compare scores, not ranks.
+    from_milvus = _run(["search", str(files[3]), "-k", "8", "--json", "--backend", "milvus", "--batch", "first"], env)
+    assert from_milvus.returncode == 0, from_milvus.stderr[-2000:]
+    milvus_hits = json.loads(from_milvus.stdout)["hits"]
+    assert len(milvus_hits) == 8 and {h["batch"] for h in milvus_hits} == {"first"}
+    own = next(h for h in milvus_hits if h["image_id"] == hits[0]["image_id"])
+    assert own["path"] == hits[0]["path"] and own["inner_product"] >= milvus_hits[0]["inner_product"] - 1e-5
+    assert (data / "milvus.db").exists()
 
     bad = tmp_path / "bad.jpg"
     bad.write_text("nope")

@@ -1,0 +1,96 @@
+"""Embeddings in Milvus: one collection, one row per image_id, for search beyond one machine.
+
+Milvus Lite (a local file) locally and in tests; a server or cluster by ``http(s)://`` URI.
+Raw DINOv2 vectors go in (Milvus builds its own index), compared by inner product.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+FIELDS = ("image_id", "embedding", "batch", "path")
+PROVENANCE_PROPERTY = "imgsim.provenance"  # the encoder settings, so queries are embedded alike
+CHUNK = 1_000
+
+
+def connect(uri: str, token: str = "", timeout: float = 10.0):
+    """A client for ``uri`` (a ``.db`` file for Milvus Lite, or a server URL), or a clear error."""
+    from pymilvus import MilvusClient
+
+    try:
+        return MilvusClient(uri=uri, token=token, timeout=timeout)
+    except Exception as e:  # pymilvus raises several types for "nobody answers"
+        raise ConnectionError(f"Milvus at {uri!r} did not answer: {type(e).__name__}: {e}") from e
+
+
+def ensure_collection(client, name: str, dim: int, provenance: dict, index_type: str = "FLAT") -> None:
+    """Create the collection, or check that the existing one holds vectors of this encoder."""
+    from pymilvus import DataType, MilvusClient
+
+    if client.has_collection(name):
+        described = client.describe_collection(name)
+        existing = next(f for f in described["fields"] if f["name"] == "embedding")["params"]["dim"]
+        if int(existing) != dim:
+            raise ValueError(f"Milvus collection {name!r} holds {existing}-d vectors, these embeddings are {dim}-d; "
+                             "use another collection or drop it")
+        return
+    schema = MilvusClient.create_schema(auto_id=False)
+    schema.add_field("image_id", DataType.INT64, is_primary=True)
+    schema.add_field("embedding", DataType.FLOAT_VECTOR, dim=dim)
+    schema.add_field("batch", DataType.VARCHAR, max_length=512)
+    schema.add_field("path", DataType.VARCHAR, max_length=4096)
+    index = client.prepare_index_params()
+    index.add_index("embedding", metric_type="IP", index_type=index_type)
+    client.create_collection(name, schema=schema, index_params=index)
+    client.alter_collection_properties(name, properties={PROVENANCE_PROPERTY: json.dumps(provenance, sort_keys=True)})
+
+
+def provenance(client, name: str) -> dict:
+    """The encoder settings recorded when the collection was created."""
+    properties = client.describe_collection(name).get("properties") or {}
+    return json.loads(properties.get(PROVENANCE_PROPERTY, "{}"))
+
+
+def upsert_batch(client, name: str, batch: str, ids: np.ndarray, vectors: np.ndarray, paths: list[str]) -> tuple[int, int]:
+    """Make the collection's rows of ``batch`` exactly these; returns (upserted, removed).
+
+    An image_id is one row whatever batch it came from; ids that left the batch are deleted
+    (when no other batch's upsert has claimed them since).
+    """
+    ids = np.asarray(ids, dtype=np.int64)
+    client.load_collection(name)
+    for start in range(0, len(ids), CHUNK):
+        rows = [
+            {"image_id": int(i), "embedding": v.tolist(), "batch": batch, "path": p}
+            for i, v, p in zip(ids[start : start + CHUNK], vectors[start : start + CHUNK], paths[start : start + CHUNK])
+        ]
+        client.upsert(name, rows)
+    before = client.query(name, filter=f"batch == {json.dumps(batch)}", output_fields=["image_id"])
+    stale = sorted({int(r["image_id"]) for r in before} - set(ids.tolist()))
+    for start in range(0, len(stale), CHUNK):
+        client.delete(name, ids=stale[start : start + CHUNK])
+    return len(ids), len(stale)
+
+
+def search(client, name: str, vectors: np.ndarray, k: int = 10, batches: list[str] | None = None) -> list[list[dict]]:
+    """Top-``k`` rows for each query vector: image_id, inner product, batch, path."""
+    expression = f"batch in {json.dumps(list(batches))}" if batches else ""
+    client.load_collection(name)  # a collection reopened by a new client starts released
+    results = client.search(
+        name, data=[np.asarray(v, dtype=np.float32).tolist() for v in vectors], limit=k,
+        output_fields=["batch", "path"], search_params={"metric_type": "IP"}, filter=expression,
+    )
+    out = []
+    for hits in results:
+        rows = []
+        for hit in hits:
+            image_id = hit["image_id"] if "image_id" in hit else hit["id"]
+            rows.append({"image_id": int(image_id), "inner_product": float(hit["distance"]), **hit["entity"]})
+        out.append(rows)
+    return out
+
+
+def count(client, name: str) -> int:
+    return int(client.get_collection_stats(name)["row_count"])
