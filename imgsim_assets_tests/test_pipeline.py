@@ -149,6 +149,8 @@ def test_chain_then_incremental_batch(pipeline):
     top = answers[answers["rank"] == 1].set_index("query")
     assert top.loc["copy_of_7.png", "image_id"] == first.image_id
     assert answers[answers["query"] == "notes.jpg"]["rejected"].tolist() == ["not_an_image"]
+    shown = _latest_metadata(instance, "similar_images").asset_materialization.metadata["queries_and_neighbours"]
+    assert "data:image/png;base64," in shown.value
 
 
 def test_recall_below_target_fails_the_check_and_blocks_downstream(pipeline):

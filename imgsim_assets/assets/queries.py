@@ -7,9 +7,12 @@ import pandas as pd
 from dagster import AssetExecutionContext, AssetIn, Config, MetadataValue, asset
 from pydantic import Field
 
-from imgsim_assets.core import images
+from imgsim_assets.core import images, plots
 from imgsim_assets.core.search import ImageIndex, embed_files, encoder_from_info, preprocess_from_info
 from imgsim_assets.resources import EncoderResource, StorageResource
+
+
+THUMBNAIL_QUERIES = 4
 
 
 class QueryConfig(Config):
@@ -39,7 +42,8 @@ def similar_images(
     records, vectors = embed_files(files, model, preprocess_from_info(faiss_index.info), root=folder)
     ok = [r for r in records if r.status == images.OK]
     rows = []
-    for record, hits in zip(ok, faiss_index.search(vectors, config.k, nprobe=config.nprobe or None)):
+    answers = list(zip(ok, faiss_index.search(vectors, config.k, nprobe=config.nprobe or None)))
+    for record, hits in answers:
         rows += [{"query": record.path, **hit.to_dict(), "rejected": ""} for hit in hits]
     for r in records:
         if r.status != images.OK:
@@ -48,11 +52,16 @@ def similar_images(
                          "score": float("nan"), "path": "", "batch": "", "copies": 0, "rejected": r.reason})
     frame = pd.DataFrame(rows)
     top1 = frame[frame["rank"] == 1][["query", "path", "score"]] if len(frame) else frame
-    context.add_output_metadata(
-        {
-            "num_queries": len(records),
-            "num_rejected": len(records) - len(ok),
-            "top_hits": MetadataValue.md(top1.to_markdown(index=False) if len(top1) else "none"),
-        }
-    )
+    # A few queries as thumbnails, each followed by its neighbours: easier to judge than scores.
+    grid = [[str(folder / record.path)] + [str(storage.images_dir / h.path) for h in hits[:5]]
+            for record, hits in answers[:THUMBNAIL_QUERIES]]
+    metadata = {
+        "num_queries": len(records),
+        "num_rejected": len(records) - len(ok),
+        "top_hits": MetadataValue.md(top1.to_markdown(index=False) if len(top1) else "none"),
+    }
+    if grid:
+        metadata["queries_and_neighbours"] = MetadataValue.md(
+            plots.markdown_image(plots.thumbnail_grid(grid), "each row: a query, then its nearest images"))
+    context.add_output_metadata(metadata)
     return frame
