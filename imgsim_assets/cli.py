@@ -24,7 +24,15 @@ def _instance(settings):
     if not os.environ.get("DAGSTER_HOME"):
         os.environ["DAGSTER_HOME"] = str(settings.dagster_home)
     ensure_instance_yaml(os.environ["DAGSTER_HOME"])
-    return DagsterInstance.get()
+    try:
+        instance = DagsterInstance.get()
+        instance.get_dynamic_partitions("image_batches")  # touches the storage: fail here, clearly
+    except Exception as e:  # sqlite, postgres and their drivers raise many kinds
+        raise ConnectionError(
+            f"the Dagster instance in {os.environ['DAGSTER_HOME']} cannot be reached: {type(e).__name__}: "
+            f"{str(e).strip().splitlines()[0] if str(e).strip() else e!r}. Is its database up?"
+        ) from e
+    return instance
 
 
 def _warn_if_random(weights: str, model: str) -> None:

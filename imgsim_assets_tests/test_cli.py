@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -66,3 +67,19 @@ def test_search_before_ingest_is_a_clear_error(tmp_path):
     result = _run(["search", str(tmp_path / "x.png")], env)
     assert result.returncode != 0
     assert "faiss_index" in result.stderr
+
+
+def test_an_instance_database_that_is_down_is_a_clear_error(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (home / "dagster.yaml").write_text(
+        f"storage:\n  postgres:\n    postgres_url: postgresql://nobody@127.0.0.1:{port}/dagster\n")
+    env = {**os.environ, "IMGSIM_DATA_DIR": str(tmp_path / "data"), "DAGSTER_HOME": str(home), "IMGSIM_WEIGHTS": "random"}
+    (tmp_path / "data" / "images").mkdir(parents=True)
+    result = _run(["ingest"], env)
+    assert result.returncode == 2
+    assert "cannot be reached" in result.stderr and "Is its database up?" in result.stderr
+    assert "Traceback" not in result.stderr
