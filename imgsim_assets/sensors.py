@@ -23,7 +23,8 @@ def new_image_batches(context: SensorEvaluationContext, storage: StorageResource
     """Registers each complete new batch folder under the images root as an ``image_batches``
     partition and requests its embedding run; a known batch whose files changed runs again.
     Complete = a ``_SUCCESS`` file, or no change for ``watch.quiet_seconds``. Each tick looks at
-    a bounded number of folders and resumes where the previous one stopped."""
+    a bounded number of folders and resumes where the previous one stopped. The partition of a
+    folder that disappeared is removed (its vectors leave the index at the next merge)."""
     cursor = json.loads(context.cursor) if context.cursor else {}
     tick = plan_tick(
         storage.images_dir,
@@ -37,11 +38,17 @@ def new_image_batches(context: SensorEvaluationContext, storage: StorageResource
     context.update_cursor(json.dumps(tick.cursor, sort_keys=True))
     for name, problem in tick.invalid.items():
         context.log.warning(f"folder {name!r} cannot be a batch: {problem}")
-    if not tick.runs:
+    requests = []
+    if tick.new_partitions:
+        requests.append(image_batches.build_add_request(tick.new_partitions))
+    if tick.removed_partitions:
+        context.log.info(f"batch folders gone, removing their partitions: {', '.join(tick.removed_partitions)}")
+        requests.append(image_batches.build_delete_request(tick.removed_partitions))
+    if not tick.runs and not requests:
         waiting = f"; waiting for {', '.join(tick.waiting)}" if tick.waiting else ""
         return SkipReason(f"no new or changed complete batch folder{waiting}")
     return SensorResult(
         run_requests=[RunRequest(partition_key=b, run_key=f"{b}:{fp}", tags={"imgsim/folder_fingerprint": fp})
                       for b, fp in tick.runs],
-        dynamic_partitions_requests=[image_batches.build_add_request(tick.new_partitions)] if tick.new_partitions else [],
+        dynamic_partitions_requests=requests,
     )

@@ -17,6 +17,7 @@ from imgsim_assets.ingest import discover_batches
 @dataclass
 class Tick:
     new_partitions: list[str] = field(default_factory=list)
+    removed_partitions: list[str] = field(default_factory=list)  # their folder is gone
     runs: list[tuple[str, str]] = field(default_factory=list)  # (batch, folder fingerprint)
     waiting: list[str] = field(default_factory=list)  # changing, or quiet for too short a time
     invalid: dict[str, str] = field(default_factory=dict)
@@ -41,6 +42,7 @@ def plan_tick(
     tick = Tick(invalid=invalid)
     for gone in set(folders) - set(batches):
         del folders[gone]
+    tick.removed_partitions = sorted(known_partitions - set(batches))
     last = cursor.get("last", "")
     order = [b for b in batches if b > last] + [b for b in batches if b <= last]
     started = time.perf_counter()

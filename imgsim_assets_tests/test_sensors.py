@@ -61,7 +61,8 @@ def test_invalid_names_empty_and_vanished_folders(tmp_path):
     for f in (tmp_path / "ok").iterdir():
         f.unlink()
     (tmp_path / "ok").rmdir()
-    assert "ok" not in plan_tick(tmp_path, tick.cursor, {"ok"}, now=1.0).cursor["folders"]
+    after = plan_tick(tmp_path, tick.cursor, {"ok"}, now=1.0)
+    assert "ok" not in after.cursor["folders"] and after.removed_partitions == ["ok"]
 
 
 def test_sensor_registers_partitions_and_requests_runs(tmp_path):
