@@ -81,3 +81,35 @@ def test_sensor_registers_partitions_and_requests_runs(tmp_path):
         again = build_sensor_context(instance=instance, cursor=context.cursor, resources={
             "storage": StorageResource(data_dir=str(tmp_path / "data")), "watch": WatchResource()})
         assert isinstance(new_image_batches(again), SkipReason)
+
+
+def test_sensor_ticks_wait_for_incomplete_folders_and_resume_from_the_cursor(tmp_path):
+    images = tmp_path / "data" / "images"
+    _batch(images, "a")
+    _batch(images, "b")
+    _batch(images, "c", done=False)  # still being copied
+    storage = StorageResource(data_dir=str(tmp_path / "data"))
+    watch = WatchResource(max_batches_per_tick=2, quiet_seconds=3600)
+    cursor, requested = None, []
+    with DagsterInstance.ephemeral() as instance:
+        for _ in range(3):
+            context = build_sensor_context(instance=instance, cursor=cursor,
+                                           resources={"storage": storage, "watch": watch})
+            result = new_image_batches(context)
+            cursor = context.cursor
+            if isinstance(result, SensorResult):
+                requested += [r.partition_key for r in result.run_requests]
+                for request in result.dynamic_partitions_requests:
+                    instance.add_dynamic_partitions("image_batches", list(request.partition_keys))
+            else:
+                assert "waiting for c" in result.skip_message
+        assert requested == ["a", "b"]  # two per tick at most; c waits for _SUCCESS or quiet
+        write_synthetic_batch(images / "a" / "more", 1, seed=7, size=(32, 32))  # files added to a
+        (images / "c" / "_SUCCESS").touch()
+        later = []
+        for _ in range(2):  # three folders, two per tick: both changes within two ticks
+            context = build_sensor_context(instance=instance, cursor=cursor, resources={"storage": storage, "watch": watch})
+            result = new_image_batches(context)
+            cursor = context.cursor
+            later += [r.partition_key for r in getattr(result, "run_requests", [])]
+        assert sorted(later) == ["a", "c"]
