@@ -191,3 +191,45 @@ def test_pixel_tensors_stream_in_bounded_memory(tmp_path):
         seen.extend(ids.tolist())
     assert seen == list(range(960))
     assert peak < 2 * 2**20, f"reading held {peak / 2**20:.1f} MB"
+
+
+def test_symlinks_are_followed_only_inside_the_root(tmp_path):
+    root, outside = tmp_path / "images", tmp_path / "elsewhere"
+    (root / "b1").mkdir(parents=True)
+    outside.mkdir()
+    picture = _png(_photo(60, 80))
+    (root / "b1" / "real.png").write_bytes(picture)
+    (outside / "secret.png").write_bytes(picture)
+    (root / "b1" / "inside.png").symlink_to(root / "b1" / "real.png")
+    (root / "b1" / "escape.png").symlink_to(outside / "secret.png")
+    pre = Preprocess(crop_size=56, resize_size=64)
+    inside, px = preprocess_file(root / "b1" / "inside.png", root, pre)
+    assert inside.status == "ok" and px is not None
+    escape, px = preprocess_file(root / "b1" / "escape.png", root, pre)
+    assert (escape.status, escape.reason, px) == ("rejected", images.OUTSIDE_ROOT, None)
+    assert str(outside.resolve()) in escape.message
+
+
+@pytest.mark.parametrize(
+    "mode, convert",
+    [("CMYK", "CMYK"), ("1", "1"), ("I;16", None), ("P", "P"), ("LA", "LA"), ("L", "L")],
+)
+def test_odd_modes_decode_to_rgb(tmp_path, mode, convert):
+    rgb = Image.fromarray(_photo(60, 80))
+    if mode == "I;16":
+        im = Image.fromarray(np.asarray(rgb.convert("L"), dtype=np.uint16) * 257)
+    else:
+        im = rgb.convert(convert)
+    path = tmp_path / ("x.jpg" if mode == "CMYK" else "x.png")
+    im.save(path)
+    record, px = preprocess_file(path, tmp_path, Preprocess(crop_size=56, resize_size=64))
+    assert record.status == "ok", record.message
+    assert px.shape == (3, 56, 56) and px.dtype == np.uint8 and px.std() > 5
+
+
+def test_animated_gif_uses_the_first_frame_and_says_so(tmp_path):
+    frames = [Image.fromarray(_photo(60, 80, seed=i)).convert("P") for i in range(3)]
+    path = tmp_path / "anim.gif"
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=50)
+    record, px = preprocess_file(path, tmp_path, Preprocess(crop_size=56, resize_size=64))
+    assert record.status == "ok" and record.message == "first of 3 frames" and px.shape == (3, 56, 56)

@@ -36,6 +36,7 @@ TOO_SMALL = "too_small"
 UNSUPPORTED_MODE = "unsupported_mode"
 UNREADABLE = "unreadable"
 DECODE_ERROR = "decode_error"
+OUTSIDE_ROOT = "outside_root"  # a symlink that leads out of the images root
 
 ORIENTATION_TAG = 0x0112
 
@@ -237,6 +238,9 @@ def preprocess_file(path: str | os.PathLike, root: str | os.PathLike, pre: Prepr
     path = Path(path)
     record = ImageRecord(path=Path(os.path.relpath(path, root)).as_posix())
     try:
+        real, real_root = path.resolve(), Path(root).resolve()
+        if real != real_root and real_root not in real.parents:
+            return record.reject(OUTSIDE_ROOT, f"links to {real}, outside {real_root}"), None
         data = path.read_bytes()
     except OSError as e:
         return record.reject(UNREADABLE, f"{type(e).__name__}: {e.strerror or e}"), None
