@@ -17,7 +17,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import torch
 from dagster import AssetKey, DagsterInstance
 

@@ -80,7 +80,6 @@ def cmd_search(args) -> int:
     import pyarrow.compute as pc
 
     from imgsim_assets.core import tables
-    from imgsim_assets.core.search import embed_files, encoder_from_info, preprocess_from_info
     from imgsim_assets.definitions import defs
     from imgsim_assets.settings import Settings
 
@@ -103,10 +102,8 @@ def cmd_search(args) -> int:
         rows = embeddings.filter(pc.equal(embeddings.column("image_id"), args.id))
         vectors, query = tables.embedding_matrix(rows)[:1], f"image_id {args.id} ({path})"
     else:
-        encoder = encoder_from_info(index.info, device=settings.device)
-        records, vectors = embed_files([args.image], encoder, preprocess_from_info(index.info))
-        if records[0].status != "ok":
-            print(f"cannot search with {args.image}: {records[0].reason}: {records[0].message}", file=sys.stderr)
+        vectors = _embed_query(args.image, index.info, settings)
+        if vectors is None:
             return 2
         query = args.image
     hits = index.search(vectors, args.k, nprobe=args.nprobe, batches=args.batch)[0]
@@ -121,9 +118,21 @@ def cmd_search(args) -> int:
     return 0
 
 
+def _embed_query(image: str, info: dict, settings):
+    """The query's vector, made with the encoder and preprocessing in ``info``; None (and why,
+    on stderr) when the file is rejected."""
+    from imgsim_assets.core.search import embed_files, encoder_from_info, preprocess_from_info
+
+    records, vectors = embed_files([image], encoder_from_info(info, device=settings.device), preprocess_from_info(info))
+    if records[0].status != "ok":
+        print(f"cannot search with {image}: {records[0].reason}: {records[0].message}", file=sys.stderr)
+        return None
+    return vectors
+
+
 def _search_milvus(args, settings) -> int:
     from imgsim_assets.core import milvus
-    from imgsim_assets.core.search import embed_files, encoder_from_info, preprocess_from_info, similarity_score
+    from imgsim_assets.core.search import similarity_score
 
     if args.image is None:
         print("imgsim search --backend milvus: give an IMAGE file", file=sys.stderr)
@@ -134,11 +143,8 @@ def _search_milvus(args, settings) -> int:
         print(f"imgsim search: Milvus at {uri!r} has no collection {args.collection!r}; materialize "
               "milvus_collection first", file=sys.stderr)
         return 2
-    info = {"encoder": milvus.provenance(client, args.collection)}
-    records, vectors = embed_files([args.image], encoder_from_info(info, device=settings.device),
-                                   preprocess_from_info(info))
-    if records[0].status != "ok":
-        print(f"cannot search with {args.image}: {records[0].reason}: {records[0].message}", file=sys.stderr)
+    vectors = _embed_query(args.image, {"encoder": milvus.provenance(client, args.collection)}, settings)
+    if vectors is None:
         return 2
     hits = milvus.search(client, args.collection, vectors, args.k, batches=args.batch)[0]
     for rank, hit in enumerate(hits, start=1):

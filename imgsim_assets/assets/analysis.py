@@ -9,6 +9,7 @@ from pydantic import Field
 
 from imgsim_assets.core import index as ix
 from imgsim_assets.core import plots, tables
+from imgsim_assets.assets.index import indexed_embeddings
 from imgsim_assets.core.search import ImageIndex
 from imgsim_assets.resources import StorageResource
 
@@ -21,11 +22,11 @@ class NearDuplicatesConfig(Config):
 
 def _distinct_embeddings(files: dict[str, pq.ParquetFile]):
     """``(ids, vectors)`` chunks over all batches, each image_id once."""
-    seen = np.zeros(0, dtype=np.int64)
-    for ids, vectors in tables.iter_embeddings([f for _, f in sorted(files.items())]):
-        keep = ~np.isin(ids, seen)
-        seen = np.union1d(seen, ids[keep])
-        yield ids[keep], vectors[keep]
+    return ix.distinct_chunks(tables.iter_embeddings([f for _, f in sorted(files.items())]))
+
+
+def _concat(parts: list[np.ndarray], dtype) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.zeros(0, dtype)
 
 
 @asset(
@@ -47,9 +48,7 @@ def near_duplicates(
     group (0 = largest), and the first path of each."""
     ivf = faiss_index.ivf
     a, b, sims = [], [], []
-    indexed = {b_ for b_ in faiss_index.info.get("batches", [])}
-    files = {k: f for k, f in image_embeddings.items() if k in indexed}
-    for ids, vectors in _distinct_embeddings(files):
+    for ids, vectors in _distinct_embeddings(indexed_embeddings(faiss_index, image_embeddings)):
         if not len(ids):
             continue
         lims, scores, found = ivf.range_search(faiss_index.to_index_space(vectors), config.threshold)
@@ -58,9 +57,7 @@ def near_duplicates(
         a.append(query[keep])
         b.append(found[keep])
         sims.append(scores[keep])
-    a = np.concatenate(a) if a else np.zeros(0, np.int64)
-    b = np.concatenate(b) if b else np.zeros(0, np.int64)
-    sims = np.concatenate(sims) if sims else np.zeros(0, np.float32)
+    a, b, sims = _concat(a, np.int64), _concat(b, np.int64), _concat(sims, np.float32)
     groups = ix.connected_groups(a, b)
     group = np.array([groups[i] for i in a.tolist()], dtype=np.int64)
     describe = faiss_index.describe
@@ -112,9 +109,7 @@ def image_clusters(
         ids.append(chunk_ids)
         clusters.append(c)
         sims.append(s)
-    ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
-    clusters = np.concatenate(clusters) if clusters else np.zeros(0, np.int64)
-    sims = np.concatenate(sims) if sims else np.zeros(0, np.float32)
+    ids, clusters, sims = _concat(ids, np.int64), _concat(clusters, np.int64), _concat(sims, np.float32)
     sizes = np.bincount(clusters, minlength=len(cluster_centroids))
     context.add_output_metadata(
         {

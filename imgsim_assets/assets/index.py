@@ -110,7 +110,6 @@ def pca_model(
     start = time.perf_counter()
     model = ix.fit_pca(sample, dim=config.dim, variance=config.variance, whiten=config.whiten,
                        seed=config.seed, provenance=provenance)
-    full = ix.fit_pca(sample, dim=min(sample.shape), seed=config.seed) if len(sample) > 2 else model
     context.add_output_metadata(
         {
             "input_dim": model.input_dim,
@@ -123,7 +122,7 @@ def pca_model(
             "fit_seconds": round(time.perf_counter() - start, 3),
             "batches": len(image_embeddings),
             "explained_variance_plot": MetadataValue.md(
-                plots.markdown_image(plots.explained_variance(full.explained_variance_ratio, model.output_dim),
+                plots.markdown_image(plots.explained_variance(model.spectrum, model.output_dim),
                                      "cumulative explained variance")
             ),
         }
@@ -280,6 +279,12 @@ def _latest_metadata(context: AssetExecutionContext, asset: str, partition: str 
     return {k: v.value for k, v in materialization.metadata.items()} if materialization else {}
 
 
+def indexed_embeddings(index: ImageIndex, files: dict[str, pq.ParquetFile]) -> dict[str, pq.ParquetFile]:
+    """The ``image_embeddings`` files of the batches ``index`` was merged from."""
+    batches = set(index.info.get("batches", []))
+    return {b: f for b, f in files.items() if b in batches}
+
+
 def held_out_recall(ivf: faiss.IndexIVF, transform, image_embeddings: dict[str, pq.ParquetFile],
                     n_queries: int, seed: int):
     """Queries sampled from the indexed embeddings (each searched with itself left out) and
@@ -392,7 +397,7 @@ def faiss_index_recall(faiss_index: ImageIndex, image_embeddings: dict[str, pq.P
     """recall@10 of the published index at its nprobe, on held-out queries other than the ones
     it was tuned on, against exact search. Below the target it fails and blocks downstream use."""
     target = float(faiss_index.info.get("recall_target", 0.95))
-    embedded = {b: f for b, f in image_embeddings.items() if b in set(faiss_index.info.get("batches", []))}
+    embedded = indexed_embeddings(faiss_index, image_embeddings)
     ivf = faiss_index.ivf
     queries, query_ids, truth = held_out_recall(ivf, faiss_index.to_index_space, embedded, 1000, seed=1)
     found = ix.search_excluding_self(ivf, queries, query_ids, 10)

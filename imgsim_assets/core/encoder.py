@@ -16,6 +16,7 @@ from imgsim_assets.core import dinov2
 from imgsim_assets.core.images import ImageRecord, Preprocess, preprocess_files
 
 T = TypeVar("T")
+K = TypeVar("K")  # what identifies a batch: its ids, or its file records
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -120,14 +121,7 @@ class Encoder:
 
         ``batches`` is consumed in a background thread, one batch ahead of the model.
         """
-        host = ((ids, self._host_tensor(pixels)) for ids, pixels in batches)
-        done, start = 0, time.perf_counter()
-        for ids, pixels in prefetch(host):
-            vectors = self.embed(pixels)
-            done += len(ids)
-            if progress is not None:
-                progress(done, time.perf_counter() - start)
-            yield ids, vectors
+        return self._stream(batches, progress)
 
     def embed_files(
         self,
@@ -144,14 +138,19 @@ class Encoder:
         exactly one ``records`` list.
         """
         batches = _pixel_batches(preprocess_files(paths, root, pre, workers=workers), self.batch_size)
-        host = ((records, self._host_tensor(pixels)) for records, pixels in batches)
+        return self._stream(batches, progress)
+
+    def _stream(self, batches: Iterable[tuple[K, np.ndarray]], progress) -> Iterator[tuple[K, np.ndarray]]:
+        """``(key, pixels)`` → ``(key, vectors)``, the source read one batch ahead in a thread;
+        ``progress(done, seconds)`` counts ``len(key)`` per batch."""
+        host = ((key, self._host_tensor(pixels)) for key, pixels in batches)
         done, start = 0, time.perf_counter()
-        for records, pixels in prefetch(host):
+        for key, pixels in prefetch(host):
             vectors = self.embed(pixels) if len(pixels) else np.zeros((0, self.spec.dim), np.float32)
-            done += len(records)
+            done += len(key)
             if progress is not None:
                 progress(done, time.perf_counter() - start)
-            yield records, vectors
+            yield key, vectors
 
 
 def _pixel_batches(

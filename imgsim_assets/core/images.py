@@ -280,7 +280,6 @@ def decode_pool(workers: int = 0) -> concurrent.futures.ProcessPoolExecutor:
         if _pool is None:
             ctx = multiprocessing.get_context("spawn")
             _pool = (workers, concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx))
-            atexit.register(shutdown_decode_pool)  # before the interpreter tears modules down
         return _pool[1]
 
 
@@ -291,6 +290,10 @@ def shutdown_decode_pool() -> None:
         if _pool is not None:
             _pool[1].shutdown(wait=True, cancel_futures=True)
             _pool = None
+
+
+# Stop the pool before the interpreter tears modules down (its threads need them).
+atexit.register(shutdown_decode_pool)
 
 
 def preprocess_files(

@@ -12,7 +12,7 @@ import json
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import faiss
 import numpy as np
@@ -47,6 +47,7 @@ class PcaModel:
     whiten: bool = False
     provenance: dict = field(default_factory=dict)  # how the fitted embeddings were made
     train_residual: float = float("nan")  # mean residual_fraction() of the fitting sample
+    spectrum: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))  # variance ratio of every fitted axis
 
     @property
     def input_dim(self) -> int:
@@ -96,6 +97,7 @@ class PcaModel:
             "whiten": np.array(self.whiten),
             "provenance": np.array(json.dumps(self.provenance, sort_keys=True)),
             "train_residual": np.array(self.train_residual, dtype=np.float64),
+            "spectrum": self.spectrum.astype(np.float32),
         }
 
     @classmethod
@@ -108,6 +110,7 @@ class PcaModel:
             whiten=bool(arrays["whiten"]),
             provenance=json.loads(str(arrays["provenance"])) if "provenance" in arrays else {},
             train_residual=float(arrays["train_residual"]) if "train_residual" in arrays else float("nan"),
+            spectrum=np.asarray(arrays["spectrum"]) if "spectrum" in arrays else np.zeros(0, np.float32),
         )
 
 
@@ -150,6 +153,7 @@ def fit_pca(
         explained_variance_ratio=ratio[:keep].astype(np.float32),
         whiten=whiten,
         provenance=dict(provenance or {}),
+        spectrum=ratio.astype(np.float32),
     )
     model.train_residual = float(model.residual_fraction(x).mean())
     return model
@@ -379,6 +383,16 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray, k: int) -> float:
     return float(np.mean(hits)) if len(hits) else 1.0
 
 
+def distinct_chunks(chunks: Iterable[tuple[np.ndarray, np.ndarray]]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``(ids, vectors)`` chunks with every id kept only the first time it is met (an image in
+    several batches is one vector, as in the index)."""
+    seen = np.zeros(0, dtype=np.int64)
+    for ids, vectors in chunks:
+        keep = ~np.isin(ids, seen)
+        seen = np.union1d(seen, ids[keep])
+        yield ids[keep], vectors[keep]
+
+
 def exact_neighbours(
     queries: np.ndarray, query_ids: np.ndarray, database: Iterable[tuple[np.ndarray, np.ndarray]], k: int = 10
 ) -> np.ndarray:
@@ -389,13 +403,10 @@ def exact_neighbours(
     nq = len(queries)
     best_s = np.full((nq, k), -np.inf, dtype=np.float32)
     best_i = np.full((nq, k), -1, dtype=np.int64)
-    seen = np.zeros(0, dtype=np.int64)
-    for ids, vectors in database:
-        keep = ~np.isin(ids, seen)
-        ids, vectors = ids[keep], np.ascontiguousarray(vectors[keep], dtype=np.float32)
-        seen = np.union1d(seen, ids)
+    for ids, vectors in distinct_chunks(database):
         if not len(ids):
             continue
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         scores, pos = faiss.knn(queries, vectors, min(k + 1, len(ids)), metric=faiss.METRIC_INNER_PRODUCT)
         found = ids[pos]
         scores[found == query_ids[:, None]] = -np.inf
