@@ -53,11 +53,20 @@ def _wait_for(url: str, seconds: float) -> None:
     raise TimeoutError(f"{url} did not answer within {seconds:.0f} s")
 
 
+def _is_launch_mutation(response) -> bool:
+    request = response.request
+    return request.method == "POST" and "graphql" in response.url and "mutation Launch" in (request.post_data or "")
+
+
 @pytest.fixture
 def dagster_dev(tmp_path):
     data, home = tmp_path / "data", tmp_path / "data" / "dagster_home"
     write_synthetic_batch(data / "images" / "batch-a", 4, seed=1)
     ensure_instance_yaml(home)
+    # The first-visit newsletter prompt opens a second after any page loads and covers the
+    # buttons; Dagster skips it once the instance records it as seen.
+    (home / ".nux").mkdir()
+    (home / ".nux" / "nux.yaml").write_text("seen: 1\n")
     with DagsterInstance.from_config(str(home)) as instance:
         instance.add_dynamic_partitions("image_batches", ["batch-a"])
     port = _free_port()
@@ -87,9 +96,6 @@ def test_materialize_a_partition_from_the_ui(dagster_dev):
         page = browser.new_page(viewport={"width": 1400, "height": 900})
         try:
             page.goto(f"{base}/locations/imgsim/asset-groups/ingest", wait_until="networkidle")
-            skip = page.get_by_role("button", name="Skip")  # the first-visit newsletter prompt
-            if skip.count():
-                skip.click()
             for name in ("raw_images", "cropped_tensors", "image_embeddings"):  # the asset graph
                 page.get_by_text(name, exact=True).first.wait_for(timeout=60_000)
             page.screenshot(path=str(ARTIFACTS / "ui-asset-graph.png"))
@@ -101,7 +107,12 @@ def test_materialize_a_partition_from_the_ui(dagster_dev):
             confirm.click()
             dialog = page.locator(".bp5-dialog").last
             dialog.get_by_role("button", name="All", exact=True).click()
-            dialog.get_by_role("button", name="Launch 1 run").click()
+            # Wait for the launch mutation to be answered: navigating away earlier cancels it.
+            with page.expect_response(_is_launch_mutation, timeout=120_000) as launched:
+                dialog.get_by_role("button", name="Launch 1 run").click()
+            answer = launched.value.text()
+            assert launched.value.ok and "Success" in answer, f"launching the run failed: {answer[:500]}"
+            page.screenshot(path=str(ARTIFACTS / "ui-launched.png"))
 
             deadline = time.monotonic() + 240
             while time.monotonic() < deadline:
