@@ -2,7 +2,9 @@
 
 Every file handed to :func:`preprocess_file` comes back as exactly one :class:`ImageRecord`,
 either ``ok`` with its pixels or ``rejected`` with a machine-readable reason and the
-library's message. Nothing raises for a bad file.
+library's message. Nothing raises for a bad file, and nothing blocks on one: FIFOs, sockets
+and devices are rejected without being read, and a file that changes while it is read is
+read again (the hash and the pixels always come from the same bytes).
 """
 
 from __future__ import annotations
@@ -15,14 +17,19 @@ import io
 import itertools
 import multiprocessing
 import os
+import re
+import stat
+import struct
 import threading
+import time
 import warnings
+import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 PATCH_SIZE = 14
 DONE_MARKER = "_SUCCESS"
@@ -37,8 +44,29 @@ UNSUPPORTED_MODE = "unsupported_mode"
 UNREADABLE = "unreadable"
 DECODE_ERROR = "decode_error"
 OUTSIDE_ROOT = "outside_root"  # a symlink that leads out of the images root
+NOT_A_FILE = "not_a_file"  # a FIFO, socket, device or directory: never read
+CHANGED_WHILE_READING = "changed_while_reading"  # still being written after READ_ATTEMPTS reads
 
 ORIENTATION_TAG = 0x0112
+# How to turn the stored pixels upright for each EXIF orientation (EXIF 2.3, tag 0x0112: where
+# the stored 0th row and 0th column lie in the displayed picture). 1 and absent: as stored.
+UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,  # 0th row top, 0th column right: mirrored
+    3: Image.Transpose.ROTATE_180,  # bottom, right
+    4: Image.Transpose.FLIP_TOP_BOTTOM,  # bottom, left
+    5: Image.Transpose.TRANSPOSE,  # left, top
+    6: Image.Transpose.ROTATE_270,  # right, top: display rotates 90° clockwise
+    7: Image.Transpose.TRANSVERSE,  # right, bottom
+    8: Image.Transpose.ROTATE_90,  # left, bottom: display rotates 90° counter-clockwise
+}
+
+# Formats Pillow can open that are never decoded: Pillow renders EPS by running Ghostscript,
+# an external PostScript interpreter, on the file (a program, not a picture).
+EXCLUDED_FORMATS = frozenset({"EPS"})
+
+# A file whose size or mtime moves while it is read is read again, this many times in all.
+READ_ATTEMPTS = 3
+READ_RETRY_DELAY = 0.05  # seconds between reads of a changing file
 
 OK = "ok"
 REJECTED = "rejected"
@@ -104,7 +132,15 @@ class Preprocess:
 
 @dataclass
 class ImageRecord:
-    """One row of the ``raw_images`` manifest."""
+    """One row of the ``raw_images`` manifest.
+
+    ``path`` is relative to the images root, ``/``-separated, and always valid UTF-8 (Parquet
+    and JSON need it): the file name's bytes decoded as UTF-8, with each byte that is not valid
+    UTF-8 written as ``\\xNN`` (two lowercase hex digits, always ``80``-``ff``), e.g. the
+    Latin-1 name ``b"caf\\xe9.png"`` is ``"caf\\xe9.png"``. UTF-8 names are unchanged.
+    :func:`os_path` undoes it; the one ambiguity is a name that itself contains the four
+    characters ``\\x`` + two such hex digits. ``message`` is made valid UTF-8 the same way.
+    """
 
     path: str
     image_id: int = -1
@@ -123,8 +159,36 @@ class ImageRecord:
         return (self.width, self.height)
 
     def reject(self, reason: str, message: str) -> "ImageRecord":
-        self.status, self.reason, self.message = REJECTED, reason, message
+        self.status, self.reason, self.message = REJECTED, reason, _text(message)
         return self
+
+    def note(self, message: str) -> None:
+        """Add a remark to an ``ok`` record (``"; "``-separated)."""
+        self.message = "; ".join(m for m in (self.message, _text(message)) if m)
+
+
+def _text(s: str) -> str:
+    """``s`` as valid UTF-8 text: an undecodable byte of an OS name (which Python carries as a
+    lone surrogate) becomes ``\\xNN``; any other lone surrogate becomes ``\\udNNN``."""
+    try:
+        raw = s.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raw = s.encode("utf-8", "backslashreplace")
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def record_path(path: str | os.PathLike, root: str | os.PathLike) -> str:
+    """``path`` relative to ``root`` as :attr:`ImageRecord.path` spells it."""
+    return _text(Path(os.path.relpath(os.fsdecode(path), os.fsdecode(root))).as_posix())
+
+
+_ESCAPED_BYTE = re.compile(r"\\x([89a-f][0-9a-f])")
+
+
+def os_path(path: str) -> str:
+    """The OS path (relative to the images root) of an :attr:`ImageRecord.path`: ``\\xNN``
+    escapes become the raw bytes again (as Python's surrogate escapes, usable with ``open``)."""
+    return _ESCAPED_BYTE.sub(lambda m: chr(0xDC00 + int(m[1], 16)), path)
 
 
 def list_batch_files(batch_dir: str | os.PathLike) -> list[Path]:
@@ -152,6 +216,9 @@ def list_batch_files(batch_dir: str | os.PathLike) -> list[Path]:
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode in ("P", "L", "RGB") and "transparency" in im.info:
+        # A palette entry's alpha or a colour key (PNG tRNS, GIF): transparent like alpha.
+        im = im.convert("RGBA")
     if im.mode == "RGB":
         return im
     if im.mode in ("I;16", "I;16B", "I;16L", "I"):
@@ -160,8 +227,6 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         top = 65535.0 if im.mode.startswith("I;16") else max(float(a.max()), 1.0)
         a = np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return Image.fromarray(a, "L").convert("RGB")
-    if im.mode == "P" and "transparency" in im.info:
-        im = im.convert("RGBA")
     if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = im.convert("RGBA")
         canvas = Image.new("RGB", rgba.size, BACKGROUND)
@@ -186,64 +251,203 @@ def _resize_and_crop(im: Image.Image, pre: Preprocess) -> Image.Image:
     return im.resize((out_w, out_h), Image.BICUBIC, box=box)
 
 
+# What Pillow's readers raise for a corrupt file: OSError from the decoders, SyntaxError,
+# struct.error and friends from the header parsers, zlib.error from a broken deflate stream.
+_DECODER_ERRORS = (
+    OSError, SyntaxError, ValueError, TypeError, KeyError, IndexError, EOFError,
+    struct.error, zlib.error, ArithmeticError,
+)  # fmt: skip
+_TRUNCATION = re.compile(r"truncated|broken data stream|premature end|unexpected end", re.IGNORECASE)
+
+
+def _open_formats() -> list[str]:
+    """The formats :func:`decode` opens: all that Pillow knows but ``EXCLUDED_FORMATS``."""
+    Image.init()
+    return [f for f in Image.ID if f not in EXCLUDED_FORMATS]
+
+
+def _orientation(im: Image.Image) -> tuple[int, str]:
+    """The EXIF orientation, 1 to 8, and a remark when the tag or the EXIF block is unusable
+    (then the picture is used as stored, orientation 1)."""
+    try:
+        value = im.getexif().get(ORIENTATION_TAG, 1)
+    except _DECODER_ERRORS as e:
+        return 1, f"EXIF ignored ({type(e).__name__}: {e})"
+    if isinstance(value, int) and value in UPRIGHT:
+        return value, ""
+    return 1, "" if (isinstance(value, int) and value == 1) else f"EXIF orientation {value!r} ignored"
+
+
+def _frame_count(im: Image.Image) -> tuple[int, str]:
+    """How many frames (pages) the file has, and a remark when that cannot be told.
+
+    Asked after the first frame is decoded: counting seeks through the whole file, and a
+    corrupt later frame must not cost the first one.
+    """
+    try:
+        return int(getattr(im, "n_frames", 1)), ""
+    except _DECODER_ERRORS as e:
+        return 1, f"first frame; frame count unknown ({type(e).__name__}: {e})"
+
+
+def _cut_short(data: bytes) -> bool:
+    """Whether the file ends before its container says it does (asked after a decode error)."""
+    if data[:4] == b"RIFF" and len(data) >= 8:  # WebP: the RIFF header holds the length
+        return int.from_bytes(data[4:8], "little") + 8 > len(data)
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return b"IEND" not in data[-12:]
+    if data[:3] == b"GIF":
+        return not data.endswith(b";")
+    if data[:2] == b"\xff\xd8":  # JPEG: ends with EOI, sometimes padded with zeros
+        return not data.rstrip(b"\0").endswith(b"\xff\xd9")
+    return False
+
+
 def decode(data: bytes, pre: Preprocess, record: ImageRecord) -> np.ndarray | None:
-    """Decode and preprocess one image to uint8 ``3×H×W``; on failure reject ``record``."""
+    """Decode and preprocess one image to uint8 ``3×H×W``; on failure reject ``record``.
+
+    Never raises for bad data: each failure becomes a reason (see the constants at the top).
+    """
     if not data:
         record.reject(EMPTY_FILE, "file is empty")
         return None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))
-            record.format = im.format or ""
-            width, height = im.size
-            # The manifest reports the size as displayed, i.e. after EXIF rotation.
-            orientation = im.getexif().get(ORIENTATION_TAG, 1)
-            transposed = orientation in (5, 6, 7, 8)
-            record.width, record.height = (height, width) if transposed else (width, height)
-            if width * height > pre.max_pixels:
-                record.reject(DECOMPRESSION_BOMB, f"{width}x{height} pixels exceeds the limit of {pre.max_pixels}")
-                return None
-            if width < PATCH_SIZE or height < PATCH_SIZE:
-                record.reject(TOO_SMALL, f"{width}x{height} is smaller than one {PATCH_SIZE}px patch")
-                return None
-            frames = getattr(im, "n_frames", 1)
-            if pre.draft and im.format == "JPEG":
-                # DCT-domain downscale: decodes at 1/2, 1/4 or 1/8 size, never below the resize
-                # target. The target is for the upright image; draft works before the rotation.
-                target_w, target_h = pre.resized_size(*record.size)
-                im.draft("RGB", (target_h, target_w) if transposed else (target_w, target_h))
-            im.load()
-            if orientation in (2, 3, 4, 5, 6, 7, 8):
-                im = ImageOps.exif_transpose(im)
-            im = _resize_and_crop(_to_rgb(im), pre)
-            if frames > 1:
-                record.message = f"first of {frames} frames"
-            return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).copy()
+            return _decode(data, pre, record)
     except UnidentifiedImageError as e:
         record.reject(NOT_AN_IMAGE, str(e))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         record.reject(DECOMPRESSION_BOMB, str(e))
-    except OSError as e:
-        msg = str(e)
-        reason = TRUNCATED if ("truncated" in msg or "broken data stream" in msg or "image file is" in msg) else DECODE_ERROR
-        record.reject(reason, msg)
-    except (ValueError, KeyError, IndexError, SyntaxError, TypeError, EOFError) as e:
-        record.reject(DECODE_ERROR, f"{type(e).__name__}: {e}")
+    except _DECODER_ERRORS as e:
+        message = str(e) if isinstance(e, OSError) else f"{type(e).__name__}: {e}"
+        truncated = _TRUNCATION.search(message) or _cut_short(data)
+        record.reject(TRUNCATED if truncated else DECODE_ERROR, message)
+    except Exception as e:  # noqa: BLE001
+        # Last resort: a decoder bug outside the errors above (MemoryError, an assertion in a
+        # plugin) must cost one file, not the batch. The type name says what to map next.
+        record.reject(DECODE_ERROR, f"unexpected {type(e).__name__}: {e}")
+    return None
+
+
+def _decode(data: bytes, pre: Preprocess, record: ImageRecord) -> np.ndarray | None:
+    """:func:`decode` without the error handling."""
+    im = Image.open(io.BytesIO(data), formats=_open_formats())
+    record.format = im.format or ""
+    width, height = im.size
+    orientation, exif_remark = _orientation(im)
+    transposed = orientation in (5, 6, 7, 8)
+    # The manifest reports the size as displayed, i.e. after EXIF rotation.
+    record.width, record.height = (height, width) if transposed else (width, height)
+    if width * height > pre.max_pixels:
+        record.reject(DECOMPRESSION_BOMB, f"{width}x{height} pixels exceeds the limit of {pre.max_pixels}")
+        return None
+    if width < PATCH_SIZE or height < PATCH_SIZE:
+        record.reject(TOO_SMALL, f"{width}x{height} is smaller than one {PATCH_SIZE}px patch")
+        return None
+    if pre.draft and im.format == "JPEG":
+        # DCT-domain downscale: decodes at 1/2, 1/4 or 1/8 size, never below the resize
+        # target. The target is for the upright image; draft works before the rotation.
+        target_w, target_h = pre.resized_size(*record.size)
+        im.draft("RGB", (target_h, target_w) if transposed else (target_w, target_h))
+    im.load()
+    if orientation != 1 and _orientation(im)[0] != orientation:
+        # The reader rotated the pixels itself while loading and dropped the tag; it reported
+        # the upright size from the start (recent Pillows' TIFF reader does).
+        orientation = 1
+        record.width, record.height = width, height
+    upright = im.transpose(UPRIGHT[orientation]) if orientation != 1 else im
+    pixels = np.asarray(_resize_and_crop(_to_rgb(upright), pre), dtype=np.uint8).transpose(2, 0, 1).copy()
+    frames, frames_remark = _frame_count(im)
+    if frames > 1:
+        record.note(f"first of {frames} frames")
+    for remark in (frames_remark, exif_remark):
+        if remark:
+            record.note(remark)
+    return pixels
+
+
+class _NotRegular(Exception):
+    """The path is a FIFO, socket, device or directory (the message says which)."""
+
+
+_KINDS = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket",
+          stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device"}  # fmt: skip
+# Opening never blocks (a FIFO without a writer would) nor makes a terminal ours.
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+def _check_regular(st: os.stat_result) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        raise _NotRegular(f"{_KINDS.get(stat.S_IFMT(st.st_mode), 'not a file')}, not a regular file")
+
+
+def _read_fd(fd: int) -> bytes:
+    """Everything from ``fd`` to its end. (Tests replace it to change a file mid-read.)"""
+    with io.FileIO(fd, "rb", closefd=False) as f:
+        return f.readall()
+
+
+def _read_once(path: Path) -> tuple[bytes, str]:
+    """The bytes of the regular file ``path``, and what changed while they were read ("" if
+    nothing did)."""
+    _check_regular(os.stat(path))  # before opening: opening a device can have effects
+    fd = os.open(path, _OPEN_FLAGS)
+    try:
+        before = os.fstat(fd)
+        _check_regular(before)  # what was opened, should the path have been replaced since
+        data = _read_fd(fd)
+        after = os.fstat(fd)
+    finally:
+        os.close(fd)
+    if before.st_size != after.st_size:
+        return data, f"size changed from {before.st_size} to {after.st_size} bytes while reading"
+    if before.st_mtime_ns != after.st_mtime_ns:
+        return data, "modified (mtime changed) while reading"
+    if len(data) != after.st_size:
+        return data, f"read {len(data)} bytes of a {after.st_size}-byte file"
+    return data, ""
+
+
+def read_file(path: str | os.PathLike, root: str | os.PathLike, record: ImageRecord) -> bytes | None:
+    """The bytes of ``path``, read whole and unchanged; on failure reject ``record``.
+
+    Only regular files inside ``root`` (symlinks resolved) are read. A file that changes while
+    it is read (still being copied in) is read again, up to ``READ_ATTEMPTS`` times.
+    """
+    path = Path(os.fsdecode(path))
+    try:
+        real, real_root = path.resolve(), Path(os.fsdecode(root)).resolve()
+    except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop, before Python 3.13
+        record.reject(UNREADABLE, f"{type(e).__name__}: {getattr(e, 'strerror', None) or e}")
+        return None
+    if real != real_root and real_root not in real.parents:
+        record.reject(OUTSIDE_ROOT, f"links to {real}, outside {real_root}")
+        return None
+    for attempt in range(READ_ATTEMPTS):
+        if attempt:
+            time.sleep(READ_RETRY_DELAY)
+        try:
+            data, changed = _read_once(real)
+        except _NotRegular as e:
+            record.reject(NOT_A_FILE, str(e))
+            return None
+        except (OSError, ValueError) as e:  # ValueError: a NUL byte in the path
+            record.reject(UNREADABLE, f"{type(e).__name__}: {getattr(e, 'strerror', None) or e}")
+            return None
+        if not changed:
+            return data
+    record.reject(CHANGED_WHILE_READING, f"{changed} ({READ_ATTEMPTS} reads)")
     return None
 
 
 def preprocess_file(path: str | os.PathLike, root: str | os.PathLike, pre: Preprocess) -> tuple[ImageRecord, np.ndarray | None]:
     """Read, hash and preprocess one file. Never raises for a bad file."""
-    path = Path(path)
-    record = ImageRecord(path=Path(os.path.relpath(path, root)).as_posix())
-    try:
-        real, real_root = path.resolve(), Path(root).resolve()
-        if real != real_root and real_root not in real.parents:
-            return record.reject(OUTSIDE_ROOT, f"links to {real}, outside {real_root}"), None
-        data = path.read_bytes()
-    except OSError as e:
-        return record.reject(UNREADABLE, f"{type(e).__name__}: {e.strerror or e}"), None
+    path = Path(os.fsdecode(path))
+    record = ImageRecord(path=record_path(path, root))
+    data = read_file(path, root, record)
+    if data is None:
+        return record, None
     digest = hashlib.sha256(data).hexdigest()
     record.sha256, record.image_id, record.bytes = digest, image_id_from_sha256(digest), len(data)
     pixels = decode(data, pre, record)
@@ -310,13 +514,13 @@ def preprocess_files(
     ``prefetch`` chunks per worker are in flight, so a slow consumer (a model on a CPU)
     holds a bounded number of decoded images however many files there are.
     """
-    paths = [str(p) for p in paths]
+    paths = [os.fsdecode(p) for p in paths]
     workers = workers or default_workers()
     if workers <= 1 or len(paths) <= chunk:
         for p in paths:
             yield preprocess_file(p, root, pre)
         return
-    chunks = iter([(paths[i : i + chunk], str(root), pre) for i in range(0, len(paths), chunk)])
+    chunks = iter([(paths[i : i + chunk], os.fsdecode(root), pre) for i in range(0, len(paths), chunk)])
     pool = decode_pool(workers)
     in_flight = collections.deque(pool.submit(_preprocess_chunk, c) for c in itertools.islice(chunks, workers * prefetch))
     try:
