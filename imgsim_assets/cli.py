@@ -63,10 +63,14 @@ def cmd_ingest(args) -> int:
     _warn_if_random(settings.weights, settings.model)
 
     from imgsim_assets.definitions import defs
-    from imgsim_assets.ingest import ingest
+    from imgsim_assets.ingest import IngestRunning, ingest
 
     instance = _instance(settings)
-    report = ingest(defs, instance, settings.images_dir, retrain=args.retrain, milvus=args.milvus)
+    try:
+        report = ingest(defs, instance, settings.images_dir, retrain=args.retrain, milvus=args.milvus)
+    except IngestRunning as e:
+        print(f"imgsim ingest: {e}; try again when it has finished", file=sys.stderr)
+        return 3
     print(
         f"ingest: {len(report.embedded)} batch(es) embedded, {'retrained, ' if report.trained else ''}"
         f"{len(report.shards)} shard(s) built, index {'rebuilt' if report.merged else 'unchanged'}"

@@ -4,16 +4,27 @@ whatever is missing or stale, stage by stage, down to ``faiss_index``.
 Staleness follows Dagster's own rule, read from the instance's event log: an asset
 partition is stale when it was never materialized or an upstream one was materialized
 after it. A batch folder whose files changed since its manifest is stale too.
+
+One ingest at a time per instance and host (a lock file in ``DAGSTER_HOME``). An ingest
+that was killed leaves runs marked as started, and the ``gpu`` pool slot one of them held
+would block every later run; the next ingest, holding the lock, knows those runs are dead,
+marks them failed and frees their slots. Artifacts are published atomically and content
+addressed, so redoing the interrupted work converges on what an uninterrupted run builds.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
 import re
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from dagster import AssetKey, AssetRecordsFilter, DagsterInstance, Definitions
+from dagster._core.storage.dagster_run import NOT_FINISHED_STATUSES, RunsFilter
 
 from imgsim_assets.core import images
 from imgsim_assets.jobs import (
@@ -28,6 +39,11 @@ from imgsim_assets.partitions import image_batches
 
 # Step-level DEBUG events stay in the run's event log (and the UI); the terminal gets INFO.
 _QUIET = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
+
+# Runs started by `imgsim ingest` carry the host they ran on; the ingest is their retry
+# policy (the next one redoes what failed), so Dagster's run retries stay off for them.
+INGEST_HOST_TAG = "imgsim/ingest_host"
+LOCK_FILE = "imgsim-ingest.lock"
 
 # Characters Dagster does not allow in partition keys, plus path separators.
 _INVALID_KEY = re.compile(r"[\[\],*/\\]|^\.|\.\.")
@@ -71,6 +87,7 @@ class IngestReport:
     merged: bool = False
     analyzed: bool = False
     milvus: list[str] = field(default_factory=list)
+    recovered: list[str] = field(default_factory=list)  # run ids of an interrupted ingest, marked failed
     failed: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -111,6 +128,44 @@ def _batch_changed(ledger: _Ledger, images_dir: Path, batch: str) -> bool:
     return recorded is None or recorded.value != current
 
 
+class IngestRunning(RuntimeError):
+    """Another ``imgsim ingest`` holds the instance's lock."""
+
+
+@contextlib.contextmanager
+def ingest_lock(instance: DagsterInstance) -> Iterator[None]:
+    """Hold the instance's ingest lock (an ``flock``, released by the kernel if we die)."""
+    path = Path(instance.root_directory) / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            raise IngestRunning(f"another imgsim ingest (pid {holder}) is running on this instance ({path})") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def recover_abandoned_runs(instance: DagsterInstance, log: Callable[[str], None] = print) -> list[str]:
+    """Mark the unfinished runs of earlier ingests on this host failed and free their pool slots.
+
+    Only sound while holding :func:`ingest_lock`: then no other ingest here is running them.
+    """
+    runs = instance.get_runs(RunsFilter(statuses=NOT_FINISHED_STATUSES, tags={INGEST_HOST_TAG: socket.gethostname()}))
+    for run in runs:
+        instance.report_run_failed(run, "abandoned: the imgsim ingest that ran it stopped before it finished")
+        if instance.event_log_storage.supports_global_concurrency_limits:
+            instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
+        partition = run.tags.get("dagster/partition")
+        log(f"run {run.run_id[:8]} ({run.job_name}{' for ' + partition if partition else ''}) was abandoned by an "
+            "interrupted ingest: marked failed, its work will be redone")
+    return [run.run_id for run in runs]
+
+
 def ingest(
     defs: Definitions,
     instance: DagsterInstance,
@@ -120,7 +175,14 @@ def ingest(
     milvus: bool = False,
 ) -> IngestReport:
     """Bring ``faiss_index`` up to date with the batch folders under ``images_dir``."""
-    report = IngestReport()
+    with ingest_lock(instance):
+        report = IngestReport()
+        report.recovered = recover_abandoned_runs(instance, log)
+        _ingest(defs, instance, images_dir, retrain, log, milvus, report)
+        return report
+
+
+def _ingest(defs, instance, images_dir, retrain, log, milvus, report: IngestReport) -> None:
     batches, report.invalid_folders = discover_batches(images_dir)
     for name, problem in report.invalid_folders.items():
         log(f"skipping folder {name!r}: not a valid batch name ({problem})")
@@ -139,7 +201,7 @@ def ingest(
     def run(job_name: str, label: str, partition: str | None = None) -> bool:
         log(f"running {job_name}" + (f" for {partition}" if partition else ""))
         result = defs.resolve_job_def(job_name).execute_in_process(
-            instance=instance, partition_key=partition, raise_on_error=False, run_config=_QUIET
+            instance=instance, partition_key=partition, raise_on_error=False, run_config=_QUIET, tags=_run_tags()
         )
         if not result.success:
             report.failed[label] = _failure_message(result)
@@ -157,16 +219,19 @@ def ingest(
             embedded_ok.append(batch)
     if not embedded_ok:
         log("no batch has embeddings; nothing to index")
-        return report
+        return
     if milvus:
         for batch in embedded_ok:
             if ledger.stale("milvus_collection", batch, [("image_embeddings", batch)]):
                 if run(milvus_sync_job.name, f"milvus {batch}", batch):
                     report.milvus.append(batch)
 
-    if retrain or not ledger.storage_id("index_template"):
+    # Train when asked, when never trained, or when a training was cut short (a PCA newer
+    # than the centroids or template trained on it).
+    if (retrain or ledger.stale("cluster_centroids", None, [("pca_model", None)])
+            or ledger.stale("index_template", None, [("pca_model", None), ("cluster_centroids", None)])):
         if not run(train_index_job.name, "train index"):
-            return report
+            return
         report.trained = True
 
     trained = [("pca_model", None), ("index_template", None)]
@@ -183,7 +248,10 @@ def ingest(
         or ledger.stale("image_clusters", None, [("cluster_centroids", None)])
     ):
         report.analyzed = run(analyze_index_job.name, "analyze index")
-    return report
+
+
+def _run_tags() -> dict[str, str]:
+    return {INGEST_HOST_TAG: socket.gethostname(), "dagster/max_retries": "0"}
 
 
 def _failure_message(result) -> str:
