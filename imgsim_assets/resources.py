@@ -45,6 +45,7 @@ class PreprocessResource(ConfigurableResource):
     grid_width: int = 700
     draft: bool = Field(default=True, description="JPEG DCT-domain downscale before decoding")
     max_pixels: int = Field(default=178_956_970, description="larger images are rejected as decompression bombs")
+    max_file_bytes: int = Field(default=256 * 2**20, description="larger files are rejected unread (too_large)")
     workers: int = Field(default=0, description="decoding processes; 0 = one per CPU, 1 = inline")
 
     def preprocess(self) -> Preprocess:
@@ -55,6 +56,7 @@ class PreprocessResource(ConfigurableResource):
             grid_size=(self.grid_height, self.grid_width),
             draft=self.draft,
             max_pixels=self.max_pixels,
+            max_file_bytes=self.max_file_bytes,
         )
 
 

@@ -13,6 +13,7 @@ import threading
 import time
 import zlib
 from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -634,18 +635,73 @@ def _device(path):
         pytest.skip("this container may not create device nodes")
 
 
-@pytest.mark.parametrize("make, kind", [(_fifo, "a FIFO"), (_socket, "a socket"), (_dir_link, "a directory"),
-                                        (_device, "a character device")], ids=["fifo", "socket", "dir-link", "device"])
-def test_non_regular_files_are_rejected_without_reading(tmp_path, make, kind):
+@pytest.mark.parametrize(
+    "make, message",
+    [(_fifo, "a FIFO, not a regular file"), (_socket, "a socket, not a regular file"),
+     (_dir_link, "a symlink to the folder {album}: folders behind links are not followed"),
+     (_device, "a character device, not a regular file")],
+    ids=["fifo", "socket", "dir-link", "device"],
+)  # fmt: skip
+def test_non_regular_files_are_rejected_without_reading(tmp_path, make, message):
     (tmp_path / "real.png").write_bytes(_png(_photo(60, 80)))
     odd = tmp_path / "odd.png"
     make(odd)
-    listed = [p.name for p in list_batch_files(tmp_path)]
-    # Listed, so that it gets its row; a link to a folder is a folder to os.walk (not followed).
-    assert "real.png" in listed and ("odd.png" in listed) == (kind != "a directory")
+    # Listed, so that it gets its row (the files behind a linked folder are not listed).
+    assert [p.name for p in list_batch_files(tmp_path)] == ["odd.png", "real.png"]
     record, px = _within(10, preprocess_file, odd, tmp_path, SMALL)
     assert (px, record.status, record.reason) == (None, "rejected", images.NOT_A_FILE)
-    assert record.message == f"{kind}, not a regular file" and record.sha256 == ""
+    assert record.message == message.format(album=(tmp_path / "album").resolve()) and record.sha256 == ""
+
+
+def test_a_subfolder_that_cannot_be_listed_gets_a_row(tmp_path):
+    (tmp_path / "real.png").write_bytes(_png(_photo(60, 80)))
+    (tmp_path / "locked").mkdir()
+    (tmp_path / "locked" / "inside.png").write_bytes(_png(_photo(60, 80)))
+    errors = [PermissionError(13, "Permission denied", str(tmp_path / "locked"))]
+    real_scandir = os.scandir
+
+    def scandir(path="."):  # what a folder without read permission does (root ignores modes)
+        if os.fspath(path) == str(tmp_path / "locked"):
+            raise errors[0]
+        return real_scandir(path)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(os, "scandir", scandir)
+        listed = list_batch_files(tmp_path)
+        record, px = preprocess_file(tmp_path / "locked", tmp_path, SMALL)
+    assert [p.relative_to(tmp_path).as_posix() for p in listed] == ["real.png", "locked"]
+    assert (px, record.status, record.reason, record.path) == (None, "rejected", images.UNREADABLE, "locked")
+    assert "folder cannot be listed (PermissionError: Permission denied)" in record.message
+
+
+def test_a_file_over_the_size_limit_is_rejected_unread(tmp_path, monkeypatch):
+    path = tmp_path / "big.png"
+    path.write_bytes(_png(_photo(60, 80)))
+    monkeypatch.setattr(images, "_read_fd", lambda fd: pytest.fail("read a file over the limit"))
+    record, px = preprocess_file(path, tmp_path, Preprocess(crop_size=56, resize_size=64, max_file_bytes=1000))
+    assert (px, record.reason) == (None, images.TOO_LARGE)
+    assert record.message == f"{path.stat().st_size} bytes exceeds the limit of 1000"
+
+
+def test_a_pixel_limit_above_pillows_own_is_honoured(tmp_path, monkeypatch):
+    from PIL import Image as PILImage
+
+    # Pillow's own limit (a module global, 89.5 Mpx by default) scaled down for a small file.
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 10_000)
+    path = tmp_path / "wide.png"
+    path.write_bytes(_png(_photo(120, 120)))  # 14,400 pixels
+    assert preprocess_file(path, tmp_path, Preprocess(crop_size=56, resize_size=64, max_pixels=12_000))[0].reason \
+        == images.DECOMPRESSION_BOMB
+    record, px = preprocess_file(path, tmp_path, Preprocess(crop_size=56, resize_size=64, max_pixels=20_000))
+    assert record.status == "ok" and px.shape == (3, 56, 56)
+    assert PILImage.MAX_IMAGE_PIXELS == 10_000  # restored after the decode
+
+
+def test_source_path_stays_inside_the_root(tmp_path):
+    assert images.source_path(tmp_path, "b1/caf\\xe9.png") == Path(os.fsdecode(bytes(tmp_path) + b"/b1/caf\xe9.png"))
+    for bad in ("../elsewhere.png", "b1/../../x.png", "/etc/passwd"):
+        with pytest.raises(ValueError, match="leads outside"):
+            images.source_path(tmp_path, bad)
 
 
 def test_a_path_that_becomes_a_fifo_after_the_check_does_not_block(tmp_path, monkeypatch):

@@ -74,7 +74,8 @@ def near_duplicates(
     members: dict[int, list[int]] = {}
     for image_id, g in sorted(groups.items(), key=lambda kv: kv[1]):
         members.setdefault(g, []).append(image_id)
-    shown = [[str(storage.images_dir / describe(i)[0]) for i in members[g][:6]] for g in sorted(members)[: config.groups_shown]]
+    shown = [[plots.source_file(storage.images_dir, describe(i)[0]) for i in members[g][:6]]
+             for g in sorted(members)[: config.groups_shown]]
     metadata = {
         "num_pairs": table.num_rows,
         "num_groups": len(members),

@@ -53,7 +53,7 @@ def similar_images(
     frame = pd.DataFrame(rows)
     top1 = frame[frame["rank"] == 1][["query", "path", "score"]] if len(frame) else frame
     # A few queries as thumbnails, each followed by its neighbours: easier to judge than scores.
-    grid = [[str(folder / record.path)] + [str(storage.images_dir / h.path) for h in hits[:5]]
+    grid = [[plots.source_file(folder, record.path)] + [plots.source_file(storage.images_dir, h.path) for h in hits[:5]]
             for record, hits in answers[:THUMBNAIL_QUERIES]]
     metadata = {
         "num_queries": len(records),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import atexit
 import collections
 import concurrent.futures
+import contextlib
 import hashlib
 import io
 import itertools
@@ -45,6 +46,7 @@ UNREADABLE = "unreadable"
 DECODE_ERROR = "decode_error"
 OUTSIDE_ROOT = "outside_root"  # a symlink that leads out of the images root
 NOT_A_FILE = "not_a_file"  # a FIFO, socket, device or directory: never read
+TOO_LARGE = "too_large"  # more bytes than Preprocess.max_file_bytes: never read
 CHANGED_WHILE_READING = "changed_while_reading"  # still being written after READ_ATTEMPTS reads
 
 ORIENTATION_TAG = 0x0112
@@ -97,6 +99,7 @@ class Preprocess:
     grid_size: tuple[int, int] = (1050, 700)
     draft: bool = True
     max_pixels: int = 178_956_970  # Pillow's own default limit
+    max_file_bytes: int = 256 * 2**20  # a file is read whole into memory
 
     def __post_init__(self) -> None:
         if self.protocol not in ("dinov2_eval", "grid"):
@@ -191,11 +194,23 @@ def os_path(path: str) -> str:
     return _ESCAPED_BYTE.sub(lambda m: chr(0xDC00 + int(m[1], 16)), path)
 
 
+def source_path(root: str | os.PathLike, path: str) -> Path:
+    """The file that :attr:`ImageRecord.path` ``path`` names under ``root``, for reading it
+    again (thumbnails, queries). A path that would lead out of ``root`` is refused."""
+    root = os.path.normpath(os.fsdecode(root))
+    full = os.path.normpath(os.path.join(root, os_path(path)))
+    if os.path.isabs(os_path(path)) or os.path.commonpath([root, full]) != root:
+        raise ValueError(f"manifest path {path!r} leads outside {root}")
+    return Path(full)
+
+
 def list_batch_files(batch_dir: str | os.PathLike) -> list[Path]:
     """All files of a batch folder, recursively, in a stable order.
 
     Hidden entries (dot files) and the ``_SUCCESS`` completion marker are not images of the
-    batch. Raises a clear error for a missing, unreadable or empty folder.
+    batch. A subfolder that cannot be listed, and a symlink to a folder (not followed), are
+    listed themselves, so that each gets a rejected row saying why its files are missing.
+    Raises a clear error for a missing, unreadable or empty folder.
     """
     batch_dir = Path(batch_dir)
     if not batch_dir.is_dir():
@@ -203,13 +218,16 @@ def list_batch_files(batch_dir: str | os.PathLike) -> list[Path]:
     files: list[Path] = []
     errors: list[OSError] = []
     for dirpath, dirnames, filenames in os.walk(batch_dir, onerror=errors.append, followlinks=False):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
+        subfolders = sorted(d for d in dirnames if not d.startswith("."))
+        linked = {d for d in subfolders if os.path.islink(os.path.join(dirpath, d))}
+        dirnames[:] = [d for d in subfolders if d not in linked]
+        for name in sorted([*filenames, *linked]):
             if name.startswith(".") or name == DONE_MARKER:
                 continue
             files.append(Path(dirpath) / name)
     if errors and errors[0].filename == str(batch_dir):
         raise PermissionError(f"image batch folder {batch_dir} cannot be read: {errors[0].strerror}")
+    files += sorted(Path(e.filename) for e in errors if e.filename)  # subfolders that cannot be listed
     if not files:
         raise ValueError(f"image batch folder {batch_dir} contains no files")
     return files
@@ -257,6 +275,7 @@ _DECODER_ERRORS = (
     OSError, SyntaxError, ValueError, TypeError, KeyError, IndexError, EOFError,
     struct.error, zlib.error, ArithmeticError,
 )  # fmt: skip
+_BUFFER_REPR = re.compile(r" ?<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
 _TRUNCATION = re.compile(r"truncated|broken data stream|premature end|unexpected end", re.IGNORECASE)
 
 
@@ -303,6 +322,17 @@ def _cut_short(data: bytes) -> bool:
     return False
 
 
+@contextlib.contextmanager
+def _pixel_limit(max_pixels: int) -> Iterator[None]:
+    """Pillow's own bomb limit (a module global) set to ``max_pixels`` for one decode, so
+    that a limit above Pillow's default is honoured too."""
+    previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, max_pixels
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
+
 def decode(data: bytes, pre: Preprocess, record: ImageRecord) -> np.ndarray | None:
     """Decode and preprocess one image to uint8 ``3×H×W``; on failure reject ``record``.
 
@@ -312,11 +342,12 @@ def decode(data: bytes, pre: Preprocess, record: ImageRecord) -> np.ndarray | No
         record.reject(EMPTY_FILE, "file is empty")
         return None
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _pixel_limit(pre.max_pixels):
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             return _decode(data, pre, record)
     except UnidentifiedImageError as e:
-        record.reject(NOT_AN_IMAGE, str(e))
+        # Pillow names the in-memory buffer, address included: drop it, messages stay stable.
+        record.reject(NOT_AN_IMAGE, _BUFFER_REPR.sub("", str(e)))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         record.reject(DECOMPRESSION_BOMB, str(e))
     except _DECODER_ERRORS as e:
@@ -388,7 +419,11 @@ def _read_fd(fd: int) -> bytes:
         return f.readall()
 
 
-def _read_once(path: Path) -> tuple[bytes, str]:
+class _TooLarge(Exception):
+    """The file has more bytes than the limit (the message says how many)."""
+
+
+def _read_once(path: Path, max_bytes: int) -> tuple[bytes, str]:
     """The bytes of the regular file ``path``, and what changed while they were read ("" if
     nothing did)."""
     _check_regular(os.stat(path))  # before opening: opening a device can have effects
@@ -396,6 +431,8 @@ def _read_once(path: Path) -> tuple[bytes, str]:
     try:
         before = os.fstat(fd)
         _check_regular(before)  # what was opened, should the path have been replaced since
+        if before.st_size > max_bytes:
+            raise _TooLarge(f"{before.st_size} bytes exceeds the limit of {max_bytes}")
         data = _read_fd(fd)
         after = os.fstat(fd)
     finally:
@@ -409,11 +446,15 @@ def _read_once(path: Path) -> tuple[bytes, str]:
     return data, ""
 
 
-def read_file(path: str | os.PathLike, root: str | os.PathLike, record: ImageRecord) -> bytes | None:
+def read_file(
+    path: str | os.PathLike, root: str | os.PathLike, record: ImageRecord, max_bytes: int = Preprocess.max_file_bytes
+) -> bytes | None:
     """The bytes of ``path``, read whole and unchanged; on failure reject ``record``.
 
-    Only regular files inside ``root`` (symlinks resolved) are read. A file that changes while
-    it is read (still being copied in) is read again, up to ``READ_ATTEMPTS`` times.
+    Only regular files inside ``root`` (symlinks resolved) of at most ``max_bytes`` are read.
+    A file that changes while it is read (still being copied in) is read again, up to
+    ``READ_ATTEMPTS`` times. A folder gets here when :func:`list_batch_files` could not list
+    it or found it behind a symlink: its row says which.
     """
     path = Path(os.fsdecode(path))
     try:
@@ -424,13 +465,18 @@ def read_file(path: str | os.PathLike, root: str | os.PathLike, record: ImageRec
     if real != real_root and real_root not in real.parents:
         record.reject(OUTSIDE_ROOT, f"links to {real}, outside {real_root}")
         return None
+    if real.is_dir():
+        return _reject_folder(path, real, record)
     for attempt in range(READ_ATTEMPTS):
         if attempt:
             time.sleep(READ_RETRY_DELAY)
         try:
-            data, changed = _read_once(real)
+            data, changed = _read_once(real, max_bytes)
         except _NotRegular as e:
             record.reject(NOT_A_FILE, str(e))
+            return None
+        except _TooLarge as e:
+            record.reject(TOO_LARGE, str(e))
             return None
         except (OSError, ValueError) as e:  # ValueError: a NUL byte in the path
             record.reject(UNREADABLE, f"{type(e).__name__}: {getattr(e, 'strerror', None) or e}")
@@ -441,11 +487,26 @@ def read_file(path: str | os.PathLike, root: str | os.PathLike, record: ImageRec
     return None
 
 
+def _reject_folder(path: Path, real: Path, record: ImageRecord) -> None:
+    try:
+        with os.scandir(real):
+            pass
+    except OSError as e:
+        record.reject(UNREADABLE, f"folder cannot be listed ({type(e).__name__}: {e.strerror or e}); "
+                                  "the files in it are not part of the batch")
+        return None
+    if path.is_symlink():
+        record.reject(NOT_A_FILE, f"a symlink to the folder {real}: folders behind links are not followed")
+    else:
+        record.reject(NOT_A_FILE, "a directory, not a regular file")
+    return None
+
+
 def preprocess_file(path: str | os.PathLike, root: str | os.PathLike, pre: Preprocess) -> tuple[ImageRecord, np.ndarray | None]:
     """Read, hash and preprocess one file. Never raises for a bad file."""
     path = Path(os.fsdecode(path))
     record = ImageRecord(path=record_path(path, root))
-    data = read_file(path, root, record)
+    data = read_file(path, root, record, pre.max_file_bytes)
     if data is None:
         return record, None
     digest = hashlib.sha256(data).hexdigest()

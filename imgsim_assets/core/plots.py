@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 
 import numpy as np
 
@@ -59,21 +60,35 @@ def recall_curve(nprobe, recall, ms, target: float) -> bytes:
     return _png(plt, fig)
 
 
+def source_file(root, path: str) -> str:
+    """The file a manifest path names under ``root``, for a thumbnail ("" -- shown blank --
+    for a path that would lead outside ``root``)."""
+    from imgsim_assets.core.images import source_path
+
+    try:
+        return str(source_path(root, path))
+    except ValueError:
+        return ""
+
+
 def thumbnail_grid(rows: list[list[str]], size: int = 96) -> bytes:
-    """One row of thumbnails per group of image files (unreadable files show blank)."""
+    """One row of thumbnails per group of image files. A file that is gone, not a regular
+    file (a FIFO would block), or cannot be drawn, shows blank."""
     from PIL import Image
 
     width = max(len(r) for r in rows) if rows else 1
     canvas = Image.new("RGB", (width * (size + 4), max(len(rows), 1) * (size + 4)), (255, 255, 255))
     for y, row in enumerate(rows):
         for x, path in enumerate(row):
+            if not path or not os.path.isfile(path):
+                continue
             try:
                 with Image.open(path) as im:
                     im.draft("RGB", (size, size))
                     thumb = im.convert("RGB")
                     thumb.thumbnail((size, size))
                 canvas.paste(thumb, (x * (size + 4), y * (size + 4)))
-            except OSError:
+            except Exception:  # noqa: BLE001 -- a picture in metadata must never fail the asset
                 continue
     buf = io.BytesIO()
     canvas.save(buf, format="PNG")
