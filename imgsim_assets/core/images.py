@@ -601,9 +601,20 @@ def records_to_columns(records: list[ImageRecord]) -> dict[str, list]:
 
 
 def folder_fingerprint(files: Iterable[Path]) -> str:
-    """Changes when a file is added, removed, resized or touched: cheap staleness for a batch."""
+    """Changes when a file is added, removed, resized or touched: cheap staleness for a batch.
+
+    A link is fingerprinted by its target, a dangling one by the link itself; an entry that
+    vanished counts as such (the batch is then stale, which it is).
+    """
     h = hashlib.sha256()
     for f in files:
-        st = f.stat()
+        try:
+            st = os.stat(f)
+        except OSError:
+            try:
+                st = os.lstat(f)
+            except OSError:
+                h.update(f"{f}\0gone\n".encode("utf-8", "surrogateescape"))
+                continue
         h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
     return h.hexdigest()[:16]
