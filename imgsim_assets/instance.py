@@ -5,8 +5,11 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
+
+from imgsim_assets.core.storage import temp_sibling
 
 LOCAL_INSTANCE_YAML = """\
 # Local Dagster instance: runs, events and schedules in SQLite under this folder.
@@ -21,6 +24,11 @@ run_retries:
 concurrency:
   pools:
     default_limit: 1
+# With the daemon (dagster dev): a pool slot still held by a run that has ended (its process
+# was killed, then the run was marked failed in the UI) is freed after 30 s.
+run_monitoring:
+  enabled: true
+  free_slots_after_run_end_seconds: 30
 """
 
 
@@ -30,7 +38,16 @@ def ensure_instance_yaml(home: str | Path) -> Path:
     home.mkdir(parents=True, exist_ok=True)
     config = home / "dagster.yaml"
     if not config.exists():
-        config.write_text(LOCAL_INSTANCE_YAML)
+        # Written aside, then linked into place: the link fails if another process got there
+        # first, so a reader sees no file or the whole file, and a user's file is never replaced.
+        tmp = temp_sibling(config)
+        tmp.write_text(LOCAL_INSTANCE_YAML)
+        try:
+            os.link(tmp, config)
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
     return config
 
 

@@ -134,3 +134,17 @@ def test_a_second_ingest_on_the_same_instance_is_refused(tmp_path):
         # Released: the next ingest runs (and finds no batch folder to embed).
         report = ingest(defs, instance, tmp_path / "images", log=lambda m: None)
         assert report.ok and report.embedded == []
+
+
+def test_the_local_instance_frees_slots_of_ended_runs_and_limits_the_gpu_pool(tmp_path):
+    from dagster import DagsterInstance
+
+    from imgsim_assets.instance import ensure_instance_yaml
+
+    ensure_instance_yaml(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["dagster.yaml"]  # no temporary left behind
+    with DagsterInstance.from_config(str(tmp_path)) as instance:
+        assert instance.run_monitoring_enabled
+        assert instance.run_monitoring_settings["free_slots_after_run_end_seconds"] == 30
+        assert instance.get_concurrency_config().pool_config.default_pool_limit == 1
+        assert instance.run_retries_enabled and instance.run_retries_max_retries == 2
