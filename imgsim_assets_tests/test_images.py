@@ -832,3 +832,22 @@ def test_a_file_that_changes_while_read_is_read_again(tmp_path, monkeypatch, cha
         assert len(changes) == images.READ_ATTEMPTS
         assert ("size changed" if change == "append" else "mtime changed") in record.message
         assert record.sha256 == ""
+
+
+def test_float_greyscale_is_scaled_not_clipped(tmp_path):
+    ramp = np.tile(np.linspace(0.0, 1.0, 80, dtype=np.float32), (60, 1))  # 0-1 floats, as usual
+    path = tmp_path / "float.tiff"
+    Image.fromarray(ramp, "F").save(path)
+    record, px = preprocess_file(path, tmp_path, SMALL)
+    assert record.status == "ok" and px.max() > 200 and px.std() > 30  # clipped, all would be 0 or 1
+
+
+def test_a_mode_without_an_rgb_conversion_is_rejected_as_unsupported(monkeypatch):
+    with pytest.raises(images.UnsupportedMode, match="mode La"):
+        images._to_rgb(Image.new("La", (60, 80)))
+    to_rgb = images._to_rgb
+    monkeypatch.setattr(images, "_to_rgb", lambda im: to_rgb(Image.new("La", im.size)))
+    record = images.ImageRecord(path="x.png")
+    assert decode(_png(_photo(60, 80)), SMALL, record) is None
+    assert (record.reason, record.message) == (images.UNSUPPORTED_MODE,
+                                               "mode La: conversion from La to L not supported")

@@ -233,24 +233,34 @@ def list_batch_files(batch_dir: str | os.PathLike) -> list[Path]:
     return files
 
 
+class UnsupportedMode(ValueError):
+    """Pillow decoded the pixels but cannot convert their mode to RGB."""
+
+
 def _to_rgb(im: Image.Image) -> Image.Image:
     if im.mode in ("P", "L", "RGB") and "transparency" in im.info:
         # A palette entry's alpha or a colour key (PNG tRNS, GIF): transparent like alpha.
         im = im.convert("RGBA")
     if im.mode == "RGB":
         return im
-    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16/32-bit greyscale: scale to 8 bits instead of clipping everything above 255.
+    if im.mode.startswith("I;16") or im.mode in ("I", "F"):
+        # 16/32-bit and float greyscale: scale to 8 bits instead of clipping above 255. 16-bit
+        # data spans 0-65535; 32-bit integers and floats are scaled by their maximum (floats
+        # in 0-1, the usual convention, by 1).
         a = np.asarray(im, dtype=np.float64)
-        top = 65535.0 if im.mode.startswith("I;16") else max(float(a.max()), 1.0)
-        a = np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        peak = float(np.nanmax(a)) if a.size else 0.0
+        top = 65535.0 if im.mode.startswith("I;16") else (1.0 if im.mode == "F" and peak <= 1.0 else max(peak, 1.0))
+        a = np.clip(np.nan_to_num(a / top * 255.0 + 0.5), 0, 255).astype(np.uint8)
         return Image.fromarray(a, "L").convert("RGB")
-    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = im.convert("RGBA")
-        canvas = Image.new("RGB", rgba.size, BACKGROUND)
-        canvas.paste(rgba, mask=rgba.getchannel("A"))
-        return canvas
-    return im.convert("RGB")
+    try:
+        if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+            rgba = im.convert("RGBA")
+            canvas = Image.new("RGB", rgba.size, BACKGROUND)
+            canvas.paste(rgba, mask=rgba.getchannel("A"))
+            return canvas
+        return im.convert("RGB")
+    except ValueError as e:  # Pillow: "conversion from X to Y not supported"
+        raise UnsupportedMode(f"mode {im.mode}: {e}") from e
 
 
 def _resize_and_crop(im: Image.Image, pre: Preprocess) -> Image.Image:
@@ -350,6 +360,8 @@ def decode(data: bytes, pre: Preprocess, record: ImageRecord) -> np.ndarray | No
         record.reject(NOT_AN_IMAGE, _BUFFER_REPR.sub("", str(e)))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         record.reject(DECOMPRESSION_BOMB, str(e))
+    except UnsupportedMode as e:
+        record.reject(UNSUPPORTED_MODE, str(e))
     except _DECODER_ERRORS as e:
         message = str(e) if isinstance(e, OSError) else f"{type(e).__name__}: {e}"
         truncated = _TRUNCATION.search(message) or _cut_short(data)
