@@ -1,6 +1,6 @@
 """The GPU benchmark script is prepared here and run where a GPU is lent: keep it working on CPU."""
 
-from bench import throughput
+from bench import hostile, throughput
 
 
 def test_throughput_bench_runs_both_decoders_on_cpu(tmp_path, capsys):
@@ -28,3 +28,10 @@ def test_device_decode_gives_the_pixels_of_the_pillow_path(tmp_path):
         _, expected = preprocess_file(path, tmp_path, pre)
         assert pixels.shape == expected.shape
         assert np.abs(pixels.astype(int) - expected.astype(int)).mean() < 2.0
+
+
+def test_hostile_bench_accounts_for_every_variant(capsys):
+    outcomes, escaped = hostile.main(["--variants", "300", "--seed", "3"])
+    assert not escaped and sum(outcomes.values()) == 300
+    assert outcomes["ok"] and outcomes["truncated"] and outcomes["not_an_image"]  # the damage is varied
+    assert "exceptions escaped           0" in capsys.readouterr().out
