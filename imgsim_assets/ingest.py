@@ -23,8 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from dagster import AssetKey, AssetRecordsFilter, DagsterInstance, Definitions
-from dagster._core.storage.dagster_run import NOT_FINISHED_STATUSES, RunsFilter
+from dagster import AssetKey, AssetRecordsFilter, DagsterInstance, DagsterRunStatus, Definitions, RunsFilter
 
 from imgsim_assets.core import images
 from imgsim_assets.jobs import (
@@ -44,6 +43,8 @@ _QUIET = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
 # policy (the next one redoes what failed), so Dagster's run retries stay off for them.
 INGEST_HOST_TAG = "imgsim/ingest_host"
 LOCK_FILE = "imgsim-ingest.lock"
+_UNFINISHED = [DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING, DagsterRunStatus.STARTED,
+               DagsterRunStatus.CANCELING]  # fmt: skip
 
 # Characters Dagster does not allow in partition keys, plus path separators.
 _INVALID_KEY = re.compile(r"[\[\],*/\\]|^\.|\.\.")
@@ -155,7 +156,7 @@ def recover_abandoned_runs(instance: DagsterInstance, log: Callable[[str], None]
 
     Only sound while holding :func:`ingest_lock`: then no other ingest here is running them.
     """
-    runs = instance.get_runs(RunsFilter(statuses=NOT_FINISHED_STATUSES, tags={INGEST_HOST_TAG: socket.gethostname()}))
+    runs = instance.get_runs(RunsFilter(statuses=_UNFINISHED, tags={INGEST_HOST_TAG: socket.gethostname()}))
     for run in runs:
         instance.report_run_failed(run, "abandoned: the imgsim ingest that ran it stopped before it finished")
         if instance.event_log_storage.supports_global_concurrency_limits:

@@ -31,7 +31,7 @@ KILL_POINTS = [
     ("running train_index", 1.5),
     ("running index_shard for b", 0.5),
     ("running merge_index", 1.0),
-    ("running analyze_index", 0.5),
+    ("running analyze_index", 0.2),
 ]
 
 
