@@ -11,7 +11,6 @@ from pathlib import Path
 from dagster import DagsterInstance, DagsterRunStatus, RunsFilter, execute_job, reconstructable
 
 from imgsim_assets.core.sample_data import write_synthetic_batch
-from imgsim_assets.core.search import ImageIndex
 from imgsim_assets.definitions import build_definitions
 from imgsim_assets.ingest import ingest
 from imgsim_assets.instance import ensure_instance_yaml
