@@ -54,6 +54,8 @@ def invalid_batch_name(name: str) -> str | None:
     """Why ``name`` cannot be a batch (partition key), or None when it can."""
     if not name.strip():
         return "empty name"
+    if images.as_text(name) != name:
+        return "not valid UTF-8 (partition keys are text; rename the folder)"
     if _INVALID_KEY.search(name):
         return "contains one of [ ] , * / \\ or starts with '.'"
     if len(name) > 255:
@@ -71,7 +73,7 @@ def discover_batches(images_dir: Path) -> tuple[list[str], dict[str, str]]:
             continue
         problem = invalid_batch_name(entry.name)
         if problem:
-            invalid[entry.name] = problem
+            invalid[images.as_text(entry.name)] = problem
         else:
             batches.append(entry.name)
     return batches, invalid

@@ -1,6 +1,7 @@
 """The new_image_batches sensor on a real folder: completeness, changes, bounded ticks."""
 
 import json
+import os
 
 from dagster import DagsterInstance, SensorResult, SkipReason, build_sensor_context
 
@@ -56,8 +57,12 @@ def test_invalid_names_empty_and_vanished_folders(tmp_path):
     _batch(tmp_path, "ok")
     (tmp_path / "bad,name").mkdir()
     (tmp_path / "empty").mkdir()
+    _batch(tmp_path, os.fsdecode(b"caf\xe9"))  # a Latin-1 folder name: no partition key
     tick = plan_tick(tmp_path, {}, set(), now=0.0)
-    assert [b for b, _ in tick.runs] == ["ok"] and "bad,name" in tick.invalid and tick.waiting == ["empty"]
+    assert [b for b, _ in tick.runs] == ["ok"] and tick.waiting == ["empty"]
+    assert tick.invalid == {"bad,name": "contains one of [ ] , * / \\ or starts with '.'",
+                            "caf\\xe9": "not valid UTF-8 (partition keys are text; rename the folder)"}
+    json.dumps(tick.cursor).encode("utf-8")  # the cursor and the log lines stay valid text
     for f in (tmp_path / "ok").iterdir():
         f.unlink()
     (tmp_path / "ok").rmdir()

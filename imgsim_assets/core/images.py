@@ -162,16 +162,16 @@ class ImageRecord:
         return (self.width, self.height)
 
     def reject(self, reason: str, message: str) -> "ImageRecord":
-        self.status, self.reason, self.message = REJECTED, reason, _text(message)
+        self.status, self.reason, self.message = REJECTED, reason, as_text(message)
         return self
 
     def note(self, message: str) -> None:
         """Add a remark to an ``ok`` record (``"; "``-separated)."""
-        self.message = "; ".join(m for m in (self.message, _text(message)) if m)
+        self.message = "; ".join(m for m in (self.message, as_text(message)) if m)
 
 
-def _text(s: str) -> str:
-    """``s`` as valid UTF-8 text: an undecodable byte of an OS name (which Python carries as a
+def as_text(s: str) -> str:
+    """``s`` (an OS name, a message quoting one) as valid UTF-8 text: an undecodable byte of an OS name (which Python carries as a
     lone surrogate) becomes ``\\xNN``; any other lone surrogate becomes ``\\udNNN``."""
     try:
         raw = s.encode("utf-8", "surrogateescape")
@@ -182,7 +182,7 @@ def _text(s: str) -> str:
 
 def record_path(path: str | os.PathLike, root: str | os.PathLike) -> str:
     """``path`` relative to ``root`` as :attr:`ImageRecord.path` spells it."""
-    return _text(Path(os.path.relpath(os.fsdecode(path), os.fsdecode(root))).as_posix())
+    return as_text(Path(os.path.relpath(os.fsdecode(path), os.fsdecode(root))).as_posix())
 
 
 _ESCAPED_BYTE = re.compile(r"\\x([89a-f][0-9a-f])")
