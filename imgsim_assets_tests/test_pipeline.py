@@ -221,3 +221,27 @@ def test_automation_schedules_and_pools(pipeline):
     # GPU steps share the one-slot pool.
     pools = {name: defs.get_assets_def(name).op.pool for name in ("image_embeddings", "cluster_centroids", "pca_model")}
     assert pools == {"image_embeddings": "gpu", "cluster_centroids": "gpu", "pca_model": None}
+
+
+def test_non_finite_vectors_fail_the_batch_with_a_clear_error(pipeline, monkeypatch):
+    import numpy as np
+
+    from imgsim_assets.core.encoder import Encoder
+
+    settings, defs, instance = pipeline
+    write_synthetic_batch(settings.images_dir / "b1", 6, seed=3)
+    embed = Encoder.embed
+
+    def overflowing(self, pixels):  # what a float16 overflow looks like
+        vectors = embed(self, pixels)
+        vectors[1] = np.inf
+        return vectors
+
+    monkeypatch.setattr(Encoder, "embed", overflowing)
+    report = ingest(defs, instance, settings.images_dir, log=lambda m: None)
+    assert not report.ok and "1 image(s) gave non-finite vectors" in report.failed["embed b1"]
+    assert "set the encoder's dtype to bfloat16 or float32" in report.failed["embed b1"]
+    assert not (settings.assets_dir / "image_embeddings" / "b1.parquet").exists()
+    (run,) = instance.get_runs()
+    kinds = {e.dagster_event.event_type_value for e in instance.all_logs(run.run_id) if e.is_dagster_event}
+    assert "STEP_FAILURE" in kinds and "STEP_UP_FOR_RETRY" not in kinds  # deterministic: not retried

@@ -3,9 +3,10 @@
 
 import time
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from dagster import AssetExecutionContext, AssetIn, MetadataValue, asset
+from dagster import AssetExecutionContext, AssetIn, Failure, MetadataValue, asset
 
 from imgsim_assets.core import tables
 from imgsim_assets.io_managers import StagedFile
@@ -60,6 +61,10 @@ def image_embeddings(
     batches = tables.iter_tensor_batches(cropped_tensors, model.batch_size)
     with pq.ParquetWriter(staged, schema) as writer:
         for ids, vectors in model.embed_batches(batches, progress):
+            try:
+                check_finite(ids, vectors, model.dtype)
+            except FloatingPointError as e:
+                raise Failure(str(e), allow_retries=False) from e  # rerunning gives the same numbers
             paths, digests = zip(*(first_path[i] for i in ids.tolist())) if len(ids) else ((), ())
             writer.write_table(tables.embedding_table(schema, ids, paths, digests, vectors))
     seconds = time.perf_counter() - start
@@ -78,6 +83,18 @@ def image_embeddings(
         }
     )
     return StagedFile(staged)
+
+
+def check_finite(ids: np.ndarray, vectors: np.ndarray, dtype) -> None:
+    """Refuse NaN or infinite vectors (a half-precision overflow): one would poison PCA and
+    k-means for every batch, and dropping it would lose the image."""
+    bad = ~np.isfinite(vectors).all(axis=1)
+    if bad.any():
+        shown = ", ".join(str(i) for i in ids[bad][:5].tolist())
+        raise FloatingPointError(
+            f"{int(bad.sum())} image(s) gave non-finite vectors (image_id {shown}{', ...' if bad.sum() > 5 else ''}) "
+            f"computing in {str(dtype).removeprefix('torch.')}; set the encoder's dtype to bfloat16 or float32"
+        )
 
 
 def _first_path_by_id(manifest: pa.Table) -> dict[int, tuple[str, str]]:
