@@ -482,8 +482,8 @@ def _huge_tiff() -> bytes:
 @pytest.mark.parametrize(
     "data, pre",
     [
-        (_huge_png(100_000, 100_000), SMALL),  # beyond Pillow's own limit: refused by Image.open
-        (_huge_png(15_000, 15_000), SMALL),  # between 1x and 2x Pillow's limit: its warning, made an error
+        (_huge_png(100_000, 100_000), SMALL),  # beyond 2x the limit: Image.open refuses it
+        (_huge_png(15_000, 15_000), SMALL),  # between 1x and 2x the limit: Pillow's warning, made an error
         (_huge_png(10_000, 10_000), Preprocess(crop_size=56, resize_size=64, max_pixels=1_000_000)),  # by ours
         (_huge_jpeg(), SMALL),
         (_huge_tiff(), SMALL),
@@ -494,9 +494,8 @@ def test_huge_dimensions_in_a_tiny_file_are_rejected_without_allocating(monkeypa
     allocations = []
     new = Image.core.new
     monkeypatch.setattr(Image.core, "new", lambda mode, size, *a: allocations.append(size) or new(mode, size, *a))
-    start = time.perf_counter()
     rec, out = _decoded(data, pre)
-    assert time.perf_counter() - start < 1.0 and len(data) < 20_000
+    assert len(data) < 20_000
     assert (out, rec.status, rec.reason) == (None, "rejected", images.DECOMPRESSION_BOMB), rec.message
     assert allocations == []
 
