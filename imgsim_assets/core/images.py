@@ -48,6 +48,8 @@ OUTSIDE_ROOT = "outside_root"  # a symlink that leads out of the images root
 NOT_A_FILE = "not_a_file"  # a FIFO, socket, device or directory: never read
 TOO_LARGE = "too_large"  # more bytes than Preprocess.max_file_bytes: never read
 CHANGED_WHILE_READING = "changed_while_reading"  # still being written after READ_ATTEMPTS reads
+REASONS = (NOT_AN_IMAGE, EMPTY_FILE, TRUNCATED, DECOMPRESSION_BOMB, TOO_SMALL, UNSUPPORTED_MODE, UNREADABLE,
+           DECODE_ERROR, OUTSIDE_ROOT, NOT_A_FILE, TOO_LARGE, CHANGED_WHILE_READING)  # fmt: skip
 
 ORIENTATION_TAG = 0x0112
 # How to turn the stored pixels upright for each EXIF orientation (EXIF 2.3, tag 0x0112: where
