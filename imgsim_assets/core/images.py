@@ -172,9 +172,13 @@ class ImageRecord:
         self.message = "; ".join(m for m in (self.message, as_text(message)) if m)
 
 
+# --- Names: every path in a manifest is UTF-8 text ----------------------------------------
+
+
 def as_text(s: str) -> str:
-    """``s`` (an OS name, a message quoting one) as valid UTF-8 text: an undecodable byte of an OS name (which Python carries as a
-    lone surrogate) becomes ``\\xNN``; any other lone surrogate becomes ``\\udNNN``."""
+    """``s`` (an OS name, or a message quoting one) as valid UTF-8 text: an undecodable byte
+    of an OS name (which Python carries as a lone surrogate) becomes ``\\xNN``; any other
+    lone surrogate becomes ``\\udNNN``."""
     try:
         raw = s.encode("utf-8", "surrogateescape")
     except UnicodeEncodeError:
@@ -206,6 +210,9 @@ def source_path(root: str | os.PathLike, path: str) -> Path:
     return Path(full)
 
 
+# --- Listing a batch folder ---------------------------------------------------------------
+
+
 def list_batch_files(batch_dir: str | os.PathLike) -> list[Path]:
     """All files of a batch folder, recursively, in a stable order.
 
@@ -233,6 +240,9 @@ def list_batch_files(batch_dir: str | os.PathLike) -> list[Path]:
     if not files:
         raise ValueError(f"image batch folder {batch_dir} contains no files")
     return files
+
+
+# --- Decoding bytes into a fixed-size tensor ----------------------------------------------
 
 
 class UnsupportedMode(ValueError):
@@ -412,6 +422,9 @@ def _decode(data: bytes, pre: Preprocess, record: ImageRecord) -> np.ndarray | N
     return pixels
 
 
+# --- Reading a file: regular, inside the root, unchanged ----------------------------------
+
+
 class _NotRegular(Exception):
     """The path is a FIFO, socket, device or directory (the message says which)."""
 
@@ -516,6 +529,9 @@ def _reject_folder(path: Path, real: Path, record: ImageRecord) -> None:
     return None
 
 
+# --- One file: read, hash, decode ---------------------------------------------------------
+
+
 def preprocess_file(path: str | os.PathLike, root: str | os.PathLike, pre: Preprocess) -> tuple[ImageRecord, np.ndarray | None]:
     """Read, hash and preprocess one file. Never raises for a bad file."""
     path = Path(os.fsdecode(path))
@@ -527,6 +543,9 @@ def preprocess_file(path: str | os.PathLike, root: str | os.PathLike, pre: Prepr
     record.sha256, record.image_id, record.bytes = digest, image_id_from_sha256(digest), len(data)
     pixels = decode(data, pre, record)
     return record, pixels
+
+
+# --- Many files: decode worker processes --------------------------------------------------
 
 
 def _preprocess_chunk(args: tuple[list[str], str, Preprocess]) -> list[tuple[ImageRecord, np.ndarray | None]]:
