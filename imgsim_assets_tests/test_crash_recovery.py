@@ -2,6 +2,7 @@
 index an uninterrupted run builds: same ids, same stored vectors, same catalog. After every
 kill, each published artifact is whole (the previous version or the new one)."""
 
+import contextlib
 import os
 import shutil
 import signal
@@ -63,10 +64,15 @@ def _ingest_killed_at(data: Path, trigger: str, delay: float) -> list[str]:
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
-    assert fired.wait(timeout=300), f"ingest never printed {trigger!r}; it printed {seen}"
-    time.sleep(delay)
-    os.killpg(proc.pid, signal.SIGKILL)  # the run process, its decode workers, everything
-    proc.wait(timeout=30)
+    try:
+        deadline = time.monotonic() + 300
+        while not fired.wait(timeout=0.5):
+            assert proc.poll() is None and time.monotonic() < deadline, f"ingest never printed {trigger!r}: {seen}"
+        time.sleep(delay)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # the run process, its decode workers, everything
+        proc.wait(timeout=30)
     reader.join(timeout=10)
     return seen
 
