@@ -23,17 +23,19 @@ from imgsim_assets_tests.contents import assert_same_embeddings, assert_same_ind
 
 IMGSIM = [sys.executable, "-m", "imgsim_assets.cli"]
 
-# (line printed by `imgsim ingest`, seconds to wait after it before the kill): from inside
-# the first embedding run to the analysis after the merge. Each restart redoes only what
-# the previous attempt did not finish, so every point is reached again.
+# (line printed by `imgsim ingest`, seconds to wait after it before the kill), in the order
+# ingest reaches them: from inside the first embedding run to the analysis after the merge.
+# Each attempt is killed at the first remaining point it reaches (a kill that lands later than
+# meant skips the points it overtook), and the next attempt redoes only what was not finished.
 KILL_POINTS = [
     ("running embed_batch for a", 2.0),
-    ("running embed_batch for b", 4.0),
+    ("running embed_batch for b", 1.5),
     ("running train_index", 1.5),
     ("running index_shard for b", 0.5),
     ("running merge_index", 1.0),
     ("running analyze_index", 0.2),
 ]
+MIN_KILLS = 4
 
 
 def _env(data: Path) -> dict:
@@ -49,17 +51,22 @@ def _ingest(data: Path) -> list[str]:
     return result.stdout.splitlines()
 
 
-def _ingest_killed_at(data: Path, trigger: str, delay: float) -> list[str]:
-    """Run `imgsim ingest`; SIGKILL its whole process group ``delay`` s after ``trigger`` is printed."""
+def _ingest_killed_at_first(data: Path, points: list[tuple[str, float]]) -> tuple[int | None, list[str]]:
+    """Run `imgsim ingest`; SIGKILL its whole process group ``delay`` s after it prints the
+    first line of ``points`` it reaches. Returns that point's index (None if ingest finished
+    first) and what it printed."""
     proc = subprocess.Popen(IMGSIM + ["ingest"], env=_env(data), stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True, start_new_session=True)
     seen: list[str] = []
+    hit: list[int] = []
     fired = threading.Event()
 
     def read():
         for line in proc.stdout:
             seen.append(line.rstrip())
-            if line.startswith(trigger) and not fired.is_set():
+            matches = [i for i, (trigger, _) in enumerate(points) if line.startswith(trigger)]
+            if matches and not fired.is_set():
+                hit.append(matches[0])
                 fired.set()
 
     reader = threading.Thread(target=read, daemon=True)
@@ -67,14 +74,18 @@ def _ingest_killed_at(data: Path, trigger: str, delay: float) -> list[str]:
     try:
         deadline = time.monotonic() + 300
         while not fired.wait(timeout=0.5):
-            assert proc.poll() is None and time.monotonic() < deadline, f"ingest never printed {trigger!r}: {seen}"
-        time.sleep(delay)
+            assert time.monotonic() < deadline, f"ingest stalled: {seen}"
+            if proc.poll() is not None:
+                reader.join(timeout=10)
+                assert proc.returncode == 0, f"ingest failed: {seen}"
+                return (hit[0] if hit else None), seen
+        time.sleep(points[hit[0]][1])
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)  # the run process, its decode workers, everything
         proc.wait(timeout=30)
     reader.join(timeout=10)
-    return seen
+    return hit[0], seen
 
 
 def _assert_artifacts_whole(assets: Path) -> None:
@@ -104,12 +115,16 @@ def test_ingest_killed_at_several_points_converges_to_the_clean_result(tmp_path)
 
     _ingest(clean)
 
-    printed = []
-    for trigger, delay in KILL_POINTS:
-        lines = _ingest_killed_at(crashed, trigger, delay)
-        assert not any(line.startswith("ingest:") for line in lines), f"finished before the kill at {trigger!r}"
-        _assert_artifacts_whole(crashed / "assets")
+    printed, killed_at, remaining = [], [], list(KILL_POINTS)
+    while remaining:
+        hit, lines = _ingest_killed_at_first(crashed, remaining)
         printed += lines
+        if hit is None or any(line.startswith("ingest:") for line in lines):
+            break  # it finished before reaching a point
+        killed_at.append(remaining[hit][0])
+        remaining = remaining[hit + 1 :]
+        _assert_artifacts_whole(crashed / "assets")
+    assert len(killed_at) >= MIN_KILLS, f"killed only at {killed_at}"
     printed += _ingest(crashed)
     # Runs killed mid-step held the gpu pool slot; the next ingest released them.
     assert any("abandoned by an interrupted ingest" in line for line in printed), printed
