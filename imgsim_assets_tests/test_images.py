@@ -11,7 +11,6 @@ import struct
 import tempfile
 import threading
 import time
-import zlib
 from dataclasses import asdict
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from torchvision import transforms
 
 from imgsim_assets.core import images
 from imgsim_assets.core.images import Preprocess, decode, image_id_from_sha256, list_batch_files, preprocess_file
+from imgsim_assets_tests.pictures import encode, photo, png_claiming
 
 
 def _png(a: np.ndarray, mode=None) -> bytes:
@@ -36,15 +36,8 @@ def _jpeg(im: Image.Image, **kw) -> bytes:
     return buf.getvalue()
 
 
-def _photo(h=300, w=400, seed=0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:h, 0:w]
-    a = np.stack([(xx * 255 // w), (yy * 255 // h), ((xx + yy) % 256)], axis=-1).astype(np.uint8)
-    return np.clip(a + rng.integers(0, 20, a.shape), 0, 255).astype(np.uint8)
-
-
 def test_eval_protocol_matches_torchvision_resize_center_crop():
-    a = _photo()
+    a = photo()
     pre = Preprocess(draft=False)
     rec = images.ImageRecord(path="x.png")
     out = decode(_png(a), pre, rec)
@@ -59,7 +52,7 @@ def test_eval_protocol_matches_torchvision_resize_center_crop():
 
 
 def test_grid_protocol_resizes_without_crop():
-    out = decode(_png(_photo()), Preprocess(protocol="grid", grid_size=(70, 98)), images.ImageRecord(path="x"))
+    out = decode(_png(photo()), Preprocess(protocol="grid", grid_size=(70, 98)), images.ImageRecord(path="x"))
     assert out.shape == (3, 70, 98)
 
 
@@ -71,14 +64,14 @@ def test_sizes_must_be_multiples_of_the_patch():
 
 
 def test_jpeg_draft_is_close_to_full_decode():
-    data = _jpeg(Image.fromarray(_photo(1200, 1600)))
+    data = _jpeg(Image.fromarray(photo(1200, 1600)))
     full = decode(data, Preprocess(draft=False), images.ImageRecord(path="x")).astype(float)
     fast = decode(data, Preprocess(draft=True), images.ImageRecord(path="x")).astype(float)
     assert np.abs(full - fast).mean() < 4.0
 
 
 def test_exif_orientation_is_applied():
-    a = _photo(200, 300)
+    a = photo(200, 300)
     exif = Image.Exif()
     exif[images.ORIENTATION_TAG] = 6  # stored landscape, displayed portrait (rotate 90° clockwise)
     rec = images.ImageRecord(path="x.jpg")
@@ -108,7 +101,7 @@ def test_rgba_is_composited_on_white():
 )
 def test_bad_files_are_rejected_with_a_reason(tmp_path, data, reason):
     if data is None:
-        data = _jpeg(Image.fromarray(_photo(400, 400)))[:3000]
+        data = _jpeg(Image.fromarray(photo(400, 400)))[:3000]
     path = tmp_path / "bad.jpg"
     path.write_bytes(data)
     record, pixels = preprocess_file(path, tmp_path, Preprocess())
@@ -120,7 +113,7 @@ def test_bad_files_are_rejected_with_a_reason(tmp_path, data, reason):
 
 def test_decompression_bomb_is_rejected_before_decoding(tmp_path):
     path = tmp_path / "big.png"
-    path.write_bytes(_png(_photo(300, 300)))
+    path.write_bytes(_png(photo(300, 300)))
     record, pixels = preprocess_file(path, tmp_path, Preprocess(max_pixels=10_000))
     assert pixels is None and record.reason == images.DECOMPRESSION_BOMB
 
@@ -131,7 +124,7 @@ def test_unreadable_file_is_rejected(tmp_path):
 
 
 def test_image_id_is_content_addressed(tmp_path):
-    data = _png(_photo())
+    data = _png(photo())
     (tmp_path / "a.png").write_bytes(data)
     (tmp_path / "b.png").write_bytes(data)
     ra, _ = preprocess_file(tmp_path / "a.png", tmp_path, Preprocess())
@@ -158,7 +151,7 @@ def test_parallel_decoding_keeps_order_and_results(tmp_path):
     paths = []
     for i in range(20):
         p = tmp_path / f"{i:02d}.png"
-        p.write_bytes(_png(_photo(60, 80, seed=i)))
+        p.write_bytes(_png(photo(60, 80, seed=i)))
         paths.append(p)
     pre = Preprocess(crop_size=56, resize_size=64)
     inline = list(images.preprocess_files(paths, tmp_path, pre, workers=1))
@@ -172,7 +165,7 @@ def test_jpeg_draft_never_decodes_below_the_target_of_a_rotated_image(monkeypatc
     # Stored landscape 1200×300 with EXIF orientation 6: displayed portrait 300×1200.
     exif = Image.Exif()
     exif[images.ORIENTATION_TAG] = 6
-    data = _jpeg(Image.fromarray(_photo(300, 1200)), exif=exif.tobytes())
+    data = _jpeg(Image.fromarray(photo(300, 1200)), exif=exif.tobytes())
     pre = Preprocess(protocol="grid", grid_size=(280, 70))  # (height, width) of the upright image
     resizes = []
     original = Image.Image.resize
@@ -212,7 +205,7 @@ def test_symlinks_are_followed_only_inside_the_root(tmp_path):
     root, outside = tmp_path / "images", tmp_path / "elsewhere"
     (root / "b1").mkdir(parents=True)
     outside.mkdir()
-    picture = _png(_photo(60, 80))
+    picture = _png(photo(60, 80))
     (root / "b1" / "real.png").write_bytes(picture)
     (outside / "secret.png").write_bytes(picture)
     (root / "b1" / "inside.png").symlink_to(root / "b1" / "real.png")
@@ -230,7 +223,7 @@ def test_symlinks_are_followed_only_inside_the_root(tmp_path):
     [("CMYK", "CMYK"), ("1", "1"), ("I;16", None), ("P", "P"), ("LA", "LA"), ("L", "L")],
 )
 def test_odd_modes_decode_to_rgb(tmp_path, mode, convert):
-    rgb = Image.fromarray(_photo(60, 80))
+    rgb = Image.fromarray(photo(60, 80))
     if mode == "I;16":
         im = Image.fromarray(np.asarray(rgb.convert("L"), dtype=np.uint16) * 257)
     else:
@@ -243,7 +236,7 @@ def test_odd_modes_decode_to_rgb(tmp_path, mode, convert):
 
 
 def test_animated_gif_uses_the_first_frame_and_says_so(tmp_path):
-    frames = [Image.fromarray(_photo(60, 80, seed=i)).convert("P") for i in range(3)]
+    frames = [Image.fromarray(photo(60, 80, seed=i)).convert("P") for i in range(3)]
     path = tmp_path / "anim.gif"
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=50)
     record, px = preprocess_file(path, tmp_path, Preprocess(crop_size=56, resize_size=64))
@@ -254,12 +247,6 @@ def test_animated_gif_uses_the_first_frame_and_says_so(tmp_path):
 
 SMALL = Preprocess(crop_size=56, resize_size=64)
 REASONS = set(images.REASONS)
-
-
-def _save(im: Image.Image, fmt: str, **kw) -> bytes:
-    buf = io.BytesIO()
-    im.save(buf, format=fmt, **kw)
-    return buf.getvalue()
 
 
 def _decoded(data: bytes, pre=SMALL) -> tuple[images.ImageRecord, np.ndarray | None]:
@@ -277,16 +264,12 @@ def _within(seconds: float, fn, *args):
     return result[0]
 
 
-def _png_chunk(kind: bytes, payload: bytes) -> bytes:
-    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
-
-
 def test_ycck_jpeg_decodes_like_the_cmyk_original():
-    rgb = _photo(60, 80).astype(float)
+    rgb = photo(60, 80).astype(float)
     k = 255 - rgb.max(axis=-1)
     ink = np.dstack([255 - rgb - k[..., None], k])  # C, M, Y with black pulled out into K
     cmyk = Image.fromarray(np.clip(ink + 0.5, 0, 255).astype(np.uint8), "CMYK")
-    plain = _save(cmyk, "JPEG", quality=95, subsampling=0)
+    plain = encode(cmyk, "JPEG", quality=95, subsampling=0)
     # libjpeg's YCCK is YCbCr of (255-C', 255-M', 255-Y') with K' as is, where C'M'Y'K' are the
     # file's components; Adobe files hold inverted ink (C' = 255-C), so that is YCbCr(C, M, Y)
     # and 255-K. Pillow's CMYK writer inverts whatever it is given: hand it the complement.
@@ -298,7 +281,7 @@ def test_ycck_jpeg_decodes_like_the_cmyk_original():
         255 - ink[..., 3],
     ])  # fmt: skip
     written = np.clip(255 - components + 0.5, 0, 255).astype(np.uint8)
-    ycck = bytearray(_save(Image.fromarray(written, "CMYK"), "JPEG", quality=95, subsampling=0))
+    ycck = bytearray(encode(Image.fromarray(written, "CMYK"), "JPEG", quality=95, subsampling=0))
     app14 = ycck.index(b"\xff\xee")
     assert ycck[app14 + 4 : app14 + 9] == b"Adobe" and ycck[app14 + 15] == 0  # transform: 0 = plain CMYK
     ycck[app14 + 15] = 2  # transform: 2 = YCCK
@@ -341,7 +324,7 @@ def _transparent_case(kind: str) -> tuple[Image.Image, np.ndarray]:
 @pytest.mark.parametrize("kind", ["palette-index", "palette-alpha", "grey-key", "rgb-key"])
 def test_transparency_without_alpha_channel_is_composited_on_white(kind):
     im, on_white = _transparent_case(kind)
-    data = _save(im, "PNG", transparency=im.info["transparency"])
+    data = encode(im, "PNG", transparency=im.info["transparency"])
     assert b"tRNS" in data
     rec, out = _decoded(data)
     _, expected = _decoded(_png(on_white))
@@ -356,21 +339,21 @@ def test_transparency_without_alpha_channel_is_composited_on_white(kind):
     ids=["png-half", "png-inside-ihdr", "webp-half", "gif-half", "tiff-half", "jpeg-no-eoi"],
 )
 def test_truncated_files_are_rejected_as_truncated(fmt, cut):
-    rgb = Image.fromarray(_photo(60, 80))
-    data = _save(rgb.convert("P") if fmt == "GIF" else rgb, fmt)
+    rgb = Image.fromarray(photo(60, 80))
+    data = encode(rgb.convert("P") if fmt == "GIF" else rgb, fmt)
     rec, out = _decoded(data[: int(len(data) * cut) if cut < 1 else cut])
     assert out is None and (rec.status, rec.reason) == ("rejected", images.TRUNCATED), rec.message
 
 
 @pytest.mark.parametrize("fmt", ["WEBP", "PNG", "TIFF"], ids=["animated-webp", "apng", "multipage-tiff"])
 def test_multi_frame_files_use_the_first_frame_and_say_so(tmp_path, fmt):
-    frames = [Image.fromarray(_photo(60, 80, seed=i)) for i in range(3)]
+    frames = [Image.fromarray(photo(60, 80, seed=i)) for i in range(3)]
     kw = {"lossless": True} if fmt == "WEBP" else {}
     path = tmp_path / f"anim.{fmt.lower()}"
-    path.write_bytes(_save(frames[0], fmt, save_all=True, append_images=frames[1:], duration=50, **kw))
+    path.write_bytes(encode(frames[0], fmt, save_all=True, append_images=frames[1:], duration=50, **kw))
     record, px = preprocess_file(path, tmp_path, SMALL)
     assert (record.status, record.format, record.message) == ("ok", fmt, "first of 3 frames")
-    _, first = _decoded(_save(frames[0], fmt, **kw))
+    _, first = _decoded(encode(frames[0], fmt, **kw))
     np.testing.assert_array_equal(px, first)
 
 
@@ -393,14 +376,14 @@ def _as_stored(upright: np.ndarray, orientation: int) -> np.ndarray:
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "TIFF"])
 @pytest.mark.parametrize("orientation", range(1, 9))
 def test_every_exif_orientation_is_displayed_upright(fmt, orientation):
-    upright = _photo(60, 80)  # displayed landscape 80×60
+    upright = photo(60, 80)  # displayed landscape 80×60
     stored = Image.fromarray(_as_stored(upright, orientation))
     if fmt == "TIFF":  # the orientation is a tag of the TIFF itself
-        data = _save(stored, fmt, tiffinfo={images.ORIENTATION_TAG: orientation})
+        data = encode(stored, fmt, tiffinfo={images.ORIENTATION_TAG: orientation})
     else:  # PNG: an eXIf chunk; JPEG: an APP1 Exif segment
         exif = Image.Exif()
         exif[images.ORIENTATION_TAG] = orientation
-        data = _save(stored, fmt, exif=exif.tobytes(), **({"quality": 95} if fmt == "JPEG" else {}))
+        data = encode(stored, fmt, exif=exif.tobytes(), **({"quality": 95} if fmt == "JPEG" else {}))
     rec, out = _decoded(data)
     assert (rec.status, rec.size, rec.message) == ("ok", (80, 60), "")
     _, expected = _decoded(_png(upright))
@@ -434,11 +417,11 @@ def _exif_with_orientation(kind: int, count: int, value: bytes) -> bytes:
 )
 @pytest.mark.filterwarnings("ignore::UserWarning")  # Pillow warns about the corrupt EXIF, rightly
 def test_unusable_exif_is_ignored_not_fatal(fmt, exif, remark):
-    picture = Image.fromarray(_photo(60, 80))
-    rec, out = _decoded(_save(picture, fmt, exif=exif, **({"lossless": True} if fmt == "WEBP" else {})))
+    picture = Image.fromarray(photo(60, 80))
+    rec, out = _decoded(encode(picture, fmt, exif=exif, **({"lossless": True} if fmt == "WEBP" else {})))
     assert (rec.status, rec.size) == ("ok", (80, 60)), rec.message
     assert rec.message.startswith(remark) if remark else rec.message == ""
-    _, plain = _decoded(_save(picture, fmt, **({"lossless": True} if fmt == "WEBP" else {})))
+    _, plain = _decoded(encode(picture, fmt, **({"lossless": True} if fmt == "WEBP" else {})))
     assert np.abs(out.astype(float) - plain.astype(float)).mean() < 1.0  # used as stored
 
 
@@ -447,27 +430,21 @@ def test_tiff_with_a_bogus_orientation_is_used_as_stored(value):
     tags = TiffImagePlugin.ImageFileDirectory_v2()
     tags[images.ORIENTATION_TAG] = value
     tags.tagtype[images.ORIENTATION_TAG] = TiffTags.ASCII if isinstance(value, str) else TiffTags.SHORT
-    picture = _photo(60, 80)
-    rec, out = _decoded(_save(Image.fromarray(picture), "TIFF", tiffinfo=tags))
+    picture = photo(60, 80)
+    rec, out = _decoded(encode(Image.fromarray(picture), "TIFF", tiffinfo=tags))
     assert (rec.status, rec.size) == ("ok", (80, 60)), rec.message
     np.testing.assert_array_equal(out, _decoded(_png(picture))[1])
 
 
-def _huge_png(width: int, height: int) -> bytes:
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    idat = zlib.compress(b"\0" * 64)
-    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
-
-
 def _huge_jpeg() -> bytes:
-    data = bytearray(_jpeg(Image.fromarray(_photo(60, 80))))
+    data = bytearray(_jpeg(Image.fromarray(photo(60, 80))))
     sof = data.index(b"\xff\xc0")
     data[sof + 5 : sof + 9] = struct.pack(">HH", 65000, 65000)
     return bytes(data)
 
 
 def _huge_tiff() -> bytes:
-    data = bytearray(_save(Image.fromarray(_photo(60, 80)), "TIFF"))
+    data = bytearray(encode(Image.fromarray(photo(60, 80)), "TIFF"))
     ifd = struct.unpack("<I", data[4:8])[0]
     for i in range(struct.unpack("<H", data[ifd : ifd + 2])[0]):
         at = ifd + 2 + 12 * i
@@ -480,9 +457,9 @@ def _huge_tiff() -> bytes:
 @pytest.mark.parametrize(
     "data, pre",
     [
-        (_huge_png(100_000, 100_000), SMALL),  # beyond 2x the limit: Image.open refuses it
-        (_huge_png(15_000, 15_000), SMALL),  # between 1x and 2x the limit: Pillow's warning, made an error
-        (_huge_png(10_000, 10_000), Preprocess(crop_size=56, resize_size=64, max_pixels=1_000_000)),  # by ours
+        (png_claiming(100_000, 100_000), SMALL),  # beyond 2x the limit: Image.open refuses it
+        (png_claiming(15_000, 15_000), SMALL),  # between 1x and 2x the limit: Pillow's warning, made an error
+        (png_claiming(10_000, 10_000), Preprocess(crop_size=56, resize_size=64, max_pixels=1_000_000)),  # by ours
         (_huge_jpeg(), SMALL),
         (_huge_tiff(), SMALL),
     ],
@@ -510,15 +487,15 @@ def test_gif_without_frames_is_rejected():
 
 
 def _fuzz_seeds() -> dict[str, bytes]:
-    rgb = Image.fromarray(_photo(60, 80))
+    rgb = Image.fromarray(photo(60, 80))
     exif = Image.Exif()
     exif[images.ORIENTATION_TAG] = 6
     return {
-        "jpeg": _save(rgb, "JPEG", quality=90, exif=exif.tobytes()),
-        "png": _save(rgb.convert("P"), "PNG", transparency=0, exif=exif.tobytes()),
-        "gif": _save(rgb.convert("P"), "GIF", save_all=True, append_images=[rgb.convert("P")]),
-        "webp": _save(rgb, "WEBP", quality=80, exif=exif.tobytes()),
-        "tiff": _save(rgb, "TIFF", compression="tiff_lzw", tiffinfo={images.ORIENTATION_TAG: 6}),
+        "jpeg": encode(rgb, "JPEG", quality=90, exif=exif.tobytes()),
+        "png": encode(rgb.convert("P"), "PNG", transparency=0, exif=exif.tobytes()),
+        "gif": encode(rgb.convert("P"), "GIF", save_all=True, append_images=[rgb.convert("P")]),
+        "webp": encode(rgb, "WEBP", quality=80, exif=exif.tobytes()),
+        "tiff": encode(rgb, "TIFF", compression="tiff_lzw", tiffinfo={images.ORIENTATION_TAG: 6}),
     }
 
 
@@ -557,7 +534,7 @@ def test_odd_file_names_are_listed_and_recorded_as_valid_utf8(tmp_path):
 
     from imgsim_assets.core import tables
 
-    picture = _png(_photo(60, 80))
+    picture = _png(photo(60, 80))
     root = os.fsencode(tmp_path)
     latin1 = b"caf\xe9.png"  # not UTF-8: Python carries the byte as a lone surrogate
     long_name = ("é" * 125).encode() + b".png"  # 254 bytes of UTF-8
@@ -640,7 +617,7 @@ def _device(path):
     ids=["fifo", "socket", "dir-link", "device"],
 )  # fmt: skip
 def test_non_regular_files_are_rejected_without_reading(tmp_path, make, message):
-    (tmp_path / "real.png").write_bytes(_png(_photo(60, 80)))
+    (tmp_path / "real.png").write_bytes(_png(photo(60, 80)))
     odd = tmp_path / "odd.png"
     make(odd)
     # Listed, so that it gets its row (the files behind a linked folder are not listed).
@@ -651,9 +628,9 @@ def test_non_regular_files_are_rejected_without_reading(tmp_path, make, message)
 
 
 def test_a_subfolder_that_cannot_be_listed_gets_a_row(tmp_path):
-    (tmp_path / "real.png").write_bytes(_png(_photo(60, 80)))
+    (tmp_path / "real.png").write_bytes(_png(photo(60, 80)))
     (tmp_path / "locked").mkdir()
-    (tmp_path / "locked" / "inside.png").write_bytes(_png(_photo(60, 80)))
+    (tmp_path / "locked" / "inside.png").write_bytes(_png(photo(60, 80)))
     errors = [PermissionError(13, "Permission denied", str(tmp_path / "locked"))]
     real_scandir = os.scandir
 
@@ -673,7 +650,7 @@ def test_a_subfolder_that_cannot_be_listed_gets_a_row(tmp_path):
 
 def test_a_file_over_the_size_limit_is_rejected_unread(tmp_path, monkeypatch):
     path = tmp_path / "big.png"
-    path.write_bytes(_png(_photo(60, 80)))
+    path.write_bytes(_png(photo(60, 80)))
     monkeypatch.setattr(images, "_read_fd", lambda fd: pytest.fail("read a file over the limit"))
     record, px = preprocess_file(path, tmp_path, Preprocess(crop_size=56, resize_size=64, max_file_bytes=1000))
     assert (px, record.reason) == (None, images.TOO_LARGE)
@@ -686,7 +663,7 @@ def test_a_pixel_limit_above_pillows_own_is_honoured(tmp_path, monkeypatch):
     # Pillow's own limit (a module global, 89.5 Mpx by default) scaled down for a small file.
     monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 10_000)
     path = tmp_path / "wide.png"
-    path.write_bytes(_png(_photo(120, 120)))  # 14,400 pixels
+    path.write_bytes(_png(photo(120, 120)))  # 14,400 pixels
     assert preprocess_file(path, tmp_path, Preprocess(crop_size=56, resize_size=64, max_pixels=12_000))[0].reason \
         == images.DECOMPRESSION_BOMB
     record, px = preprocess_file(path, tmp_path, Preprocess(crop_size=56, resize_size=64, max_pixels=20_000))
@@ -771,7 +748,7 @@ def test_a_file_without_read_permission_is_unreadable():
     folder = tempfile.mkdtemp(prefix="imgsim-perm-")
     try:
         os.chmod(folder, 0o755)
-        data = _png(_photo(60, 80))
+        data = _png(photo(60, 80))
         for name, mode in (("open.png", 0o644), ("closed.png", 0o000)):
             with open(os.path.join(folder, name), "wb") as f:
                 f.write(data)
@@ -802,7 +779,7 @@ def test_a_file_without_read_permission_is_unreadable():
 @pytest.mark.parametrize("change, times", [("append", "once"), ("append", "always"), ("touch", "always")])
 def test_a_file_that_changes_while_read_is_read_again(tmp_path, monkeypatch, change, times):
     path = tmp_path / "copying.png"
-    path.write_bytes(_png(_photo(60, 80)))
+    path.write_bytes(_png(photo(60, 80)))
     changes = []
     read_fd = images._read_fd
 
@@ -845,7 +822,7 @@ def test_a_mode_without_an_rgb_conversion_is_rejected_as_unsupported(monkeypatch
     to_rgb = images._to_rgb
     monkeypatch.setattr(images, "_to_rgb", lambda im: to_rgb(Image.new("La", im.size)))
     record = images.ImageRecord(path="x.png")
-    assert decode(_png(_photo(60, 80)), SMALL, record) is None
+    assert decode(_png(photo(60, 80)), SMALL, record) is None
     assert (record.reason, record.message) == (images.UNSUPPORTED_MODE,
                                                "mode La: conversion from La to L not supported")
 

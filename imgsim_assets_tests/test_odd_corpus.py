@@ -2,12 +2,9 @@
 processes: every entry is one row of raw_images (ok or rejected, with its reason), every ok
 image is embedded exactly once, nothing crashes or hangs, and a rerun changes nothing."""
 
-import io
 import os
 import shutil
 import socket
-import struct
-import zlib
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -19,27 +16,11 @@ from imgsim_assets.definitions import build_definitions
 from imgsim_assets.ingest import ingest
 from imgsim_assets.resources import EncoderResource, PreprocessResource
 from imgsim_assets.settings import Settings
+from imgsim_assets_tests.pictures import encode, photo, png_claiming
 
 
 def _picture(seed: int, h: int = 60, w: int = 80) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:h, 0:w]
-    a = np.stack([xx * 255 // w, yy * 255 // h, (xx * yy + seed * 37) % 256], axis=-1)
-    return Image.fromarray(np.clip(a + rng.integers(0, 30, a.shape), 0, 255).astype(np.uint8))
-
-
-def _save(im: Image.Image, fmt: str, **kw) -> bytes:
-    buf = io.BytesIO()
-    im.save(buf, format=fmt, **kw)
-    return buf.getvalue()
-
-
-def _png_claiming(width: int, height: int) -> bytes:
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return Image.fromarray(photo(h, w, seed))
 
 
 def _hostile_batch(images_dir, outside):
@@ -53,24 +34,24 @@ def _hostile_batch(images_dir, outside):
     palette = _picture(9).convert("P")
     palette.info["transparency"] = 0
     files = {
-        "plain.jpg": (_save(_picture(1), "JPEG"), ""),
-        "copy_of_plain.jpg": (_save(_picture(1), "JPEG"), ""),  # same bytes: one image_id
-        "rotated.jpg": (_save(_picture(2), "JPEG", exif=exif.tobytes()), ""),
-        "cmyk.jpg": (_save(_picture(3).convert("CMYK"), "JPEG"), ""),
-        "sixteen.png": (_save(Image.fromarray(np.asarray(_picture(4).convert("L"), np.uint16) * 257), "PNG"), ""),
-        "one_bit.png": (_save(_picture(5).convert("1"), "PNG"), ""),
-        "palette_transparent.png": (_save(palette, "PNG"), ""),
-        "animated.gif": (_save(frames[0], "GIF", save_all=True, append_images=frames[1:]), ""),
-        "animated.webp": (_save(_picture(6), "WEBP", save_all=True, append_images=[_picture(7)]), ""),
-        "pages.tiff": (_save(_picture(8), "TIFF", save_all=True, append_images=[_picture(9)]), ""),
-        "nested/deeper/inside.png": (_save(_picture(10), "PNG"), ""),
+        "plain.jpg": (encode(_picture(1), "JPEG"), ""),
+        "copy_of_plain.jpg": (encode(_picture(1), "JPEG"), ""),  # same bytes: one image_id
+        "rotated.jpg": (encode(_picture(2), "JPEG", exif=exif.tobytes()), ""),
+        "cmyk.jpg": (encode(_picture(3).convert("CMYK"), "JPEG"), ""),
+        "sixteen.png": (encode(Image.fromarray(np.asarray(_picture(4).convert("L"), np.uint16) * 257), "PNG"), ""),
+        "one_bit.png": (encode(_picture(5).convert("1"), "PNG"), ""),
+        "palette_transparent.png": (encode(palette, "PNG"), ""),
+        "animated.gif": (encode(frames[0], "GIF", save_all=True, append_images=frames[1:]), ""),
+        "animated.webp": (encode(_picture(6), "WEBP", save_all=True, append_images=[_picture(7)]), ""),
+        "pages.tiff": (encode(_picture(8), "TIFF", save_all=True, append_images=[_picture(9)]), ""),
+        "nested/deeper/inside.png": (encode(_picture(10), "PNG"), ""),
         "empty.jpg": (b"", images.EMPTY_FILE),
         "page.jpg": (b"<!doctype html><html><body>404</body></html>", images.NOT_AN_IMAGE),
-        "cut.jpg": (_save(_picture(11, 300, 400), "JPEG")[:2000], images.TRUNCATED),
-        "cut.png": (_save(_picture(12), "PNG")[:300], images.TRUNCATED),
-        "bomb.png": (_png_claiming(100_000, 100_000), images.DECOMPRESSION_BOMB),
-        "tiny.png": (_save(_picture(13, 8, 8), "PNG"), images.TOO_SMALL),
-        "x" * 250 + ".png": (_save(_picture(14), "PNG"), ""),  # 254 bytes, near NAME_MAX
+        "cut.jpg": (encode(_picture(11, 300, 400), "JPEG")[:2000], images.TRUNCATED),
+        "cut.png": (encode(_picture(12), "PNG")[:300], images.TRUNCATED),
+        "bomb.png": (png_claiming(100_000, 100_000), images.DECOMPRESSION_BOMB),
+        "tiny.png": (encode(_picture(13, 8, 8), "PNG"), images.TOO_SMALL),
+        "x" * 250 + ".png": (encode(_picture(14), "PNG"), ""),  # 254 bytes, near NAME_MAX
     }
     for name, (data, _) in files.items():
         (batch / name).write_bytes(data)
@@ -78,10 +59,10 @@ def _hostile_batch(images_dir, outside):
 
     latin1 = os.fsencode(batch) + b"/caf\xe9.png"  # a Latin-1 name, not valid UTF-8
     with open(latin1, "wb") as f:
-        f.write(_save(_picture(15), "PNG"))
+        f.write(encode(_picture(15), "PNG"))
     expected["odd/caf\\xe9.png"] = ""
 
-    (outside / "secret.png").write_bytes(_save(_picture(16), "PNG"))
+    (outside / "secret.png").write_bytes(encode(_picture(16), "PNG"))
     (batch / "escape.png").symlink_to(outside / "secret.png")
     (batch / "link_to_plain.jpg").symlink_to(batch / "plain.jpg")  # inside the root: followed
     (batch / "dangling.png").symlink_to(batch / "no_such_file.png")
