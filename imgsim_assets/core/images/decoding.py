@@ -1,0 +1,201 @@
+"""Bytes → an upright RGB uint8 tensor with Pillow, and what each way a decode fails means:
+EXIF orientation, modes to RGB, truncation, and the pixel limit against decompression bombs."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+import struct
+import warnings
+import zlib
+from typing import Iterator
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from imgsim_assets.core.images.protocol import PATCH_SIZE, Preprocess, resize_and_crop
+from imgsim_assets.core.images.reasons import (
+    DECODE_ERROR, DECOMPRESSION_BOMB, EMPTY_FILE, NOT_AN_IMAGE, TOO_SMALL, TRUNCATED, UNSUPPORTED_MODE, Rejected,
+)  # fmt: skip
+from imgsim_assets.core.images.records import ImageRecord
+
+ORIENTATION_TAG = 0x0112
+# How to turn the stored pixels upright for each EXIF orientation (EXIF 2.3, tag 0x0112: where
+# the stored 0th row and 0th column lie in the displayed picture). 1 and absent: as stored.
+UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,  # 0th row top, 0th column right: mirrored
+    3: Image.Transpose.ROTATE_180,  # bottom, right
+    4: Image.Transpose.FLIP_TOP_BOTTOM,  # bottom, left
+    5: Image.Transpose.TRANSPOSE,  # left, top
+    6: Image.Transpose.ROTATE_270,  # right, top: display rotates 90° clockwise
+    7: Image.Transpose.TRANSVERSE,  # right, bottom
+    8: Image.Transpose.ROTATE_90,  # left, bottom: display rotates 90° counter-clockwise
+}
+
+# Formats Pillow can open that are never decoded: Pillow renders EPS by running Ghostscript,
+# an external PostScript interpreter, on the file (a program, not a picture).
+EXCLUDED_FORMATS = frozenset({"EPS"})
+
+# Transparent pixels are composited on this colour so that RGBA and RGB copies of the same
+# picture land close together.
+BACKGROUND = (255, 255, 255)
+
+# What Pillow's readers raise for a corrupt file: OSError from the decoders, SyntaxError,
+# struct.error and friends from the header parsers, zlib.error from a broken deflate stream.
+_DECODER_ERRORS = (
+    OSError, SyntaxError, ValueError, TypeError, KeyError, IndexError, EOFError,
+    struct.error, zlib.error, ArithmeticError,
+)  # fmt: skip
+_BUFFER_REPR = re.compile(r" ?<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
+_TRUNCATION = re.compile(r"truncated|broken data stream|premature end|unexpected end", re.IGNORECASE)
+
+
+def decode(data: bytes, pre: Preprocess, record: ImageRecord) -> np.ndarray | None:
+    """:func:`decode_pixels` for callers that hold bytes rather than a file: a rejection goes
+    into ``record`` and the result is None. Never raises for bad data."""
+    try:
+        return decode_pixels(data, pre, record)
+    except Rejected as e:
+        record.reject(e)
+        return None
+
+
+def decode_pixels(data: bytes, pre: Preprocess, record: ImageRecord) -> np.ndarray:
+    """Decode and preprocess one image to uint8 ``3×H×W``, filling in ``record``'s format,
+    size and remarks; raises :class:`Rejected` for every failure, each mapped to a reason."""
+    if not data:
+        raise Rejected(EMPTY_FILE, "file is empty")
+    try:
+        with warnings.catch_warnings(), _pixel_limit(pre.max_pixels):
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return _decode(data, pre, record)
+    except Rejected:
+        raise
+    except UnidentifiedImageError as e:
+        # Pillow names the in-memory buffer, address included: drop it, messages stay stable.
+        raise Rejected(NOT_AN_IMAGE, _BUFFER_REPR.sub("", str(e))) from e
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise Rejected(DECOMPRESSION_BOMB, str(e)) from e
+    except _DECODER_ERRORS as e:
+        message = str(e) if isinstance(e, OSError) else f"{type(e).__name__}: {e}"
+        truncated = _TRUNCATION.search(message) or _cut_short(data)
+        raise Rejected(TRUNCATED if truncated else DECODE_ERROR, message) from e
+    except Exception as e:  # noqa: BLE001
+        # Last resort: a decoder bug outside the errors above (MemoryError, an assertion in a
+        # plugin) must cost one file, not the batch. The type name says what to map next.
+        raise Rejected(DECODE_ERROR, f"unexpected {type(e).__name__}: {e}") from e
+
+
+def _decode(data: bytes, pre: Preprocess, record: ImageRecord) -> np.ndarray:
+    im = Image.open(io.BytesIO(data), formats=_open_formats())
+    record.format = im.format or ""
+    width, height = im.size
+    orientation, exif_remark = _orientation(im)
+    transposed = orientation in (5, 6, 7, 8)
+    # The manifest reports the size as displayed, i.e. after EXIF rotation.
+    record.width, record.height = (height, width) if transposed else (width, height)
+    if width * height > pre.max_pixels:
+        raise Rejected(DECOMPRESSION_BOMB, f"{width}x{height} pixels exceeds the limit of {pre.max_pixels}")
+    if width < PATCH_SIZE or height < PATCH_SIZE:
+        raise Rejected(TOO_SMALL, f"{width}x{height} is smaller than one {PATCH_SIZE}px patch")
+    if pre.draft and im.format == "JPEG":
+        # DCT-domain downscale: decodes at 1/2, 1/4 or 1/8 size, never below the resize
+        # target. The target is for the upright image; draft works before the rotation.
+        target_w, target_h = pre.resized_size(*record.size)
+        im.draft("RGB", (target_h, target_w) if transposed else (target_w, target_h))
+    im.load()
+    if orientation != 1 and _orientation(im)[0] != orientation:
+        # The reader rotated the pixels itself while loading and dropped the tag; it reported
+        # the upright size from the start (recent Pillows' TIFF reader does).
+        orientation = 1
+        record.width, record.height = width, height
+    upright = im.transpose(UPRIGHT[orientation]) if orientation != 1 else im
+    pixels = np.asarray(resize_and_crop(_to_rgb(upright), pre), dtype=np.uint8).transpose(2, 0, 1).copy()
+    frames, frames_remark = _frame_count(im)
+    if frames > 1:
+        record.note(f"first of {frames} frames")
+    for remark in (frames_remark, exif_remark):
+        if remark:
+            record.note(remark)
+    return pixels
+
+
+def _open_formats() -> list[str]:
+    """The formats :func:`decode` opens: all that Pillow knows but ``EXCLUDED_FORMATS``."""
+    Image.init()
+    return [f for f in Image.ID if f not in EXCLUDED_FORMATS]
+
+
+def _orientation(im: Image.Image) -> tuple[int, str]:
+    """The EXIF orientation, 1 to 8, and a remark when the tag or the EXIF block is unusable
+    (then the picture is used as stored, orientation 1)."""
+    try:
+        value = im.getexif().get(ORIENTATION_TAG, 1)
+    except _DECODER_ERRORS as e:
+        return 1, f"EXIF ignored ({type(e).__name__}: {e})"
+    if isinstance(value, int) and value in UPRIGHT:
+        return value, ""
+    return 1, "" if (isinstance(value, int) and value == 1) else f"EXIF orientation {value!r} ignored"
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode in ("P", "L", "RGB") and "transparency" in im.info:
+        # A palette entry's alpha or a colour key (PNG tRNS, GIF): transparent like alpha.
+        im = im.convert("RGBA")
+    if im.mode == "RGB":
+        return im
+    if im.mode.startswith("I;16") or im.mode in ("I", "F"):
+        # 16/32-bit and float greyscale: scale to 8 bits instead of clipping above 255. 16-bit
+        # data spans 0-65535; 32-bit integers and floats are scaled by their maximum (floats
+        # in 0-1, the usual convention, by 1).
+        a = np.asarray(im, dtype=np.float64)
+        peak = float(np.nanmax(a)) if a.size else 0.0
+        top = 65535.0 if im.mode.startswith("I;16") else (1.0 if im.mode == "F" and peak <= 1.0 else max(peak, 1.0))
+        a = np.clip(np.nan_to_num(a / top * 255.0 + 0.5), 0, 255).astype(np.uint8)
+        return Image.fromarray(a, "L").convert("RGB")
+    try:
+        if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+            rgba = im.convert("RGBA")
+            canvas = Image.new("RGB", rgba.size, BACKGROUND)
+            canvas.paste(rgba, mask=rgba.getchannel("A"))
+            return canvas
+        return im.convert("RGB")
+    except ValueError as e:  # Pillow: "conversion from X to Y not supported"
+        raise Rejected(UNSUPPORTED_MODE, f"mode {im.mode}: {e}") from e
+
+
+def _frame_count(im: Image.Image) -> tuple[int, str]:
+    """How many frames (pages) the file has, and a remark when that cannot be told.
+
+    Asked after the first frame is decoded: counting seeks through the whole file, and a
+    corrupt later frame must not cost the first one.
+    """
+    try:
+        return int(getattr(im, "n_frames", 1)), ""
+    except _DECODER_ERRORS as e:
+        return 1, f"first frame; frame count unknown ({type(e).__name__}: {e})"
+
+
+def _cut_short(data: bytes) -> bool:
+    """Whether the file ends before its container says it does (asked after a decode error)."""
+    if data[:4] == b"RIFF" and len(data) >= 8:  # WebP: the RIFF header holds the length
+        return int.from_bytes(data[4:8], "little") + 8 > len(data)
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return b"IEND" not in data[-12:]
+    if data[:3] == b"GIF":
+        return not data.endswith(b";")
+    if data[:2] == b"\xff\xd8":  # JPEG: ends with EOI, sometimes padded with zeros
+        return not data.rstrip(b"\0").endswith(b"\xff\xd9")
+    return False
+
+
+@contextlib.contextmanager
+def _pixel_limit(max_pixels: int) -> Iterator[None]:
+    """Pillow's own bomb limit (a module global) set to ``max_pixels`` for one decode, so
+    that a limit above Pillow's default is honoured too."""
+    previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, max_pixels
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous

@@ -1,0 +1,229 @@
+"""Decoding good files: JPEG draft, EXIF orientation, modes and transparency to RGB, first frames."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image, TiffImagePlugin, TiffTags
+
+from imgsim_assets.core import images
+from imgsim_assets.core.images import Preprocess, decode, preprocess_file
+from imgsim_assets_tests.pictures import encode, jpeg, photo, png
+
+
+SMALL = Preprocess(crop_size=56, resize_size=64)
+
+
+def _decoded(data: bytes, pre=SMALL) -> tuple[images.ImageRecord, np.ndarray | None]:
+    record = images.ImageRecord(path="x")
+    return record, decode(data, pre, record)
+
+
+def test_jpeg_draft_is_close_to_full_decode():
+    data = jpeg(Image.fromarray(photo(1200, 1600)))
+    full = decode(data, Preprocess(draft=False), images.ImageRecord(path="x")).astype(float)
+    fast = decode(data, Preprocess(draft=True), images.ImageRecord(path="x")).astype(float)
+    assert np.abs(full - fast).mean() < 4.0
+
+
+def test_jpeg_draft_never_decodes_below_the_target_of_a_rotated_image(monkeypatch):
+    # Stored landscape 1200×300 with EXIF orientation 6: displayed portrait 300×1200.
+    exif = Image.Exif()
+    exif[images.ORIENTATION_TAG] = 6
+    data = jpeg(Image.fromarray(photo(300, 1200)), exif=exif.tobytes())
+    pre = Preprocess(protocol="grid", grid_size=(280, 70))  # (height, width) of the upright image
+    resizes = []
+    original = Image.Image.resize
+
+    def spy(self, size, *args, **kwargs):
+        resizes.append((self.size, tuple(size)))
+        return original(self, size, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "resize", spy)
+    record = images.ImageRecord(path="x.jpg")
+    out = decode(data, pre, record)
+    assert out.shape == (3, 280, 70) and record.size == (300, 1200)
+    (src_w, src_h), (dst_w, dst_h) = resizes[-1]
+    assert src_w >= dst_w and src_h >= dst_h, f"decoded {src_w}x{src_h}, upsampled to {dst_w}x{dst_h}"
+    assert (src_w, src_h) == (75, 300)  # 1/4 scale: the smallest that still covers 70×280
+
+
+def test_exif_orientation_is_applied():
+    a = photo(200, 300)
+    exif = Image.Exif()
+    exif[images.ORIENTATION_TAG] = 6  # stored landscape, displayed portrait (rotate 90° clockwise)
+    rec = images.ImageRecord(path="x.jpg")
+    out = decode(jpeg(Image.fromarray(a), exif=exif.tobytes()), Preprocess(draft=False), rec)
+    assert (rec.width, rec.height) == (200, 300)
+    upright = decode(jpeg(Image.fromarray(a).transpose(Image.Transpose.ROTATE_270)), Preprocess(draft=False),
+                     images.ImageRecord(path="y.jpg"))
+    assert np.abs(out.astype(float) - upright.astype(float)).mean() < 3.0
+
+
+def _as_stored(upright: np.ndarray, orientation: int) -> np.ndarray:
+    """The pixels a camera stores for an upright picture, per the EXIF 2.3 definition of the
+    tag: where the stored 0th row and 0th column lie in the displayed picture."""
+    u = upright
+    return {
+        1: lambda: u,  # top, left
+        2: lambda: u[:, ::-1],  # top, right
+        3: lambda: u[::-1, ::-1],  # bottom, right
+        4: lambda: u[::-1, :],  # bottom, left
+        5: lambda: u.transpose(1, 0, 2),  # left, top
+        6: lambda: u.transpose(1, 0, 2)[::-1, :],  # right, top
+        7: lambda: u.transpose(1, 0, 2)[::-1, ::-1],  # right, bottom
+        8: lambda: u.transpose(1, 0, 2)[:, ::-1],  # left, bottom
+    }[orientation]().copy()
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "TIFF"])
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_is_displayed_upright(fmt, orientation):
+    upright = photo(60, 80)  # displayed landscape 80×60
+    stored = Image.fromarray(_as_stored(upright, orientation))
+    if fmt == "TIFF":  # the orientation is a tag of the TIFF itself
+        data = encode(stored, fmt, tiffinfo={images.ORIENTATION_TAG: orientation})
+    else:  # PNG: an eXIf chunk; JPEG: an APP1 Exif segment
+        exif = Image.Exif()
+        exif[images.ORIENTATION_TAG] = orientation
+        data = encode(stored, fmt, exif=exif.tobytes(), **({"quality": 95} if fmt == "JPEG" else {}))
+    rec, out = _decoded(data)
+    assert (rec.status, rec.size, rec.message) == ("ok", (80, 60), "")
+    _, expected = _decoded(png(upright))
+    diff = np.abs(out.astype(float) - expected.astype(float))
+    if fmt == "JPEG":  # compression noise is about 3.5 levels; a wrong orientation is over 50
+        assert diff.mean() < 6.0
+    else:
+        assert diff.max() == 0
+
+
+@pytest.mark.parametrize("value", [9, 0, "6"], ids=["9", "0", "ascii"])
+def test_tiff_with_a_bogus_orientation_is_used_as_stored(value):
+    tags = TiffImagePlugin.ImageFileDirectory_v2()
+    tags[images.ORIENTATION_TAG] = value
+    tags.tagtype[images.ORIENTATION_TAG] = TiffTags.ASCII if isinstance(value, str) else TiffTags.SHORT
+    picture = photo(60, 80)
+    rec, out = _decoded(encode(Image.fromarray(picture), "TIFF", tiffinfo=tags))
+    assert (rec.status, rec.size) == ("ok", (80, 60)), rec.message
+    np.testing.assert_array_equal(out, _decoded(png(picture))[1])
+
+
+def test_rgba_is_composited_on_white():
+    a = np.zeros((64, 64, 4), np.uint8)
+    a[..., 0] = 255  # red, fully transparent
+    out = decode(png(a, "RGBA"), Preprocess(crop_size=56, resize_size=64), images.ImageRecord(path="x"))
+    assert out.min() == 255
+
+
+@pytest.mark.parametrize(
+    "mode, convert",
+    [("CMYK", "CMYK"), ("1", "1"), ("I;16", None), ("P", "P"), ("LA", "LA"), ("L", "L")],
+)
+def test_odd_modes_decode_to_rgb(tmp_path, mode, convert):
+    rgb = Image.fromarray(photo(60, 80))
+    if mode == "I;16":
+        im = Image.fromarray(np.asarray(rgb.convert("L"), dtype=np.uint16) * 257)
+    else:
+        im = rgb.convert(convert)
+    path = tmp_path / ("x.jpg" if mode == "CMYK" else "x.png")
+    im.save(path)
+    record, px = preprocess_file(path, tmp_path, Preprocess(crop_size=56, resize_size=64))
+    assert record.status == "ok", record.message
+    assert px.shape == (3, 56, 56) and px.dtype == np.uint8 and px.std() > 5
+
+
+def test_float_greyscale_is_scaled_not_clipped(tmp_path):
+    ramp = np.tile(np.linspace(0.0, 1.0, 80, dtype=np.float32), (60, 1))  # 0-1 floats, as usual
+    path = tmp_path / "float.tiff"
+    Image.fromarray(ramp, "F").save(path)
+    record, px = preprocess_file(path, tmp_path, SMALL)
+    assert record.status == "ok" and px.max() > 200 and px.std() > 30  # clipped, all would be 0 or 1
+
+
+def test_ycck_jpeg_decodes_like_the_cmyk_original():
+    rgb = photo(60, 80).astype(float)
+    k = 255 - rgb.max(axis=-1)
+    ink = np.dstack([255 - rgb - k[..., None], k])  # C, M, Y with black pulled out into K
+    cmyk = Image.fromarray(np.clip(ink + 0.5, 0, 255).astype(np.uint8), "CMYK")
+    plain = encode(cmyk, "JPEG", quality=95, subsampling=0)
+    # libjpeg's YCCK is YCbCr of (255-C', 255-M', 255-Y') with K' as is, where C'M'Y'K' are the
+    # file's components; Adobe files hold inverted ink (C' = 255-C), so that is YCbCr(C, M, Y)
+    # and 255-K. Pillow's CMYK writer inverts whatever it is given: hand it the complement.
+    c, m, y = ink[..., 0], ink[..., 1], ink[..., 2]
+    components = np.dstack([
+        0.299 * c + 0.587 * m + 0.114 * y,
+        128 - 0.168736 * c - 0.331264 * m + 0.5 * y,
+        128 + 0.5 * c - 0.418688 * m - 0.081312 * y,
+        255 - ink[..., 3],
+    ])  # fmt: skip
+    written = np.clip(255 - components + 0.5, 0, 255).astype(np.uint8)
+    ycck = bytearray(encode(Image.fromarray(written, "CMYK"), "JPEG", quality=95, subsampling=0))
+    app14 = ycck.index(b"\xff\xee")
+    assert ycck[app14 + 4 : app14 + 9] == b"Adobe" and ycck[app14 + 15] == 0  # transform: 0 = plain CMYK
+    ycck[app14 + 15] = 2  # transform: 2 = YCCK
+    ycck = bytes(ycck)
+    assert Image.open(io.BytesIO(ycck)).info.get("adobe_transform") == 2
+
+    rec, out = _decoded(ycck)
+    ref_rec, ref = _decoded(plain)
+    assert (rec.status, rec.format, rec.size) == ("ok", "JPEG", (80, 60)) and ref_rec.status == "ok"
+    assert np.abs(out.astype(float) - ref.astype(float)).mean() < 3.0
+    # The same bytes read as plain CMYK are far off: the comparison above does tell.
+    _, misread = _decoded(ycck[: app14 + 15] + b"\x00" + ycck[app14 + 16 :])
+    assert np.abs(misread.astype(float) - ref.astype(float)).mean() > 30
+
+
+def _transparent_case(kind: str) -> tuple[Image.Image, np.ndarray]:
+    """A picture with transparency held outside an alpha channel, and how it looks on white."""
+    h, w = 60, 80
+    index = np.zeros((h, w), np.uint8)
+    index[:, 40:] = 1
+    index[20:40, 10:30] = 2
+    colours = np.array([[255, 0, 0], [0, 0, 255], [0, 255, 0]], np.uint8)
+    alpha = {"palette-index": [0, 255, 255], "palette-alpha": [0, 255, 128]}.get(kind, [0, 255, 255])
+    if kind.startswith("palette"):
+        im = Image.fromarray(index, "P")
+        im.putpalette(colours.tobytes())
+        im.info["transparency"] = 0 if kind == "palette-index" else bytes(alpha)
+    elif kind == "grey-key":
+        colours = np.array([[50] * 3, [200] * 3, [120] * 3], np.uint8)
+        im = Image.fromarray(colours[index][..., 0], "L")
+        im.info["transparency"] = 50
+    else:  # rgb-key
+        im = Image.fromarray(colours[index], "RGB")
+        im.info["transparency"] = (255, 0, 0)
+    a = np.array(alpha, float)[index][..., None] / 255
+    on_white = np.clip(colours[index] * a + 255 * (1 - a) + 0.5, 0, 255).astype(np.uint8)
+    return im, on_white
+
+
+@pytest.mark.parametrize("kind", ["palette-index", "palette-alpha", "grey-key", "rgb-key"])
+def test_transparency_without_alpha_channel_is_composited_on_white(kind):
+    im, on_white = _transparent_case(kind)
+    data = encode(im, "PNG", transparency=im.info["transparency"])
+    assert b"tRNS" in data
+    rec, out = _decoded(data)
+    _, expected = _decoded(png(on_white))
+    assert rec.status == "ok", rec.message
+    assert np.abs(out.astype(int) - expected.astype(int)).max() <= 2
+    assert out[:, 0, 0].tolist() == [255, 255, 255]  # the transparent red corner is background
+
+
+def test_animated_gif_uses_the_first_frame_and_says_so(tmp_path):
+    frames = [Image.fromarray(photo(60, 80, seed=i)).convert("P") for i in range(3)]
+    path = tmp_path / "anim.gif"
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=50)
+    record, px = preprocess_file(path, tmp_path, Preprocess(crop_size=56, resize_size=64))
+    assert record.status == "ok" and record.message == "first of 3 frames" and px.shape == (3, 56, 56)
+
+
+@pytest.mark.parametrize("fmt", ["WEBP", "PNG", "TIFF"], ids=["animated-webp", "apng", "multipage-tiff"])
+def test_multi_frame_files_use_the_first_frame_and_say_so(tmp_path, fmt):
+    frames = [Image.fromarray(photo(60, 80, seed=i)) for i in range(3)]
+    kw = {"lossless": True} if fmt == "WEBP" else {}
+    path = tmp_path / f"anim.{fmt.lower()}"
+    path.write_bytes(encode(frames[0], fmt, save_all=True, append_images=frames[1:], duration=50, **kw))
+    record, px = preprocess_file(path, tmp_path, SMALL)
+    assert (record.status, record.format, record.message) == ("ok", fmt, "first of 3 frames")
+    _, first = _decoded(encode(frames[0], fmt, **kw))
+    np.testing.assert_array_equal(px, first)
