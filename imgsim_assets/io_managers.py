@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from dagster import ConfigurableIOManager, InputContext, MetadataValue, OutputContext
 
 from imgsim_assets.core import tables
-from imgsim_assets.core.index import PcaModel
+from imgsim_assets.core.index import PcaModel, Shard
 from imgsim_assets.core.search import ImageIndex
 from imgsim_assets.core.storage import atomic_path, move_into_place, publish_dir, remove_stale_temporaries
 
@@ -30,6 +30,14 @@ class StagedFile:
     """A complete artifact already written at ``path``, to be moved into place."""
 
     path: Path
+
+
+def _value_type(context: InputContext):
+    """The annotated type of an input, or of one value when it is ``dict[partition, value]``."""
+    wanted = context.dagster_type.typing_type if context.dagster_type else None
+    if typing.get_origin(wanted) is dict:
+        wanted = typing.get_args(wanted)[1]
+    return wanted
 
 
 class _FileIOManager(ConfigurableIOManager):
@@ -82,9 +90,7 @@ class ParquetIOManager(_FileIOManager):
             pq.write_table(table, tmp)
 
     def _read(self, path: Path, context: InputContext) -> Any:
-        wanted = context.dagster_type.typing_type if context.dagster_type else None
-        if typing.get_origin(wanted) is dict:  # partitions → values: the type of one value
-            wanted = typing.get_args(wanted)[1]
+        wanted = _value_type(context)
         if wanted is pq.ParquetFile:
             return tables.open_stream(path)
         table = pq.read_table(path)
@@ -105,17 +111,23 @@ class NpyIOManager(_FileIOManager):
 
 
 class NpzIOManager(_FileIOManager):
-    """:class:`PcaModel` as plain arrays in ``.npz``."""
+    """Objects made of plain arrays (``to_arrays``/``from_arrays``: :class:`PcaModel`,
+    :class:`Shard`) as ``.npz``; the input's type annotation says which class to rebuild."""
 
     suffix: ClassVar[str] = ".npz"
+    types: ClassVar[tuple[type, ...]] = (PcaModel, Shard)
 
-    def _write(self, path: Path, obj: PcaModel) -> None:
+    def _write(self, path: Path, obj) -> None:
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
             np.savez(f, **obj.to_arrays())
 
-    def _read(self, path: Path, context: InputContext) -> PcaModel:
+    def _read(self, path: Path, context: InputContext):
+        wanted = _value_type(context)
+        if wanted not in self.types:
+            raise TypeError(f"{context.asset_key.to_user_string()} is stored as .npz; annotate the input as one of "
+                            f"{', '.join(t.__name__ for t in self.types)}, not {wanted!r}")
         with np.load(path, allow_pickle=False) as arrays:
-            return PcaModel.from_arrays(arrays)
+            return wanted.from_arrays(arrays)
 
 
 class FaissIOManager(_FileIOManager):

@@ -5,6 +5,7 @@ import pytest
 from sklearn.decomposition import PCA
 
 from imgsim_assets.core import index as ix
+from imgsim_assets.core import recall
 from imgsim_assets.core.search import ImageIndex, similarity_score
 from imgsim_assets.core.storage import publish_dir
 
@@ -111,33 +112,108 @@ def test_index_plan_falls_back_when_the_data_cannot_train_it():
         ix.plan_index(30_000, 256, codec="PQ7")
 
 
-def test_exact_neighbours_stream_leave_the_query_out_and_count_duplicates_once():
+def _flat(r, ids, nlist=1, codec="Flat"):
+    template = ix.build_template(ix.IndexPlan(nlist, codec, r.shape[1]), r)
+    merged, _ = ix.merge_shards(template, [("a", ix.build_shard(template, ids, r))])
+    return merged
+
+
+def test_evaluation_streams_leaves_the_query_out_and_counts_duplicates_once():
     r = ix.normalize_rows(_clustered(n=600, d=16))
     ids = np.arange(600)
     chunks = [(ids[:250], r[:250]), (ids[200:], r[200:])]  # ids 200..249 appear twice
-    truth = ix.exact_neighbours(r[:50], ids[:50], chunks, k=10)
-    sims = r[:50] @ r.T
-    sims[np.arange(50), np.arange(50)] = -np.inf
-    expected = np.argsort(-sims, axis=1, kind="stable")[:, :10]
-    np.testing.assert_array_equal(np.sort(truth, axis=1), np.sort(expected, axis=1))
-    assert not (truth == ids[:50, None]).any()
+    index = _flat(r, ids)
+    evaluation = recall.evaluate(index, r[:50], ids[:50], lambda: chunks)
+    assert evaluation.num_queries == 50 and len(evaluation.curve) == 1
+    assert evaluation.curve[0].recall_at_10 == pytest.approx(1.0) and evaluation.curve[0].one_recall_at_1 == 1.0
+    # A truth that kept the query itself, or counted an id twice, would have failed the exact index.
+    assert (evaluation.pca_recall_at_10, evaluation.pca_one_recall_at_1) == (1.0, 1.0)
 
 
-def test_recall_curve_reaches_exact_search():
-    r = ix.normalize_rows(_clustered())
+def test_tie_aware_recall_counts_equal_scores_as_hits():
+    # Row 0: five copies score 0.99; the truth lists four of them, the index returned the fifth
+    # among its four (a tie, a hit) and, within epsilon, another. Row 1: 0.7 missed, 3 of 4.
+    truth = np.array([[0.99, 0.99, 0.99, 0.99], [0.9, 0.8, 0.7, 0.6]], np.float32)
+    found = np.array([[0.99, 0.99, 0.99, 0.99 - 5e-5], [0.9, 0.8, 0.6, -np.inf]], np.float32)
+    recall_k, one = recall.tie_aware_recall(found, truth)
+    assert recall_k == pytest.approx((4 / 4 + 3 / 4) / 2) and one == 1.0
+    assert recall.tie_aware_recall(found, truth, epsilon=0.0)[0] == pytest.approx((3 / 4 + 3 / 4) / 2)
+    worst_first = np.array([[0.5, 0.99, 0.99, 0.99], [-np.inf, 0.8, 0.6, 0.9]], np.float32)
+    assert recall.tie_aware_recall(worst_first, truth)[1] == 0.0
+    short = np.array([[0.9, -np.inf, -np.inf, -np.inf]], np.float32)  # a database of one vector
+    assert recall.tie_aware_recall(short, short) == (1.0, 1.0)
+
+
+def test_copies_of_one_picture_are_ties_not_misses():
+    rng = np.random.default_rng(0)
+    distinct = ix.normalize_rows(_clustered(n=400, d=32))
+    base = distinct[0]
+    copies = ix.normalize_rows(base + 1e-6 * rng.normal(size=(50, 32)))  # 50 re-encodes of one picture
+    r = np.concatenate([distinct, copies]).astype(np.float32)
     ids = np.arange(len(r))
-    template = ix.train_template(ix.train_centroids(r, 32))
-    merged, _ = ix.merge_shards(template, [("a", ix.build_shard(template, ids, r))])
+    index = _flat(r, ids)
+    queries = np.r_[np.arange(400, 450), np.arange(1, 50)]
+    evaluation = recall.evaluate(index, r[queries], ids[queries], lambda: [(ids, r)])
+    assert evaluation.curve[0].recall_at_10 == pytest.approx(1.0)
+    # Comparing ids instead: among 50 equal vectors the exact order is arbitrary.
+    found = recall.search_excluding_self(index, r[queries], ids[queries], 10)
+    sims = r[queries] @ r.T
+    sims[np.arange(len(queries)), queries] = -np.inf
+    exact_ids = np.argsort(-sims, axis=1, kind="stable")[:, :10]
+    by_id = np.mean([len(np.intersect1d(f, t)) / 10 for f, t in zip(found, exact_ids)])
+    assert by_id < 0.99
+
+
+def test_recall_curve_reaches_exact_search_and_pca_loss_is_apart():
+    x = ix.normalize_rows(_clustered())  # embeddings are unit vectors
+    pca = ix.fit_pca(x, dim=8)
+    r = pca.transform(x)
+    ids = np.arange(len(r))
+    index = _flat(r, ids, nlist=32)
     queries = ix.sample_indices(len(r), 200)
-    truth = ix.exact_neighbours(r[queries], ids[queries], [(ids, r)])
-    curve = ix.recall_curve(merged, r[queries], ids[queries], truth)
-    assert [p.nprobe for p in curve] == [1, 2, 4, 8, 16, 32]
-    assert curve[-1].recall_at_10 == pytest.approx(1.0)
+    ladder = recall.nprobe_ladder(index.nlist)
+    evaluation = recall.evaluate(index, x[queries], ids[queries], lambda: [(ids, x)], pca.transform, ladder)
+    curve = evaluation.curve
+    assert [p.nprobe for p in curve] == ladder == [1, 2, 4, 8, 16, 32]
+    assert curve[-1].recall_at_10 == pytest.approx(1.0)  # every list probed: exact in the PCA space
     recalls = [p.recall_at_10 for p in curve]
     assert recalls == sorted(recalls) and recalls[0] < 1.0
     assert all(p.ms_per_query > 0 for p in curve)
-    chosen = ix.choose_nprobe(curve, 0.95)
+    chosen = evaluation.cheapest(0.95)
     assert chosen.recall_at_10 >= 0.95 and all(p.recall_at_10 < 0.95 for p in curve if p.nprobe < chosen.nprobe)
+    # 8 of 48 dimensions: exact search after PCA misses most of the raw top 10, whatever nprobe;
+    # the loss shrinks as PCA keeps more.
+    assert evaluation.pca_recall_at_10 < 0.5
+    wider = ix.fit_pca(x, dim=40)
+    wider_index = _flat(wider.transform(x), ids)
+    wider_recall = recall.evaluate(wider_index, x[queries], ids[queries], lambda: [(ids, x)], wider.transform)
+    assert wider_recall.pca_recall_at_10 > evaluation.pca_recall_at_10 + 0.2
+    assert recall.evaluate(index, r[queries], ids[queries], lambda: [(ids, r)]).pca_recall_at_10 == 1.0
+
+
+def test_build_template_one_list_is_the_mean_direction_and_factory_comes_from_faiss():
+    r = ix.normalize_rows(_clustered(d=16))
+    exact = ix.build_template(ix.plan_index(len(r), 16), r)
+    np.testing.assert_allclose(ix.shard_centroids(exact)[0], ix.normalize_rows(r.mean(axis=0, keepdims=True))[0],
+                               atol=1e-5)
+    assert ix.factory_of(exact) == "Flat"
+    for codec, name in [("Flat", "IVF8,Flat"), ("SQ8", "IVF8,SQ8"), ("PQ4", "IVF8,PQ4x8")]:
+        template = ix.build_template(ix.IndexPlan(8, codec, 16), r)
+        assert ix.factory_of(template) == name and template.is_trained
+
+
+def test_shard_round_trips_through_plain_arrays(tmp_path):
+    x = _clustered(n=500)
+    pca = ix.fit_pca(x, dim=16)
+    template = ix.build_template(ix.IndexPlan(4, "SQ8", 16), pca.transform(x))
+    shard = ix.Shard.build(template, pca, np.arange(100, 600), x)
+    assert shard.drift == pytest.approx(1.0, abs=0.05)
+    np.savez(tmp_path / "s.npz", **shard.to_arrays())
+    with np.load(tmp_path / "s.npz", allow_pickle=False) as arrays:
+        back = ix.Shard.from_arrays(arrays)
+    assert (back.pca_residual, back.drift) == (shard.pca_residual, shard.drift)
+    assert sorted(ix.ivf_ids(back.index).tolist()) == list(range(100, 600))
+    assert ix.layout_fingerprint(back.index) == ix.layout_fingerprint(template)
 
 
 def test_drift_is_the_pca_residual_relative_to_training():

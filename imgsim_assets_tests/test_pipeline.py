@@ -185,7 +185,7 @@ def test_too_many_clusters_fall_back_and_say_so(pipeline):
     )
     assert result.success
     meta = _latest_metadata(instance, "cluster_centroids").asset_materialization.metadata
-    assert meta["nlist"].value == 1 and "64 clusters need 2496 vectors, have 30" in meta["fallbacks"].value[0]
+    assert meta["nlist"].value == 1 and "nlist 64 needs 2496 vectors, have 30" in meta["fallbacks"].value[0]
 
 
 def test_automation_schedules_and_pools(pipeline):

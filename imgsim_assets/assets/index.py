@@ -12,20 +12,20 @@ import pyarrow.parquet as pq
 from dagster import (
     AssetCheckResult,
     AssetCheckSeverity,
+    AssetCheckSpec,
     AssetExecutionContext,
     AssetIn,
-    AssetKey,
-    AssetRecordsFilter,
     AutomationCondition,
     Config,
     MetadataValue,
     asset,
     asset_check,
+    multi_asset_check,
 )
 from pydantic import Field
 
 from imgsim_assets.core import index as ix
-from imgsim_assets.core import plots, tables
+from imgsim_assets.core import plots, recall, tables
 from imgsim_assets.core.search import ImageIndex
 from imgsim_assets.partitions import image_batches
 from imgsim_assets.policies import GPU_POOL, TRAINED, TRANSIENT_RETRY
@@ -57,6 +57,9 @@ class TemplateConfig(Config):
 
 class IndexConfig(Config):
     recall_target: float = Field(default=0.95, description="nprobe is raised until recall@10 reaches this")
+    nprobe: Optional[int] = Field(default=None, description="use this nprobe instead of tuning it")
+    max_pca_loss: float = Field(default=0.05, description="the pca_loss check warns when exact search after "
+                                "PCA finds less than 1 - this of the raw embeddings' top 10")
     recall_queries: int = Field(default=1000, description="held-out queries sampled from the collection")
     drift_threshold: float = Field(default=1.25, description="a batch whose PCA residual exceeds the training "
                                    "sample's by this factor asks for retraining")
@@ -147,12 +150,9 @@ def cluster_centroids(
     """Spherical k-means centroids (K×d) of PCA-reduced, L2-normalised embeddings (Faiss, on GPU
     when there is one). K ≈ 4·√N by default, trained on a sample of about 64·K vectors."""
     total = _total(image_embeddings)
-    nlist, fallbacks = config.nlist or ix.choose_nlist(total, config.per_sqrt), []
-    if nlist > max(1, total // ix.MIN_POINTS_PER_CENTROID):
-        fallback = ix.choose_nlist(total, config.per_sqrt)
-        fallbacks.append(f"{nlist} clusters need {nlist * ix.MIN_POINTS_PER_CENTROID} vectors, have {total}: using {fallback}")
-        context.log.warning(fallbacks[-1])
-        nlist = fallback
+    nlist, fallbacks = ix.feasible_nlist(total, config.nlist, config.per_sqrt)
+    for note in fallbacks:
+        context.log.warning(note)
     per_centroid = min(max(config.points_per_centroid, 30), ix.MAX_POINTS_PER_CENTROID)
     _, raw = tables.sample_embeddings(image_embeddings, per_centroid * nlist, config.seed)
     sample = pca_model.transform(raw)
@@ -195,21 +195,16 @@ def index_template(
     (Flat) for small ones, else IVF over cluster_centroids with Flat, SQ8 or PQ codes, the most
     precise that fits the memory budget. Factory string, memory and fallbacks are metadata."""
     total = _total(image_embeddings)
-    exact = total <= config.exact_max
     _, raw = tables.sample_embeddings(image_embeddings, ix.MAX_POINTS_PER_CENTROID * max(len(cluster_centroids), 256),
                                       config.seed)
     plan = ix.plan_index(
         total, pca_model.output_dim, memory_budget_bytes=config.memory_budget_mb << 20, exact_max=config.exact_max,
-        nlist=1 if exact else len(cluster_centroids), codec=config.codec, train_samples=len(raw),
+        nlist=1 if total <= config.exact_max else len(cluster_centroids), codec=config.codec, train_samples=len(raw),
     )
     for note in plan.notes:
         context.log.warning(note)
-    sample = pca_model.transform(raw)
-    centroids = ix.normalize_rows(sample.mean(axis=0, keepdims=True)) if plan.nlist == 1 else cluster_centroids
-    if plan.nlist not in (1, len(cluster_centroids)):
-        centroids = ix.train_centroids(sample, plan.nlist, seed=config.seed)
     start = time.perf_counter()
-    template = ix.train_template(centroids, plan.codec, sample)
+    template = ix.build_template(plan, pca_model.transform(raw), np.asarray(cluster_centroids), seed=config.seed)
     context.add_output_metadata(
         {
             "factory": plan.factory,
@@ -229,7 +224,7 @@ def index_template(
 @asset(
     ins={"image_embeddings": AssetIn(), "pca_model": AssetIn(), "index_template": AssetIn()},
     partitions_def=image_batches,
-    io_manager_key="faiss_io_manager",
+    io_manager_key="npz_io_manager",
     group_name="index",
     kinds={"faiss"},
     automation_condition=AutomationCondition.eager(),
@@ -237,10 +232,10 @@ def index_template(
 )
 def faiss_index_shards(
     context: AssetExecutionContext, image_embeddings: pa.Table, pca_model: ix.PcaModel, index_template: faiss.Index
-) -> faiss.Index:
+) -> ix.Shard:
     """The batch's vectors encoded with the current PCA and trained index: a shard whose ids are
-    image_ids. Adding a batch builds only its shard; nothing is retrained. Records the batch's
-    drift: its PCA residual relative to the training sample's."""
+    image_ids. Adding a batch builds only its shard; nothing is retrained. The shard carries the
+    batch's drift: its PCA residual relative to the training sample's."""
     _check_same_encoder({context.partition_key: image_embeddings.schema}, _encoder_identity(pca_model.provenance))
     vectors = tables.embedding_matrix(image_embeddings)
     if vectors.shape[1] != pca_model.input_dim:
@@ -248,35 +243,20 @@ def faiss_index_shards(
             f"batch {context.partition_key} has {vectors.shape[1]}-d embeddings but pca_model expects "
             f"{pca_model.input_dim}-d; retrain pca_model or re-embed the batch"
         )
-    ids = image_embeddings.column("image_id").to_numpy()
-    reduced = pca_model.transform(vectors)
-    shard = ix.build_shard(index_template, ids, reduced)
-    residual = float(pca_model.residual_fraction(vectors).mean()) if len(vectors) else float("nan")
-    drift = residual / pca_model.train_residual if pca_model.train_residual > 0 else float("nan")
-    ivf = faiss.extract_index_ivf(shard)
-    _, sims = ix.nearest_centroid(reduced, ix.shard_centroids(ivf)) if len(reduced) else (None, np.zeros(1))
+    shard = ix.Shard.build(index_template, pca_model, image_embeddings.column("image_id").to_numpy(), vectors)
+    ivf = shard.index
+    _, sims = ix.nearest_centroid(pca_model.transform(vectors), ix.shard_centroids(ivf)) if len(vectors) else (None, np.zeros(1))
     context.add_output_metadata(
         {
-            "num_vectors": int(shard.ntotal),
-            "dim": int(shard.d),
+            "num_vectors": int(ivf.ntotal),
+            "dim": int(ivf.d),
             "nlist": int(ivf.nlist),
-            "pca_residual": residual,
-            "drift": drift,
+            "pca_residual": shard.pca_residual,
+            "drift": shard.drift,
             "mean_similarity_to_centroid": float(sims.mean()),
         }
     )
     return shard
-
-
-def _latest_metadata(context: AssetExecutionContext, asset: str, partition: str | None) -> dict:
-    event = context.instance.get_latest_materialization_event(AssetKey(asset)) if partition is None else None
-    if partition is not None:
-        records = context.instance.fetch_materializations(
-            AssetRecordsFilter(asset_key=AssetKey(asset), asset_partitions=[partition]), limit=1
-        ).records
-        event = records[0].event_log_entry if records else None
-    materialization = event.asset_materialization if event else None
-    return {k: v.value for k, v in materialization.metadata.items()} if materialization else {}
 
 
 def indexed_embeddings(index: ImageIndex, files: dict[str, pq.ParquetFile]) -> dict[str, pq.ParquetFile]:
@@ -285,17 +265,16 @@ def indexed_embeddings(index: ImageIndex, files: dict[str, pq.ParquetFile]) -> d
     return {b: f for b, f in files.items() if b in batches}
 
 
-def held_out_recall(ivf: faiss.IndexIVF, transform, image_embeddings: dict[str, pq.ParquetFile],
-                    n_queries: int, seed: int):
-    """Queries sampled from the indexed embeddings (each searched with itself left out) and
-    their exact top-10 in the same collection: ``(queries, query_ids, truth)``."""
-    indexed = ix.ivf_ids(ivf)
+def evaluate_recall(index: faiss.Index, transform, image_embeddings: dict[str, pq.ParquetFile], n_queries: int,
+                    seed: int, nprobes=None) -> recall.Evaluation:
+    """Tie-aware recall of ``index`` (and the PCA loss) on queries sampled from its own
+    embeddings, each searched with itself left out, against exact search over all of them."""
+    indexed = ix.ivf_ids(index)
     query_ids, raw = tables.sample_embeddings(image_embeddings, n_queries, seed)
     keep = np.isin(query_ids, indexed)
-    query_ids, queries = query_ids[keep], transform(raw[keep])
     files = [f for _, f in sorted(image_embeddings.items())]
-    database = ((ids, transform(x)) for ids, x in tables.iter_embeddings(files))
-    return queries, query_ids, ix.exact_neighbours(queries, query_ids, database, k=10)
+    return recall.evaluate(index, raw[keep], query_ids[keep], lambda: tables.iter_embeddings(files), transform,
+                           nprobes=nprobes)
 
 
 @asset(
@@ -315,7 +294,7 @@ def held_out_recall(ivf: faiss.IndexIVF, transform, image_embeddings: dict[str, 
 def faiss_index(
     context: AssetExecutionContext,
     config: IndexConfig,
-    faiss_index_shards: dict[str, faiss.Index],
+    faiss_index_shards: dict[str, ix.Shard],
     pca_model: ix.PcaModel,
     index_template: faiss.Index,
     raw_images: dict[str, pa.Table],
@@ -323,41 +302,48 @@ def faiss_index(
 ) -> ImageIndex:
     """All shards merged into one index (ids = image_id, each image once) that takes raw
     embeddings as queries, with a catalog of every file path. nprobe is tuned on held-out
-    queries until recall@10 against exact search reaches the target; the curve is plotted."""
+    queries until tie-aware recall@10 against exact search (after PCA) reaches the target; the
+    curve and the PCA loss (exact search after PCA vs on raw embeddings) are metadata."""
     expected = set(context.asset_partition_keys_for_input("faiss_index_shards"))
     pending = sorted(expected - set(faiss_index_shards))
     if pending:
         context.log.warning(f"batches without a shard yet, not in this index: {pending}")
     start = time.perf_counter()
-    merged, duplicates = ix.merge_shards(faiss.downcast_index(index_template), sorted(faiss_index_shards.items()))
+    batches = sorted(faiss_index_shards)
+    merged, duplicates = ix.merge_shards(faiss.downcast_index(index_template),
+                                         [(b, faiss_index_shards[b].index) for b in batches])
     catalog = _catalog(raw_images, ix.ivf_ids(merged))
-    drift = {b: _latest_metadata(context, "faiss_index_shards", b).get("drift") for b in sorted(faiss_index_shards)}
-    plan_factory = "Flat" if merged.nlist == 1 and isinstance(merged, faiss.IndexIVFFlat) else (
-        f"IVF{merged.nlist},{_codec_name(merged)}")
-    factory = f"PCA{pca_model.output_dim}{'W' if pca_model.whiten else ''},L2norm,{plan_factory}"
+    drift = {b: faiss_index_shards[b].drift for b in batches}
+    factory = f"PCA{pca_model.output_dim}{'W' if pca_model.whiten else ''},L2norm,{ix.factory_of(merged)}"
+    embedded = {b: f for b, f in image_embeddings.items() if b in faiss_index_shards}
+    ladder = [config.nprobe] if config.nprobe else recall.nprobe_ladder(merged.nlist)
+    evaluation = evaluate_recall(merged, pca_model.transform, embedded, config.recall_queries, config.seed, ladder)
+    chosen = evaluation.cheapest(config.recall_target) if evaluation.curve else recall.RecallPoint(1, 1.0, 1.0, 0.0)
+    merged.nprobe = chosen.nprobe
     info = {
         "encoder": dict(pca_model.provenance),
         "factory": factory,
         "nlist": int(merged.nlist),
+        "nprobe": chosen.nprobe,
         "num_vectors": int(merged.ntotal),
-        "batches": sorted(faiss_index_shards),
+        "batches": batches,
         "recall_target": config.recall_target,
+        "recall_at_10": chosen.recall_at_10,
+        "one_recall_at_1": chosen.one_recall_at_1,
+        "pca_recall_at_10": evaluation.pca_recall_at_10,
+        "max_pca_loss": config.max_pca_loss,
         "drift": drift,
         "drift_threshold": config.drift_threshold,
     }
-    index = ImageIndex(index=ix.with_pretransform(pca_model, merged), catalog=catalog, info=info)
-    embedded = {b: f for b, f in image_embeddings.items() if b in faiss_index_shards}
-    queries, query_ids, truth = held_out_recall(merged, pca_model.transform, embedded, config.recall_queries, config.seed)
-    curve = ix.recall_curve(merged, queries, query_ids, truth)
-    chosen = ix.choose_nprobe(curve, config.recall_target) if curve else ix.RecallPoint(1, 1.0, 1.0, 0.0)
-    merged.nprobe = chosen.nprobe
-    info.update(nprobe=chosen.nprobe, recall_at_10=chosen.recall_at_10, one_recall_at_1=chosen.one_recall_at_1)
     if chosen.recall_at_10 < config.recall_target:
         context.log.warning(f"recall@10 {chosen.recall_at_10:.3f} is below the target {config.recall_target}")
+    index = ImageIndex(index=ix.with_pretransform(pca_model, merged), catalog=catalog, info=info)
+    curve = evaluation.curve
     metadata = {
         "num_vectors": int(merged.ntotal),
         "recall_at_10": chosen.recall_at_10,
         "one_recall_at_1": chosen.one_recall_at_1,
+        **evaluation.metadata(),
         "ms_per_query": round(chosen.ms_per_query, 4),
         "nprobe": chosen.nprobe,
         "nlist": int(merged.nlist),
@@ -366,11 +352,13 @@ def faiss_index(
         "duplicates_skipped": duplicates,
         "batches": len(faiss_index_shards),
         "batches_pending": MetadataValue.json(pending),
-        "memory_bytes": int(merged.ntotal) * (merged.code_size + ix.ID_BYTES) + int(merged.nlist) * merged.d * 4,
+        "memory_bytes": ix.memory_bytes(merged),
         "build_seconds": round(time.perf_counter() - start, 3),
         "random_weights": info["encoder"].get("weights_file") == "random",
-        "max_drift": max((d for d in drift.values() if d is not None and np.isfinite(d)), default=0.0),
+        "max_drift": max((d for d in drift.values() if np.isfinite(d)), default=0.0),
         "recall_curve": MetadataValue.md(
+            f"PCA loss (exact search after PCA vs raw embeddings): recall@10 {evaluation.pca_recall_at_10:.4f}, "
+            f"1-recall@1 {evaluation.pca_one_recall_at_1:.4f}\n\n"
             "| nprobe | recall@10 | 1-recall@1 | ms/query |\n|---|---|---|---|\n"
             + "\n".join(f"| {p.nprobe} | {p.recall_at_10:.4f} | {p.one_recall_at_1:.4f} | {p.ms_per_query:.4f} |" for p in curve)
         ),
@@ -378,37 +366,51 @@ def faiss_index(
     if curve:
         metadata["recall_curve_plot"] = MetadataValue.md(plots.markdown_image(
             plots.recall_curve([p.nprobe for p in curve], [p.recall_at_10 for p in curve],
-                               [p.ms_per_query for p in curve], config.recall_target), "recall/latency"))
+                               [p.ms_per_query for p in curve], config.recall_target,
+                               pca_recall=evaluation.pca_recall_at_10), "recall/latency"))
     context.add_output_metadata(metadata)
     return index
 
 
-def _codec_name(ivf: faiss.IndexIVF) -> str:
-    ivf = faiss.downcast_index(ivf)
-    if isinstance(ivf, faiss.IndexIVFScalarQuantizer):
-        return "SQ8"
-    if isinstance(ivf, faiss.IndexIVFPQ):
-        return f"PQ{ivf.pq.M}"
-    return "Flat"
-
-
-@asset_check(asset=faiss_index, additional_ins={"image_embeddings": AssetIn()}, blocking=True)
-def faiss_index_recall(faiss_index: ImageIndex, image_embeddings: dict[str, pq.ParquetFile]) -> AssetCheckResult:
-    """recall@10 of the published index at its nprobe, on held-out queries other than the ones
-    it was tuned on, against exact search. Below the target it fails and blocks downstream use."""
-    target = float(faiss_index.info.get("recall_target", 0.95))
-    embedded = indexed_embeddings(faiss_index, image_embeddings)
+@multi_asset_check(
+    specs=[
+        AssetCheckSpec("faiss_index_recall", asset="faiss_index", blocking=True,
+                       additional_deps=["image_embeddings"],
+                       description="Tie-aware recall@10 of the published index at its nprobe against exact "
+                       "search after PCA (the ANN loss), on held-out queries other than the ones it was tuned "
+                       "on. Below the target it fails and blocks downstream use."),
+        AssetCheckSpec("pca_loss", asset="faiss_index", additional_deps=["image_embeddings"],
+                       description="Tie-aware recall@10 of exact search after PCA against exact search on the "
+                       "raw embeddings. Warns when the reduction loses more than max_pca_loss."),
+    ],
+    ins={"faiss_index": AssetIn(), "image_embeddings": AssetIn()},
+)
+def recall_checks(faiss_index: ImageIndex, image_embeddings: dict[str, pq.ParquetFile]):
+    """Re-measures the published index on queries it was not tuned on: the blocking ANN recall
+    gate and the PCA loss warning, from one pass over the embeddings."""
+    info = faiss_index.info
+    target = float(info.get("recall_target", 0.95))
+    max_loss = float(info.get("max_pca_loss", 0.05))
     ivf = faiss_index.ivf
-    queries, query_ids, truth = held_out_recall(ivf, faiss_index.to_index_space, embedded, 1000, seed=1)
-    found = ix.search_excluding_self(ivf, queries, query_ids, 10)
-    recall = ix.recall_at_k(found, truth, 10)
-    one = float(np.mean((found[:, 0] == truth[:, 0]) | (truth[:, 0] < 0))) if len(found) else 1.0
-    return AssetCheckResult(
-        passed=recall >= target,
-        severity=AssetCheckSeverity.ERROR,
-        metadata={"recall_at_10": recall, "one_recall_at_1": one, "target": target, "nprobe": int(ivf.nprobe),
-                  "queries": len(queries)},
-        description=None if recall >= target else f"recall@10 {recall:.3f} < target {target}: raise nprobe or rebuild",
+    evaluation = evaluate_recall(ivf, faiss_index.to_index_space, indexed_embeddings(faiss_index, image_embeddings),
+                                 1000, seed=1)
+    point = evaluation.curve[0]
+    figures = {"recall_at_10": point.recall_at_10, "one_recall_at_1": point.one_recall_at_1, "target": target,
+               "nprobe": int(ivf.nprobe), "queries": evaluation.num_queries, "tie_epsilon": evaluation.epsilon}
+    passed = point.recall_at_10 >= target
+    yield AssetCheckResult(
+        check_name="faiss_index_recall", passed=passed, severity=AssetCheckSeverity.ERROR, metadata=figures,
+        description=None if passed else (f"recall@10 {point.recall_at_10:.3f} < target {target} at nprobe "
+                                         f"{ivf.nprobe}: raise nprobe or rebuild"),
+    )
+    loss = 1.0 - evaluation.pca_recall_at_10
+    yield AssetCheckResult(
+        check_name="pca_loss", passed=loss <= max_loss, severity=AssetCheckSeverity.WARN,
+        metadata={"pca_recall_at_10": evaluation.pca_recall_at_10, "pca_one_recall_at_1": evaluation.pca_one_recall_at_1,
+                  "max_pca_loss": max_loss, "pca_dim": int(ivf.d)},
+        description=None if loss <= max_loss else (
+            f"PCA to {ivf.d} dimensions loses {loss:.1%} of recall@10 (more than {max_loss:.0%}): "
+            "raise pca_model's dim or set its variance"),
     )
 
 

@@ -1,4 +1,6 @@
-"""PCA, k-means centroids, IVF shards, merging, search and measured recall.
+"""PCA, k-means centroids, the sized IVF layout, shards and merging: the one path every index
+is built by (the assets and the benchmarks call these functions; recall is measured in
+:mod:`recall`).
 
 Vectors flow as: embedding (D) → PCA (d) → L2-normalise → IVF over the trained centroids,
 compared by inner product. Shards are IVF indexes over the same centroids, one per batch;
@@ -10,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
@@ -165,6 +166,18 @@ def choose_nlist(n: int, per_sqrt: float = 4.0, max_nlist: int = 65536) -> int:
     return max(1, min(k, n // MIN_POINTS_PER_CENTROID, max_nlist))
 
 
+def feasible_nlist(n: int, requested: int | None = None, per_sqrt: float = 4.0) -> tuple[int, list[str]]:
+    """``requested`` lists (default about ``per_sqrt``·√n) if ``n`` vectors can train them, else
+    the default, with a note saying why."""
+    if requested is None:
+        return choose_nlist(n, per_sqrt), []
+    if requested > max(1, n // MIN_POINTS_PER_CENTROID):
+        fallback = choose_nlist(n, per_sqrt)
+        return fallback, [f"nlist {requested} needs {requested * MIN_POINTS_PER_CENTROID} vectors, have {n}: "
+                          f"using {fallback}"]
+    return max(1, requested), []
+
+
 def train_centroids(x: np.ndarray, k: int, seed: int = 0, niter: int = 20, gpu: bool | None = None) -> np.ndarray:
     """Spherical k-means centroids (K×d) on unit vectors, trained on at most 256·K of them."""
     x = normalize_rows(x)
@@ -240,15 +253,10 @@ def plan_index(
     ``nlist``/``codec`` force a choice; an impossible one (too few vectors to train it) falls
     back to a smaller valid configuration and says so in ``notes``.
     """
-    notes: list[str] = []
     train_samples = n if train_samples is None else train_samples
-    if nlist is None:
-        nlist = 1 if n <= exact_max else choose_nlist(n, per_sqrt)
-    elif nlist > max(1, n // MIN_POINTS_PER_CENTROID):
-        fallback = choose_nlist(n, per_sqrt)
-        notes.append(f"nlist {nlist} needs {nlist * MIN_POINTS_PER_CENTROID} vectors, have {n}: using {fallback}")
-        nlist = fallback
-    nlist = max(1, nlist)
+    if nlist is None and n <= exact_max:
+        nlist = 1
+    nlist, notes = feasible_nlist(n, nlist, per_sqrt)
     if codec is None:
         for candidate in ["Flat", "SQ8", *(f"PQ{m}" for m in _pq_sizes(dim))]:
             codec = candidate
@@ -265,24 +273,13 @@ def plan_index(
 
 
 def empty_ivf(centroids: np.ndarray, codec: str = "Flat") -> faiss.IndexIVF:
-    """An inner-product IVF index over fixed centroids (trained quantizer, empty lists).
-
-    ``Flat`` needs no further training; ``SQ8``/``PQ<m>`` codes still do (:func:`train_template`).
-    """
+    """An inner-product IVF index over fixed centroids (trained quantizer, empty lists), made
+    from its factory string. ``Flat`` needs no further training; ``SQ8``/``PQ<m>`` codes still
+    do (:func:`train_template`)."""
     centroids = np.ascontiguousarray(centroids, dtype=np.float32)
     k, d = centroids.shape
-    quantizer = faiss.IndexFlatIP(d)
-    quantizer.add(centroids)
-    if codec == "Flat":
-        index = faiss.IndexIVFFlat(quantizer, d, k, faiss.METRIC_INNER_PRODUCT)
-    elif codec == "SQ8":
-        index = faiss.IndexIVFScalarQuantizer(quantizer, d, k, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
-    elif codec.startswith("PQ"):
-        index = faiss.IndexIVFPQ(quantizer, d, k, int(codec[2:]), 8, faiss.METRIC_INNER_PRODUCT)
-    else:
-        raise ValueError(f"unknown code {codec!r}")
-    index.own_fields = True
-    quantizer.this.disown()
+    index = faiss.index_factory(d, f"IVF{k},{codec}", faiss.METRIC_INNER_PRODUCT)  # already its IVF class
+    index.quantizer.add(centroids)  # Faiss then skips k-means when the code is trained
     if codec == "Flat":
         index.is_trained = True
     return index
@@ -296,6 +293,31 @@ def train_template(centroids: np.ndarray, codec: str = "Flat", sample: np.ndarra
             raise ValueError(f"the {codec} code needs training vectors")
         index.train(np.ascontiguousarray(sample, dtype=np.float32))  # the quantizer is kept as is
     return index
+
+
+def build_template(plan: IndexPlan, sample: np.ndarray, centroids: np.ndarray | None = None, seed: int = 0,
+                   niter: int = KMEANS_ITERATIONS) -> faiss.IndexIVF:
+    """The trained, empty index of ``plan`` for vectors like ``sample`` (PCA-reduced, unit): IVF
+    over ``centroids``, trained on ``sample`` when not given or not ``plan.nlist`` of them (one
+    list: the sample's mean direction), with the code trained on ``sample``."""
+    if centroids is None or len(centroids) != plan.nlist:
+        centroids = train_centroids(sample, plan.nlist, seed=seed, niter=niter)
+    return train_template(centroids, plan.codec, sample)
+
+
+def factory_of(index: faiss.Index) -> str:
+    """The layout of an index in Faiss' factory vocabulary, read off the index itself;
+    ``Flat`` for exact search (one list of float vectors)."""
+    from faiss.contrib.factory_tools import reverse_index_factory
+
+    name = reverse_index_factory(faiss.extract_index_ivf(index))
+    return "Flat" if name == "IVF1,Flat" else name
+
+
+def memory_bytes(index: faiss.Index) -> int:
+    """What an IVF index holds in memory: codes, ids and centroids."""
+    ivf = faiss.extract_index_ivf(index)
+    return int(ivf.ntotal) * (ivf.code_size + ID_BYTES) + int(ivf.nlist) * ivf.d * 4
 
 
 def layout_fingerprint(index: faiss.Index) -> str:
@@ -320,6 +342,32 @@ def build_shard(template: faiss.IndexIVF, ids: np.ndarray, vectors: np.ndarray) 
     if len(ids):
         index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.asarray(ids, dtype=np.int64))
     return index
+
+
+@dataclass
+class Shard:
+    """One batch in the trained layout, with how far the batch is from what PCA was fitted on
+    (its mean PCA residual, and that over the training sample's: the drift)."""
+
+    index: faiss.IndexIVF
+    pca_residual: float = float("nan")
+    drift: float = float("nan")
+
+    @classmethod
+    def build(cls, template: faiss.IndexIVF, pca: PcaModel, ids: np.ndarray, embeddings: np.ndarray) -> "Shard":
+        index = build_shard(template, ids, pca.transform(embeddings))
+        residual = float(pca.residual_fraction(embeddings).mean()) if len(embeddings) else float("nan")
+        drift = residual / pca.train_residual if pca.train_residual > 0 else float("nan")
+        return cls(index, residual, drift)
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return {"index": faiss.serialize_index(self.index), "pca_residual": np.array(self.pca_residual),
+                "drift": np.array(self.drift)}
+
+    @classmethod
+    def from_arrays(cls, arrays) -> "Shard":
+        index = faiss.deserialize_index(np.asarray(arrays["index"]))  # already its own class
+        return cls(index, float(arrays["pca_residual"]), float(arrays["drift"]))
 
 
 def shard_centroids(shard: faiss.Index) -> np.ndarray:
@@ -376,13 +424,6 @@ def with_pretransform(pca: PcaModel, ivf: faiss.Index) -> faiss.IndexPreTransfor
     return index
 
 
-def recall_at_k(found: np.ndarray, truth: np.ndarray, k: int) -> float:
-    """Mean fraction of the true top-``k`` found in the returned top-``k``."""
-    hits = [len(np.intersect1d(f[:k][f[:k] >= 0], t[:k][t[:k] >= 0])) / max(int((t[:k] >= 0).sum()), 1)
-            for f, t in zip(found, truth)]
-    return float(np.mean(hits)) if len(hits) else 1.0
-
-
 def distinct_chunks(chunks: Iterable[tuple[np.ndarray, np.ndarray]]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """``(ids, vectors)`` chunks with every id kept only the first time it is met (an image in
     several batches is one vector, as in the index)."""
@@ -391,98 +432,6 @@ def distinct_chunks(chunks: Iterable[tuple[np.ndarray, np.ndarray]]) -> Iterator
         keep = ~np.isin(ids, seen)
         seen = np.union1d(seen, ids[keep])
         yield ids[keep], vectors[keep]
-
-
-def exact_neighbours(
-    queries: np.ndarray, query_ids: np.ndarray, database: Iterable[tuple[np.ndarray, np.ndarray]], k: int = 10
-) -> np.ndarray:
-    """Ids of the exact top-``k`` (inner product) of each query, streaming over ``database``
-    chunks of ``(ids, vectors)``. A query's own id is left out (held-out evaluation), and an id
-    met twice counts once, as in the index. Missing neighbours are -1."""
-    queries = np.ascontiguousarray(queries, dtype=np.float32)
-    nq = len(queries)
-    best_s = np.full((nq, k), -np.inf, dtype=np.float32)
-    best_i = np.full((nq, k), -1, dtype=np.int64)
-    for ids, vectors in distinct_chunks(database):
-        if not len(ids):
-            continue
-        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        scores, pos = faiss.knn(queries, vectors, min(k + 1, len(ids)), metric=faiss.METRIC_INNER_PRODUCT)
-        found = ids[pos]
-        scores[found == query_ids[:, None]] = -np.inf
-        all_s = np.concatenate([best_s, scores], axis=1)
-        all_i = np.concatenate([best_i, found], axis=1)
-        order = np.argsort(-all_s, axis=1, kind="stable")[:, :k]
-        best_s = np.take_along_axis(all_s, order, axis=1)
-        best_i = np.take_along_axis(all_i, order, axis=1)
-    best_i[~np.isfinite(best_s)] = -1
-    return best_i
-
-
-def search_excluding_self(index: faiss.Index, queries: np.ndarray, query_ids: np.ndarray, k: int) -> np.ndarray:
-    """Top-``k`` ids from ``index`` with each query's own id removed."""
-    _, found = index.search(np.ascontiguousarray(queries, dtype=np.float32), k + 1)
-    out = np.full((len(queries), k), -1, dtype=np.int64)
-    for row, (ids, own) in enumerate(zip(found, query_ids)):
-        ids = ids[(ids != own) & (ids >= 0)][:k]
-        out[row, : len(ids)] = ids
-    return out
-
-
-@dataclass
-class RecallPoint:
-    nprobe: int
-    recall_at_10: float
-    one_recall_at_1: float
-    ms_per_query: float  # median latency of single-query searches
-
-
-def set_parallel_mode(index: faiss.Index, num_queries: int) -> None:
-    """Few queries: spread one query's inverted lists over the cores; many: one query per core."""
-    ivf = faiss.extract_index_ivf(index)
-    ivf.parallel_mode = 1 if num_queries < faiss.omp_get_max_threads() else 0
-
-
-def single_query_ms(index: faiss.Index, queries: np.ndarray, k: int = 10, n: int = 200) -> float:
-    """Median wall time of one-query searches, in ms (what an interactive user waits)."""
-    times = []
-    set_parallel_mode(index, 1)
-    for q in np.ascontiguousarray(queries[:n], dtype=np.float32):
-        t0 = time.perf_counter()
-        index.search(q[None], k)
-        times.append(time.perf_counter() - t0)
-    set_parallel_mode(index, len(queries))
-    return float(np.median(times) * 1000) if times else 0.0
-
-
-def recall_curve(
-    ivf: faiss.IndexIVF, queries: np.ndarray, query_ids: np.ndarray, truth: np.ndarray, k: int = 10
-) -> list[RecallPoint]:
-    """Recall of ``ivf`` against exact ``truth`` (from :func:`exact_neighbours`) for
-    nprobe = 1, 2, 4, … nlist; ``queries`` are in the index's space (PCA-reduced, unit)."""
-    if not len(queries):
-        return []
-    curve = []
-    nprobe = 1
-    saved = ivf.nprobe
-    while True:
-        ivf.nprobe = nprobe
-        found = search_excluding_self(ivf, queries, query_ids, k)
-        one = float(np.mean((found[:, 0] == truth[:, 0]) | (truth[:, 0] < 0)))
-        curve.append(RecallPoint(nprobe, recall_at_k(found, truth, k), one, single_query_ms(ivf, queries, k)))
-        if nprobe >= ivf.nlist:
-            break
-        nprobe = min(nprobe * 2, ivf.nlist)
-    ivf.nprobe = saved
-    return curve
-
-
-def choose_nprobe(curve: list[RecallPoint], target: float) -> RecallPoint:
-    """The cheapest point of the curve that reaches ``target`` recall@10, else the best one."""
-    for point in curve:
-        if point.recall_at_10 >= target:
-            return point
-    return max(curve, key=lambda p: p.recall_at_10)
 
 
 def nearest_centroid(vectors: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

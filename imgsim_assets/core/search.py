@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from imgsim_assets.core.index import set_parallel_mode
+from imgsim_assets.core.recall import set_parallel_mode
 
 INDEX_FILE = "index.faiss"
 CATALOG_FILE = "catalog.parquet"

@@ -1,0 +1,215 @@
+"""How good an index is: tie-aware recall against exact search, streamed over the database.
+
+Two losses are measured apart, on the same held-out queries:
+
+- **ANN loss**: the index's answers vs exact search in the index's own space (after PCA),
+  the only thing nprobe and the code choice decide;
+- **PCA loss**: exact search after PCA vs exact search on the raw embeddings, what the
+  reduction costs whatever the index does.
+
+Recall is tie-aware, as ANN benchmarks define it: a returned neighbour counts when its exact
+score reaches the k-th exact score minus :data:`TIE_EPSILON`. Among near-identical vectors
+(the same photograph re-encoded fifty times) any order is equally right, so comparing ids
+would count correct answers as misses.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+import faiss
+import numpy as np
+
+from imgsim_assets.core.index import distinct_chunks
+
+TIE_EPSILON = 1e-4  # on unit vectors: well above float32 rounding, far below any real gap
+BLOCK_ROWS = 8192  # database rows scored at once: queries × BLOCK_ROWS floats in memory
+
+Chunks = Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]]
+
+
+@dataclass
+class RecallPoint:
+    nprobe: int
+    recall_at_10: float  # tie-aware, the index vs exact search in its space
+    one_recall_at_1: float  # tie-aware: the first answer is (as good as) the true first
+    ms_per_query: float  # median latency of single-query searches
+
+
+@dataclass
+class Evaluation:
+    """The recall curve of an index (one point per nprobe tried) and the PCA loss."""
+
+    curve: list[RecallPoint]
+    pca_recall_at_10: float = 1.0  # exact search after PCA vs on raw embeddings
+    pca_one_recall_at_1: float = 1.0
+    num_queries: int = 0
+    epsilon: float = TIE_EPSILON
+
+    def cheapest(self, target: float) -> RecallPoint:
+        """The cheapest point reaching ``target`` recall@10, else the best one."""
+        return next((p for p in self.curve if p.recall_at_10 >= target), max(self.curve, key=lambda p: p.recall_at_10))
+
+    def metadata(self) -> dict:
+        return {"pca_recall_at_10": self.pca_recall_at_10, "pca_one_recall_at_1": self.pca_one_recall_at_1,
+                "recall_queries": self.num_queries, "tie_epsilon": self.epsilon}
+
+
+@dataclass
+class _TopK:
+    """The best ``k`` scores per query seen so far, with ids and one payload value each."""
+
+    k: int
+    scores: np.ndarray = field(init=False)
+    ids: np.ndarray = field(init=False)
+    payload: np.ndarray = field(init=False)
+    nq: int = 0
+
+    def __post_init__(self) -> None:
+        self.scores = np.full((self.nq, self.k), -np.inf, np.float32)
+        self.ids = np.full((self.nq, self.k), -1, np.int64)
+        self.payload = np.full((self.nq, self.k), -np.inf, np.float32)
+
+    def add(self, scores: np.ndarray, ids: np.ndarray, payload: np.ndarray | None = None) -> None:
+        take = min(self.k, scores.shape[1])
+        cols = np.argpartition(-scores, take - 1, axis=1)[:, :take]
+        rows = np.arange(len(scores))[:, None]
+        payload = scores if payload is None else payload
+        all_s = np.concatenate([self.scores, scores[rows, cols]], axis=1)
+        all_i = np.concatenate([self.ids, ids[cols]], axis=1)
+        all_p = np.concatenate([self.payload, payload[rows, cols]], axis=1)
+        order = np.argsort(-all_s, axis=1, kind="stable")[:, : self.k]
+        self.scores = np.take_along_axis(all_s, order, axis=1)
+        self.ids = np.take_along_axis(all_i, order, axis=1)
+        self.payload = np.take_along_axis(all_p, order, axis=1)
+        self.ids[~np.isfinite(self.scores)] = -1
+
+
+def tie_aware_recall(found_scores: np.ndarray, truth_scores: np.ndarray, epsilon: float = TIE_EPSILON) -> tuple[float, float]:
+    """(recall@k, 1-recall@1) of answers whose *exact* scores are ``found_scores`` (−inf where
+    nothing was returned) against the exact top-k scores ``truth_scores``, both best first."""
+    available = np.isfinite(truth_scores).sum(axis=1)
+    rows = available > 0
+    if not rows.any():
+        return 1.0, 1.0
+    found, truth, m = found_scores[rows], truth_scores[rows], available[rows]
+    kth = truth[np.arange(len(truth)), m - 1]
+    hits = np.minimum((found >= kth[:, None] - epsilon).sum(axis=1), m)
+    first = found[:, 0] >= truth[:, 0] - epsilon
+    return float(np.mean(hits / m)), float(np.mean(first))
+
+
+def search_excluding_self(index: faiss.Index, queries: np.ndarray, query_ids: np.ndarray, k: int) -> np.ndarray:
+    """Top-``k`` ids from ``index`` with each query's own id removed (-1 where fewer)."""
+    _, found = index.search(np.ascontiguousarray(queries, dtype=np.float32), k + 1)
+    out = np.full((len(queries), k), -1, dtype=np.int64)
+    for row, (ids, own) in enumerate(zip(found, query_ids)):
+        ids = ids[(ids != own) & (ids >= 0)][:k]
+        out[row, : len(ids)] = ids
+    return out
+
+
+def set_parallel_mode(index: faiss.Index, num_queries: int) -> None:
+    """Few queries: spread one query's inverted lists over the cores; many: one query per core."""
+    try:
+        ivf = faiss.extract_index_ivf(index)
+    except RuntimeError:  # not an IVF index: nothing to choose
+        return
+    ivf.parallel_mode = 1 if num_queries < faiss.omp_get_max_threads() else 0
+
+
+def single_query_ms(index: faiss.Index, queries: np.ndarray, k: int = 10, n: int = 200) -> float:
+    """Median wall time of one-query searches, in ms (what an interactive user waits)."""
+    times = []
+    set_parallel_mode(index, 1)
+    for q in np.ascontiguousarray(queries[:n], dtype=np.float32):
+        t0 = time.perf_counter()
+        index.search(q[None], k)
+        times.append(time.perf_counter() - t0)
+    set_parallel_mode(index, len(queries))
+    return float(np.median(times) * 1000) if times else 0.0
+
+
+def nprobe_ladder(nlist: int, max_nprobe: int | None = None) -> list[int]:
+    """nprobe = 1, 2, 4, … up to ``nlist`` (or ``max_nprobe``), the last one included."""
+    top = min(nlist, max_nprobe or nlist)
+    ladder = [1]
+    while ladder[-1] < top:
+        ladder.append(min(ladder[-1] * 2, top))
+    return ladder
+
+
+def _ivf_or_none(index: faiss.Index) -> faiss.IndexIVF | None:
+    try:
+        return faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return None
+
+
+def evaluate(
+    index: faiss.Index,
+    queries: np.ndarray,
+    query_ids: np.ndarray,
+    database: Chunks,
+    transform: Callable[[np.ndarray], np.ndarray] | None = None,
+    nprobes: Sequence[int] | None = None,
+    k: int = 10,
+    latency_queries: int = 200,
+) -> Evaluation:
+    """Tie-aware recall of ``index`` at each of ``nprobes`` (default: as it is set) on held-out
+    queries, and the PCA loss when ``transform`` maps raw vectors into the index's space.
+
+    ``queries`` and the chunks of ``database()`` (``(ids, vectors)``, streamed once, an id met
+    twice counted once, as in the index) are raw vectors; a query's own id is left out of
+    both the answers and the truth. Queries that are not in the database have id -1.
+    """
+    space = transform or (lambda x: np.ascontiguousarray(x, dtype=np.float32))
+    raw_q = np.ascontiguousarray(queries, dtype=np.float32)
+    q = space(raw_q)
+    query_ids = np.asarray(query_ids, dtype=np.int64)
+    nq = len(q)
+    ivf = _ivf_or_none(index)
+    settings = list(nprobes) if nprobes else [int(ivf.nprobe) if ivf is not None else 0]
+
+    answers, latency = [], []
+    saved = ivf.nprobe if ivf is not None else None
+    for nprobe in settings:
+        if ivf is not None and nprobe:
+            ivf.nprobe = nprobe
+        set_parallel_mode(index, nq)
+        answers.append(search_excluding_self(index, q, query_ids, k))
+        latency.append(single_query_ms(index, q, k, n=latency_queries))
+    if ivf is not None:
+        ivf.nprobe = saved
+
+    in_space = _TopK(k, nq=nq)  # exact top-k after PCA, carrying each one's raw score
+    raw = _TopK(k, nq=nq)  # exact top-k on raw vectors
+    found_scores = [np.full((nq, k), -np.inf, np.float32) for _ in settings]
+    wanted = [np.where(a >= 0, a, np.iinfo(np.int64).min) for a in answers]
+    for ids, vectors in distinct_chunks(database()):
+        for start in range(0, len(ids), BLOCK_ROWS):
+            block_ids = ids[start : start + BLOCK_ROWS]
+            block = np.ascontiguousarray(vectors[start : start + BLOCK_ROWS], dtype=np.float32)
+            own = block_ids[None, :] == query_ids[:, None]
+            scores = q @ space(block).T
+            scores[own] = -np.inf
+            raw_scores = None
+            if transform is not None:
+                raw_scores = raw_q @ block.T
+                raw_scores[own] = -np.inf
+                raw.add(raw_scores, block_ids)
+            in_space.add(scores, block_ids, raw_scores)
+            order = np.argsort(block_ids, kind="stable")
+            for want, out in zip(wanted, found_scores):
+                pos = np.minimum(np.searchsorted(block_ids[order], want), len(order) - 1)
+                hit = block_ids[order][pos] == want
+                out[hit] = scores[np.nonzero(hit)[0], order[pos[hit]]]
+
+    curve = []
+    for nprobe, scores, ms in zip(settings, found_scores, latency):
+        recall, one = tie_aware_recall(scores, in_space.scores)
+        curve.append(RecallPoint(int(nprobe), recall, one, ms))
+    pca_recall, pca_one = tie_aware_recall(in_space.payload, raw.scores) if transform is not None else (1.0, 1.0)
+    return Evaluation(curve, pca_recall, pca_one, nq)
