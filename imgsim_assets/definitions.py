@@ -5,7 +5,7 @@ from __future__ import annotations
 from dagster import Definitions, load_asset_checks_from_modules, load_assets_from_modules
 
 from imgsim_assets import jobs
-from imgsim_assets.assets import analysis, embeddings, images, index, milvus, queries
+from imgsim_assets.assets import analysis, embeddings, folders, images, index, milvus, queries
 from imgsim_assets.io_managers import (
     FaissIOManager,
     ImageIndexIOManager,
@@ -32,7 +32,7 @@ def build_definitions(
 ) -> Definitions:
     root = str(settings.assets_dir)
     return Definitions(
-        assets=load_assets_from_modules([images, embeddings, index, queries, analysis, milvus]),
+        assets=load_assets_from_modules([folders, images, embeddings, index, queries, analysis, milvus]),
         asset_checks=load_asset_checks_from_modules([index]),
         jobs=jobs.ALL_JOBS,
         sensors=[new_image_batches],

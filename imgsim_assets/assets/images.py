@@ -6,6 +6,7 @@ import time
 import pyarrow as pa
 from dagster import AssetExecutionContext, AssetOut, MetadataValue, Output, multi_asset
 
+from imgsim_assets.assets.folders import CONSUMED_KEY, batch_folders
 from imgsim_assets.core import images, tables
 from imgsim_assets.io_managers import StagedFile
 from imgsim_assets.partitions import image_batches
@@ -29,6 +30,7 @@ from imgsim_assets.resources import PreprocessResource, StorageResource
         ),
     },
     partitions_def=image_batches,
+    deps=[batch_folders],
     group_name="ingest",
 )
 def batch_images(context: AssetExecutionContext, storage: StorageResource, preprocessing: PreprocessResource):
@@ -36,6 +38,7 @@ def batch_images(context: AssetExecutionContext, storage: StorageResource, prepr
     batch = context.partition_key
     folder = storage.batch_dir(batch)
     files = images.list_batch_files(folder)
+    consumed = images.folder_fingerprint(files)  # before reading: a change made meanwhile shows as one
     pre = preprocessing.preprocess()
     height, width = pre.output_size
     staged = storage.staging_path(".parquet")
@@ -65,7 +68,7 @@ def batch_images(context: AssetExecutionContext, storage: StorageResource, prepr
                 rejected[["path", "reason", "message"]].to_markdown(index=False) if len(rejected) else "none"
             ),
             "folder": MetadataValue.path(str(folder)),
-            "folder_fingerprint": images.folder_fingerprint(files),
+            CONSUMED_KEY: consumed,
         },
     )
     yield Output(

@@ -1,0 +1,95 @@
+"""``batch_folders``: the image batch folders as an observable source asset.
+
+A folder's data version is the fingerprint of its files (names, sizes, mtimes). The sensor and
+``imgsim ingest`` record it as an observation of the folder's partition; ``raw_images`` records
+the fingerprint it read. A batch is changed when the two differ (:func:`folder_changed`, the one
+definition of it), and the UI shows everything downstream of a changed folder as stale.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+from dagster import (
+    AssetKey,
+    AssetObservation,
+    AssetRecordsFilter,
+    BetaWarning,
+    DagsterInstance,
+    DataVersionsByPartition,
+    observable_source_asset,
+)
+from dagster._core.definitions.data_version import DATA_VERSION_TAG
+
+from imgsim_assets.core import images
+from imgsim_assets.partitions import image_batches
+from imgsim_assets.resources import StorageResource
+
+# The data version of a folder that cannot be listed (vanished, unreadable, no files). It differs
+# from every fingerprint, so the batch counts as changed and its run reports the problem.
+UNREADABLE = "unreadable"
+
+# Metadata of raw_images: the fingerprint of the files it read, i.e. the version of the folder
+# the batch's manifest (and pixels: one multi-asset) was built from.
+CONSUMED_KEY = "folder_fingerprint"
+MANIFEST = AssetKey("raw_images")
+
+
+def folder_version(folder: Path) -> str:
+    """The data version of a batch folder: the fingerprint of its files, or ``UNREADABLE``."""
+    try:  # resolved, as raw_images reads it: the fingerprint covers the files' paths
+        return images.folder_fingerprint(images.list_batch_files(folder.resolve()))
+    except (OSError, ValueError):
+        return UNREADABLE
+
+
+def folder_changed(observed: str | None, consumed: str | None) -> bool:
+    """Whether a batch must be read again: its folder's observed version is not the one its
+    manifest was built from (or either is unknown)."""
+    return observed is None or observed != consumed
+
+
+def _observe(context, storage: StorageResource) -> DataVersionsByPartition:
+    """The current version of every batch folder."""
+    batches = context.instance.get_dynamic_partitions(image_batches.name)
+    return DataVersionsByPartition({b: folder_version(storage.batch_dir(b)) for b in batches})
+
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", BetaWarning)  # said once per import of the code location otherwise
+    batch_folders = observable_source_asset(
+        name="batch_folders",
+        partitions_def=image_batches,
+        group_name="ingest",
+        description="One folder of images per image_batches partition, under the images root. Its data "
+        "version is the fingerprint of its files (names, sizes, mtimes); the new_image_batches sensor "
+        "and `imgsim ingest` observe it.",
+    )(_observe)
+
+
+def observation(batch: str, version: str) -> AssetObservation:
+    """The event recording that ``batch``'s folder is at ``version``."""
+    return AssetObservation(batch_folders.key, partition=batch, tags={DATA_VERSION_TAG: version})
+
+
+def observed_version(instance: DagsterInstance, batch: str) -> str | None:
+    """The latest observed version of ``batch``'s folder."""
+    records = instance.fetch_observations(
+        AssetRecordsFilter(asset_key=batch_folders.key, asset_partitions=[batch]), limit=1
+    ).records
+    return records[0].asset_observation.data_version if records else None
+
+
+def consumed_version(instance: DagsterInstance, batch: str) -> str | None:
+    """The folder version the latest ``raw_images`` of ``batch`` was built from."""
+    records = instance.fetch_materializations(
+        AssetRecordsFilter(asset_key=MANIFEST, asset_partitions=[batch]), limit=1
+    ).records
+    value = records[0].asset_materialization.metadata.get(CONSUMED_KEY) if records else None
+    return value.value if value is not None else None
+
+
+def batch_changed(instance: DagsterInstance, batch: str) -> bool:
+    """Whether ``batch``'s latest observed folder version is not the one its manifest was built from."""
+    return folder_changed(observed_version(instance, batch), consumed_version(instance, batch))
