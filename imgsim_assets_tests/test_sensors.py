@@ -3,8 +3,10 @@
 import json
 import os
 
-from dagster import DagsterInstance, SensorResult, SkipReason, build_sensor_context
+from dagster import AssetMaterialization, DagsterInstance, SensorResult, SkipReason, build_sensor_context
 
+from imgsim_assets.assets import folders
+from imgsim_assets.assets.folders import folder_version
 from imgsim_assets.core.sample_data import write_synthetic_batch
 from imgsim_assets.resources import StorageResource, WatchResource
 from imgsim_assets.sensors import new_image_batches
@@ -39,6 +41,21 @@ def test_files_added_to_a_known_batch_rerun_it_after_quiet(tmp_path):
     tick = plan_tick(tmp_path, tick.cursor, {"b1"}, now=10.0)
     # _SUCCESS is there, so the change is picked up at once, with a new fingerprint.
     assert tick.new_partitions == [] and len(tick.runs) == 1 and tick.runs[0][1] != first
+
+
+def test_a_batch_runs_only_when_its_folder_is_not_the_version_its_manifest_read(tmp_path):
+    _batch(tmp_path, "b1")
+    _batch(tmp_path, "b2", seed=1)
+    read = {"b1": folder_version(tmp_path / "b1")}  # b1 was ingested as it is now
+    tick = plan_tick(tmp_path, {}, {"b1", "b2"}, now=0.0, consumed=read.get)
+    b2 = folder_version(tmp_path / "b2")
+    assert tick.runs == [("b2", b2)]
+    assert tick.observations == [("b1", read["b1"]), ("b2", b2)]  # first look at known partitions
+
+    write_synthetic_batch(tmp_path / "b1" / "late", 1, seed=9, size=(32, 32))
+    tick = plan_tick(tmp_path, tick.cursor, {"b1", "b2"}, now=1.0, consumed=read.get)
+    b1 = folder_version(tmp_path / "b1")
+    assert b1 != read["b1"] and tick.runs == [("b1", b1)] and tick.observations == [("b1", b1)]
 
 
 def test_ticks_are_bounded_and_resume_round_robin(tmp_path):
@@ -118,3 +135,24 @@ def test_sensor_ticks_wait_for_incomplete_folders_and_resume_from_the_cursor(tmp
             cursor = context.cursor
             later += [r.partition_key for r in getattr(result, "run_requests", [])]
         assert sorted(later) == ["a", "c"]
+
+
+def test_sensor_observes_folder_versions_and_keys_runs_by_them(tmp_path):
+    images = tmp_path / "data" / "images"
+    _batch(images, "a")
+    _batch(images, "b", seed=1)
+    resources = {"storage": StorageResource(data_dir=str(tmp_path / "data")), "watch": WatchResource()}
+    with DagsterInstance.ephemeral() as instance:
+        instance.add_dynamic_partitions("image_batches", ["a", "b"])
+        # a's manifest was built from the folder as it is (by `imgsim ingest`, say); b's never was.
+        instance.report_runless_asset_event(AssetMaterialization(
+            "raw_images", partition="a", metadata={folders.CONSUMED_KEY: folder_version(images / "a")}))
+        result = new_image_batches(build_sensor_context(instance=instance, resources=resources))
+        version = folder_version(images / "b")
+        assert [(r.partition_key, r.run_key) for r in result.run_requests] == [("b", f"b:{version}")]
+        observed = {e.partition: e.data_version for e in result.asset_events}
+        assert observed == {"a": folder_version(images / "a"), "b": version}
+        for event in result.asset_events:  # what the sensor daemon does with them
+            instance.report_runless_asset_event(event)
+        # The sensor and ingest agree on what changed.
+        assert not folders.batch_changed(instance, "a") and folders.batch_changed(instance, "b")
