@@ -35,39 +35,43 @@ def _instance(settings):
     return instance
 
 
-def _warn_if_random(weights: str, model: str) -> None:
-    from imgsim_assets.core import dinov2
+def encoder_settings(settings, fallback_random: bool = False):
+    """``settings`` with its weights checked before any run: an unknown model, a device that is
+    not there, no checkpoint for ``auto``, or a checkpoint that does not fit the model cannot
+    heal by retrying, so they stop here (exit 2, the message once). With ``fallback_random``, no
+    checkpoint for ``auto`` means random weights instead."""
+    from dataclasses import replace
 
-    if weights == "random":
+    from imgsim_assets.core import dinov2
+    from imgsim_assets.core.encoder import EncoderSpec, resolve_device
+
+    EncoderSpec(model=settings.model, weights=settings.weights)  # names a model that exists
+    try:
+        resolve_device(settings.device)
+    except RuntimeError as e:
+        raise ValueError(f"{e} (IMGSIM_DEVICE={settings.device})") from None
+    try:
+        dinov2.check_weights(settings.model, settings.weights)
+    except FileNotFoundError as e:
+        if not (fallback_random and settings.weights == "auto"):
+            raise
+        print(f"{e}\n\nfalling back to random weights (--fallback-random).", file=sys.stderr)
+        settings = replace(settings, weights="random")
+    if settings.weights == "random":
         print(RANDOM_BANNER, file=sys.stderr)
-    elif weights == "auto":
-        try:
-            dinov2.find_pretrained(model)
-        except FileNotFoundError as e:
-            print(str(e), file=sys.stderr)
+    return settings
 
 
 def cmd_ingest(args) -> int:
-    from imgsim_assets.core import dinov2
+    from imgsim_assets.definitions import build_definitions
+    from imgsim_assets.ingest import IngestRunning, ingest
     from imgsim_assets.settings import Settings
 
-    settings = Settings.from_env()
-    if args.fallback_random and settings.weights == "auto":
-        try:
-            dinov2.find_pretrained(settings.model)
-        except FileNotFoundError as e:
-            print(f"{e}\n\nfalling back to random weights (--fallback-random).", file=sys.stderr)
-            # The code location reads its defaults from the environment, once, at import.
-            os.environ["IMGSIM_WEIGHTS"] = "random"
-            settings = Settings.from_env()
-    _warn_if_random(settings.weights, settings.model)
-
-    from imgsim_assets.definitions import defs
-    from imgsim_assets.ingest import IngestRunning, ingest
-
+    settings = encoder_settings(Settings.from_env(), fallback_random=args.fallback_random)
     instance = _instance(settings)
     try:
-        report = ingest(defs, instance, settings.images_dir, retrain=args.retrain, milvus=args.milvus)
+        report = ingest(build_definitions(settings), instance, settings.images_dir, retrain=args.retrain,
+                        milvus=args.milvus)
     except IngestRunning as e:
         print(f"imgsim ingest: {e}; try again when it has finished", file=sys.stderr)
         return 3
@@ -80,86 +84,51 @@ def cmd_ingest(args) -> int:
     return 0 if report.ok else 1
 
 
-def cmd_search(args) -> int:
-    import pyarrow.compute as pc
+def open_searcher(args, settings):
+    """The searcher for ``--backend``: the published faiss_index, or the Milvus collection."""
+    from imgsim_assets.core.search import FaissSearcher, MilvusSearcher
 
-    from imgsim_assets.core import tables
-    from imgsim_assets.definitions import defs
+    if args.backend == "milvus":
+        from imgsim_assets.core import milvus
+
+        uri = args.milvus_uri or settings.milvus_uri or str(settings.data_dir / "milvus.db")
+        return MilvusSearcher(milvus.connect(uri), args.collection, device=settings.device), f"Milvus {uri}"
+    searcher = FaissSearcher.open(settings.assets_dir, device=settings.device)
+    return searcher, f"{searcher.num_vectors} images indexed, {searcher.info.get('factory')}"
+
+
+def cmd_search(args) -> int:
+    from imgsim_assets.core.search import UnknownImage
     from imgsim_assets.settings import Settings
 
     if (args.image is None) == (args.id is None):
         print("imgsim search: give either an IMAGE file or --id IMAGE_ID", file=sys.stderr)
         return 2
     settings = Settings.from_env()
-    if args.backend == "milvus":
-        return _search_milvus(args, settings)
-    instance = _instance(settings)
-    index = defs.load_asset_value("faiss_index", instance=instance)
-    if index.info.get("encoder", {}).get("weights_file") == "random":
+    searcher, source = open_searcher(args, settings)
+    if searcher.random_weights:
         print(RANDOM_BANNER, file=sys.stderr)
     if args.id is not None:
-        path, batch, _ = index.describe(args.id)
-        if not path:
-            print(f"imgsim search: image_id {args.id} is not in the index", file=sys.stderr)
+        try:
+            hits = searcher.search_ids([args.id], args.k, args.nprobe, args.batch)[0]
+        except UnknownImage as e:
+            print(f"imgsim search: {e}", file=sys.stderr)
             return 2
-        embeddings = defs.load_asset_value("image_embeddings", instance=instance, partition_key=batch)
-        rows = embeddings.filter(pc.equal(embeddings.column("image_id"), args.id))
-        vectors, query = tables.embedding_matrix(rows)[:1], f"image_id {args.id} ({path})"
+        query = f"image_id {args.id} ({searcher.describe(args.id)[0]})"
     else:
-        vectors = _embed_query(args.image, index.info, settings)
-        if vectors is None:
+        answer = searcher.search_files([args.image], args.k, args.nprobe, args.batch)[0]
+        if not answer.ok:
+            print(f"cannot search with {args.image}: {answer.record.reason}: {answer.record.message}", file=sys.stderr)
             return 2
-        query = args.image
-    hits = index.search(vectors, args.k, nprobe=args.nprobe, batches=args.batch)[0]
+        query, hits = args.image, answer.hits
     if args.json:
-        print(json.dumps({"query": query, "hits": [h.to_dict() for h in hits]}, indent=2))
+        print(json.dumps({"query": query, "backend": args.backend, "hits": [h.to_dict() for h in hits]}, indent=2))
         return 0
-    print(f"query: {query}   ({index.num_vectors} images indexed, {index.info.get('factory')})")
+    print(f"query: {query}   ({source})")
     print(f"{'rank':>4}  {'score':>6}  {'inner':>7}  {'image_id':>20}  path")
     for h in hits:
         extra = f"  (+{h.copies - 1} identical)" if h.copies > 1 else ""
         print(f"{h.rank:>4}  {h.score:6.4f}  {h.inner_product:7.4f}  {h.image_id:>20}  {settings.images_dir / h.path}{extra}")
-    return 0
-
-
-def _embed_query(image: str, info: dict, settings):
-    """The query's vector, made with the encoder and preprocessing in ``info``; None (and why,
-    on stderr) when the file is rejected."""
-    from imgsim_assets.core.search import embed_files, encoder_from_info, preprocess_from_info
-
-    records, vectors = embed_files([image], encoder_from_info(info, device=settings.device), preprocess_from_info(info))
-    if records[0].status != "ok":
-        print(f"cannot search with {image}: {records[0].reason}: {records[0].message}", file=sys.stderr)
-        return None
-    return vectors
-
-
-def _search_milvus(args, settings) -> int:
-    from imgsim_assets.core import milvus
-    from imgsim_assets.core.search import similarity_score
-
-    if args.image is None:
-        print("imgsim search --backend milvus: give an IMAGE file", file=sys.stderr)
-        return 2
-    uri = args.milvus_uri or settings.milvus_uri or str(settings.data_dir / "milvus.db")
-    client = milvus.connect(uri)
-    if not client.has_collection(args.collection):
-        print(f"imgsim search: Milvus at {uri!r} has no collection {args.collection!r}; materialize "
-              "milvus_collection first", file=sys.stderr)
-        return 2
-    vectors = _embed_query(args.image, {"encoder": milvus.provenance(client, args.collection)}, settings)
-    if vectors is None:
-        return 2
-    hits = milvus.search(client, args.collection, vectors, args.k, batches=args.batch)[0]
-    for rank, hit in enumerate(hits, start=1):
-        hit.update(rank=rank, score=similarity_score(hit["inner_product"]))
-    if args.json:
-        print(json.dumps({"query": args.image, "backend": "milvus", "hits": hits}, indent=2))
-        return 0
-    print(f"query: {args.image}   (Milvus {uri}, collection {args.collection})")
-    for hit in hits:
-        print(f"{hit['rank']:>4}  {hit['score']:6.4f}  {hit['inner_product']:7.4f}  {hit['image_id']:>20}  "
-              f"{settings.images_dir / hit['path']}")
     return 0
 
 

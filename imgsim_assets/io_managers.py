@@ -22,7 +22,7 @@ from dagster import ConfigurableIOManager, InputContext, MetadataValue, OutputCo
 from imgsim_assets.core import tables
 from imgsim_assets.core.index import PcaModel, Shard
 from imgsim_assets.core.search import ImageIndex
-from imgsim_assets.core.storage import atomic_path, move_into_place, publish_dir, remove_stale_temporaries
+from imgsim_assets.core.storage import artifact_path, atomic_path, move_into_place, publish_dir, remove_stale_temporaries
 
 
 @dataclass(frozen=True)
@@ -45,8 +45,7 @@ class _FileIOManager(ConfigurableIOManager):
     suffix: ClassVar[str] = ""
 
     def path_for(self, asset_key, partition_key: str | None) -> Path:
-        base = Path(self.root).joinpath(*asset_key.path)
-        return base / f"{partition_key}{self.suffix}" if partition_key is not None else base.with_suffix(self.suffix)
+        return artifact_path(self.root, tuple(asset_key.path), partition_key, self.suffix)
 
     def _write(self, path: Path, obj: Any) -> None:
         raise NotImplementedError

@@ -17,14 +17,17 @@ from imgsim_assets.core.storage import remove_stale_temporaries
 class EncoderResource(ConfigurableResource):
     """The DINOv2 model that turns pixels into vectors, and the device it runs on."""
 
-    model: str = Field(default="dinov2_vits14", description="dinov2_vit{s,b,l,g}14, optionally with _reg")
-    weights: str = Field(default="auto", description="checkpoint path, 'auto' (HF/torch hub caches) or 'random'")
-    device: str = Field(default="auto", description="auto (GPU when present), cpu, cuda or cuda:N")
-    dtype: str = Field(default="auto", description="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
-    batch_size: int = Field(default=64, description="images per forward pass")
-    pooling: str = Field(default="cls", description="cls, mean (of patch tokens) or cls+gem")
-    depth: Optional[int] = Field(default=None, description="build only this many blocks (tests, smoke runs)")
-    compile: bool = Field(default=False, description="torch.compile the forward pass (pays off on long GPU runs)")
+    model: str = Field(default=EncoderSpec.model, description="dinov2_vit{s,b,l,g}14, optionally with _reg")
+    weights: str = Field(default=EncoderSpec.weights, description="checkpoint path, 'auto' (HF/torch hub caches) "
+                         "or 'random'")
+    device: str = Field(default=Encoder.DEFAULTS["device"], description="auto (GPU when present), cpu, cuda or cuda:N")
+    dtype: str = Field(default=Encoder.DEFAULTS["dtype"], description="auto (bf16 on GPU, fp32 on CPU), float32, "
+                       "bfloat16, float16")
+    batch_size: int = Field(default=Encoder.DEFAULTS["batch_size"], description="images per forward pass")
+    pooling: str = Field(default=EncoderSpec.pooling, description="cls, mean (of patch tokens) or cls+gem")
+    depth: Optional[int] = Field(default=EncoderSpec.depth, description="build only this many blocks (tests, smoke runs)")
+    compile: bool = Field(default=Encoder.DEFAULTS["compile"], description="torch.compile the forward pass (pays off "
+                          "on long GPU runs)")
 
     def spec(self) -> EncoderSpec:
         return EncoderSpec(model=self.model, weights=self.weights, pooling=self.pooling, depth=self.depth)
@@ -38,14 +41,14 @@ class EncoderResource(ConfigurableResource):
 class PreprocessResource(ConfigurableResource):
     """How files become fixed-size uint8 tensors (decode, EXIF, resize, crop)."""
 
-    protocol: str = Field(default="dinov2_eval", description="dinov2_eval (resize+center crop) or grid (resize only)")
-    crop_size: int = 224
-    resize_size: int = 256
-    grid_height: int = 1050
-    grid_width: int = 700
-    draft: bool = Field(default=True, description="JPEG DCT-domain downscale before decoding")
-    max_pixels: int = Field(default=178_956_970, description="larger images are rejected as decompression bombs")
-    max_file_bytes: int = Field(default=256 * 2**20, description="larger files are rejected unread (too_large)")
+    protocol: str = Field(default=Preprocess.protocol, description="dinov2_eval (resize+center crop) or grid (resize only)")
+    crop_size: int = Preprocess.crop_size
+    resize_size: int = Preprocess.resize_size
+    grid_height: int = Preprocess.grid_size[0]
+    grid_width: int = Preprocess.grid_size[1]
+    draft: bool = Field(default=Preprocess.draft, description="JPEG DCT-domain downscale before decoding")
+    max_pixels: int = Field(default=Preprocess.max_pixels, description="larger images are rejected as decompression bombs")
+    max_file_bytes: int = Field(default=Preprocess.max_file_bytes, description="larger files are rejected unread (too_large)")
     workers: int = Field(default=0, description="decoding processes; 0 = one per CPU, 1 = inline")
 
     def preprocess(self) -> Preprocess:

@@ -1,4 +1,5 @@
-"""The environment, read once: where data lives and which encoder to use by default."""
+"""The environment, read once: where data lives and which encoder to use by default. The
+defaults themselves belong to the core classes (``EncoderSpec``, ``Encoder``)."""
 
 from __future__ import annotations
 
@@ -7,19 +8,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
+from imgsim_assets.core.encoder import Encoder, EncoderSpec
+
 
 @dataclass(frozen=True)
 class Settings:
     data_dir: Path = Path("data")
-    model: str = "dinov2_vits14"
-    weights: str = "auto"
-    device: str = "auto"
+    model: str = EncoderSpec.model
+    weights: str = EncoderSpec.weights
+    device: str = Encoder.DEFAULTS["device"]
     milvus_uri: str = ""  # empty: a Milvus Lite file, <data>/milvus.db
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> "Settings":
         return cls(
-            data_dir=Path(environ.get("IMGSIM_DATA_DIR", "data")).expanduser().resolve(),
+            data_dir=Path(environ.get("IMGSIM_DATA_DIR", cls.data_dir)).expanduser().resolve(),
             model=environ.get("IMGSIM_MODEL", cls.model),
             weights=environ.get("IMGSIM_WEIGHTS", cls.weights),
             device=environ.get("IMGSIM_DEVICE", cls.device),

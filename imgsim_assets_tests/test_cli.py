@@ -83,3 +83,23 @@ def test_an_instance_database_that_is_down_is_a_clear_error(tmp_path):
     assert result.returncode == 2
     assert "cannot be reached" in result.stderr and "Is its database up?" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_first_run_without_a_checkpoint_stops_before_any_run(tmp_path):
+    data = tmp_path / "data"
+    write_synthetic_batch(data / "images" / "first", 4, seed=5)
+    env = {**os.environ, "IMGSIM_DATA_DIR": str(data), "IMGSIM_WEIGHTS": "auto", "HF_HOME": str(tmp_path / "hf"),
+           "TORCH_HOME": str(tmp_path / "torch")}
+    for name in ("DAGSTER_HOME", "HF_HUB_CACHE"):
+        env.pop(name, None)
+    result = _run(["ingest"], env)
+    assert result.returncode == 2, result.stderr[-2000:]
+    message = result.stderr
+    assert message.count("no pretrained weights for dinov2_vits14 found") == 1
+    assert "dinov2_vits14_pretrain.pth" in message and "weights='random'" in message  # whole, last line too
+    assert "Traceback" not in message and "RUN_START" not in message and result.stdout == ""
+    assert not (data / "assets").exists()  # nothing ran
+
+    bad = _run(["ingest"], {**env, "IMGSIM_MODEL": "dinov2_vitx14"})
+    assert bad.returncode == 2 and "unknown DINOv2 model 'dinov2_vitx14'" in bad.stderr
+    assert "Traceback" not in bad.stderr

@@ -153,3 +153,21 @@ def test_local_clone_of_the_official_repo_loads_through_torch_hub(tmp_path):
         load_dinov2("dinov2_vitb14", weights=repo, depth=2)
     with pytest.raises(ValueError, match=r"torch hub repo .* does not fit this model: unexpected keys \['blocks\.1\."):
         load_dinov2("dinov2_vits14", weights=repo, depth=1)
+
+
+def test_check_weights_finds_what_loading_would_fail_on_without_loading(tmp_path, no_pretrained):
+    ref = _timm_reference("dinov2_vits14")
+    official = tmp_path / "dinov2_vits14_pretrain.pth"
+    torch.save(_as_official(ref.state_dict(), 384), official)
+    assert dinov2.check_weights("dinov2_vits14", official, depth=2) == str(official.resolve())
+    assert dinov2.check_weights("dinov2_vits14", "random") == "random"
+    with pytest.raises(ValueError, match="wrong shapes"):
+        dinov2.check_weights("dinov2_vitb14", official, depth=2)
+    with pytest.raises(ValueError, match="missing keys"):
+        dinov2.check_weights("dinov2_vits14", official)  # 12 blocks expected, the file has 2
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        dinov2.check_weights("dinov2_vits14", tmp_path / "nope.pth")
+    with pytest.raises(FileNotFoundError, match="no pretrained weights for dinov2_vits14"):
+        dinov2.check_weights("dinov2_vits14", "auto")
+    with pytest.raises(ValueError, match="unknown DINOv2 model"):
+        dinov2.check_weights("dinov2_vitx14", "random")

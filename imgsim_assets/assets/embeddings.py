@@ -36,7 +36,10 @@ def image_embeddings(
     """One L2-normalised DINOv2 vector per distinct image of the batch (Parquet: image_id, path,
     sha256, embedding). Every row names its model, weights, pooling and preprocessing; the
     file metadata holds the full settings."""
-    model = encoder.load()
+    try:
+        model = encoder.load()
+    except (FileNotFoundError, ValueError) as e:  # no checkpoint, one that does not fit, a bad setting
+        raise Failure(str(e), allow_retries=False) from e  # retrying cannot heal it
     if model.random_weights:
         context.log.warning(
             "RANDOM WEIGHTS: no pretrained DINOv2 checkpoint is configured, so these vectors carry no "

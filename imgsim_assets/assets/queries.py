@@ -8,7 +8,7 @@ from dagster import AssetExecutionContext, AssetIn, Config, MetadataValue, asset
 from pydantic import Field
 
 from imgsim_assets.core import images, plots
-from imgsim_assets.core.search import ImageIndex, embed_files, encoder_from_info, preprocess_from_info
+from imgsim_assets.core.search import FaissSearcher, ImageIndex
 from imgsim_assets.resources import EncoderResource, StorageResource
 
 
@@ -37,27 +37,25 @@ def similar_images(
     """The k nearest indexed images of every image in a query folder (query, rank, image_id, path,
     inner product, score = (s+1)/2). Queries are embedded exactly as the index's images were."""
     folder = Path(config.query_dir) if config.query_dir else Path(storage.data_dir) / "queries"
-    files = images.list_batch_files(folder)
-    model = encoder_from_info(faiss_index.info, device=encoder.device, dtype=encoder.dtype)
-    records, vectors = embed_files(files, model, preprocess_from_info(faiss_index.info), root=folder)
-    ok = [r for r in records if r.status == images.OK]
+    searcher = FaissSearcher(faiss_index, storage.assets_dir / "image_embeddings", device=encoder.device,
+                             dtype=encoder.dtype)
+    answers = searcher.search_files(images.list_batch_files(folder), config.k, config.nprobe or None, root=folder)
     rows = []
-    answers = list(zip(ok, faiss_index.search(vectors, config.k, nprobe=config.nprobe or None)))
-    for record, hits in answers:
-        rows += [{"query": record.path, **hit.to_dict(), "rejected": ""} for hit in hits]
-    for r in records:
-        if r.status != images.OK:
-            context.log.warning(f"query {r.path} rejected: {r.reason}: {r.message}")
-            rows.append({"query": r.path, "rank": 0, "image_id": -1, "inner_product": float("nan"),
-                         "score": float("nan"), "path": "", "batch": "", "copies": 0, "rejected": r.reason})
+    for answer in answers:
+        rows += [{"query": answer.query, **hit.to_dict(), "rejected": ""} for hit in answer.hits]
+        if not answer.ok:
+            context.log.warning(f"query {answer.query} rejected: {answer.record.reason}: {answer.record.message}")
+            rows.append({"query": answer.query, "rank": 0, "image_id": -1, "inner_product": float("nan"),
+                         "score": float("nan"), "path": "", "batch": "", "copies": 0, "rejected": answer.record.reason})
     frame = pd.DataFrame(rows)
     top1 = frame[frame["rank"] == 1][["query", "path", "score"]] if len(frame) else frame
     # A few queries as thumbnails, each followed by its neighbours: easier to judge than scores.
-    grid = [[plots.source_file(folder, record.path)] + [plots.source_file(storage.images_dir, h.path) for h in hits[:5]]
-            for record, hits in answers[:THUMBNAIL_QUERIES]]
+    answered = [a for a in answers if a.ok]
+    grid = [[plots.source_file(folder, a.query)] + [plots.source_file(storage.images_dir, h.path) for h in a.hits[:5]]
+            for a in answered[:THUMBNAIL_QUERIES]]
     metadata = {
-        "num_queries": len(records),
-        "num_rejected": len(records) - len(ok),
+        "num_queries": len(answers),
+        "num_rejected": len(answers) - len(answered),
         "top_hits": MetadataValue.md(top1.to_markdown(index=False) if len(top1) else "none"),
     }
     if grid:

@@ -186,12 +186,19 @@ def convert_timm_state_dict(state_dict: dict[str, torch.Tensor], embed_dim: int)
     return out
 
 
-def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+def _read_checkpoint(path: Path, mmap: bool = False) -> dict[str, torch.Tensor]:
+    """The state dict in ``path``; ``mmap`` maps the tensors instead of reading them (to look
+    at names and shapes only)."""
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except RuntimeError:
+        if not mmap:
+            raise
+        state = torch.load(path, map_location="cpu", weights_only=True)  # legacy format cannot be mapped
     for key in ("model", "state_dict", "teacher"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
@@ -210,6 +217,12 @@ def load_state_dict_file(model: DinoVisionTransformer, path: str | os.PathLike) 
 
 def load_state_dict(model: DinoVisionTransformer, state: dict[str, torch.Tensor], source: str) -> None:
     """Load weights in the official or timm layout, strictly, naming every mismatch."""
+    model.load_state_dict(fitting_state(model, state, source), strict=True)
+
+
+def fitting_state(model: DinoVisionTransformer, state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """``state`` in this module's layout, or a ValueError naming every missing, unexpected and
+    mis-shaped key. Looks at names and shapes only (``model`` may live on the meta device)."""
     if "mask_token" in state:
         state = convert_official_state_dict(state)
     elif "cls_token" in state and "blocks.0.attn.qkv.weight" in state:
@@ -231,7 +244,7 @@ def load_state_dict(model: DinoVisionTransformer, state: dict[str, torch.Tensor]
         if wrong:
             parts.append(f"wrong shapes {wrong[:4]}")
         raise ValueError(f"{source} does not fit this model: " + "; ".join(parts))
-    model.load_state_dict(state, strict=True)
+    return state
 
 
 def is_hub_repo(path: str | os.PathLike) -> bool:
@@ -305,6 +318,24 @@ def load_dinov2(name: str = "dinov2_vits14", weights: str | os.PathLike = "auto"
         path = find_pretrained(name) if str(weights) == "auto" else Path(weights).expanduser()
         load_state_dict_file(model, path)
     return model.eval()
+
+
+def check_weights(name: str, weights: str | os.PathLike = "auto", depth: int | None = None) -> str:
+    """What :func:`load_dinov2` would fail on, found without building or loading the model: an
+    unknown name, no checkpoint for ``auto``, a path that is not there, a checkpoint that does
+    not fit (checked on the meta device, tensors memory-mapped). Returns the resolved weights."""
+    if name not in VARIANTS:
+        raise ValueError(f"unknown DINOv2 model {name!r}; choose one of {', '.join(VARIANTS)}")
+    resolved = resolve_weights(name, weights)
+    if resolved == "random" or is_hub_repo(resolved):
+        return resolved
+    path = Path(resolved)
+    if not path.is_file():
+        raise FileNotFoundError(f"DINOv2 checkpoint {path} does not exist")
+    with torch.device("meta"):
+        model = DinoVisionTransformer(VARIANTS[name], depth=depth)
+    fitting_state(model, _read_checkpoint(path, mmap=True), source=f"checkpoint {path}")
+    return resolved
 
 
 def resolve_weights(name: str, weights: str | os.PathLike) -> str:

@@ -68,13 +68,17 @@ class Encoder:
     ``compile=True`` wraps the forward pass in ``torch.compile`` (first batch is slow).
     """
 
+    # How an encoder runs (not what it computes: that is the spec). The one place these
+    # defaults are written; the Dagster resource and the settings take them from here.
+    DEFAULTS = {"device": "auto", "dtype": "auto", "batch_size": 64, "compile": False}
+
     def __init__(
         self,
         spec: EncoderSpec,
-        device: str = "auto",
-        dtype: str = "auto",
-        batch_size: int = 64,
-        compile: bool = False,
+        device: str = DEFAULTS["device"],
+        dtype: str = DEFAULTS["dtype"],
+        batch_size: int = DEFAULTS["batch_size"],
+        compile: bool = DEFAULTS["compile"],
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")

@@ -1,11 +1,17 @@
-"""The searchable artifact: a Faiss index (ids = image_id) plus the catalog that names its images."""
+"""Search as a library: the searchable artifact (a Faiss index whose ids are image_ids, plus the
+catalog that names its images) and :class:`Searcher`, which holds an index and the encoder it
+was built with, loaded once, and answers queries given as files, indexed image ids or vectors.
+The CLI, the ``similar_images`` asset and the HTTP service only format what it returns.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import faiss
 import numpy as np
@@ -158,3 +164,175 @@ def embed_files(paths, encoder, pre, root=None, workers: int = 1):
         records.extend(batch_records)
         vectors.append(batch_vectors)
     return records, (np.concatenate(vectors) if vectors else np.zeros((0, encoder.spec.dim), np.float32))
+
+
+@dataclass
+class Answer:
+    """The neighbours of one query file; ``hits`` is empty when the file was rejected (``record``
+    says why)."""
+
+    query: str
+    record: object  # images.ImageRecord
+    hits: list[Hit]
+
+    @property
+    def ok(self) -> bool:
+        return self.record.status == "ok"
+
+
+class UnknownImage(KeyError):
+    """An image_id that is not in the index."""
+
+    def __str__(self) -> str:
+        return f"image_id {self.args[0]} is not in the index"
+
+
+class Searcher:
+    """Queries as files, image ids or vectors, embedded with the encoder and preprocessing the
+    index was built with (never whatever the environment says now), so queries and index agree.
+
+    The encoder is loaded on first use and kept. Subclasses provide the vector store:
+    :class:`FaissSearcher` (the materialized ``faiss_index``) and :class:`MilvusSearcher`.
+    """
+
+    def __init__(self, encoder_info: dict, device: str = "auto", dtype: str = "auto", workers: int = 1) -> None:
+        self.encoder_info = dict(encoder_info)
+        self.device, self.dtype, self.workers = device, dtype, workers
+        self._encoder = None
+        self._encoder_lock = threading.Lock()
+
+    @property
+    def num_vectors(self) -> int:
+        raise NotImplementedError
+
+    def search(self, vectors: np.ndarray, k: int = 10, nprobe: int | None = None,
+               batches: Sequence[str] | None = None) -> list[list[Hit]]:
+        """Top-``k`` neighbours of each raw embedding (N×D), optionally only within ``batches``."""
+        raise NotImplementedError
+
+    def vectors_of(self, image_ids: Sequence[int]) -> np.ndarray:
+        """The stored raw embeddings of indexed images, in order; :class:`UnknownImage` if one is not indexed."""
+        raise NotImplementedError
+
+    def describe(self, image_id: int) -> tuple[str, str, int]:
+        """(first path, its batch, number of files) of an indexed image; empty if unknown."""
+        raise NotImplementedError
+
+    @property
+    def random_weights(self) -> bool:
+        return self.encoder_info.get("weights_file") == "random"
+
+    @property
+    def encoder(self):
+        with self._encoder_lock:
+            if self._encoder is None:
+                self._encoder = encoder_from_info({"encoder": self.encoder_info}, device=self.device, dtype=self.dtype)
+            return self._encoder
+
+    @property
+    def preprocess(self):
+        return preprocess_from_info({"encoder": self.encoder_info})
+
+    def search_files(self, paths: Sequence[str | os.PathLike], k: int = 10, nprobe: int | None = None,
+                     batches: Sequence[str] | None = None, root: str | os.PathLike | None = None) -> list[Answer]:
+        """One :class:`Answer` per file, in order; a file that cannot be decoded is answered with
+        its rejection, not an exception."""
+        records, vectors = embed_files(list(paths), self.encoder, self.preprocess, root=root, workers=self.workers)
+        found = iter(self.search(vectors, k, nprobe, batches) if len(vectors) else [])
+        return [Answer(r.path, r, next(found) if r.status == "ok" else []) for r in records]
+
+    def search_ids(self, image_ids: Sequence[int], k: int = 10, nprobe: int | None = None,
+                   batches: Sequence[str] | None = None) -> list[list[Hit]]:
+        """Neighbours of indexed images (each is its own first neighbour)."""
+        return self.search(self.vectors_of(image_ids), k, nprobe, batches)
+
+
+class FaissSearcher(Searcher):
+    """The materialized ``faiss_index`` and its catalog; raw vectors of indexed images are read
+    from their batch's ``image_embeddings``."""
+
+    def __init__(self, index: ImageIndex, embeddings_dir: str | os.PathLike | None = None, **kwargs) -> None:
+        super().__init__(index.info.get("encoder", {}), **kwargs)
+        self.index = index
+        self.embeddings_dir = Path(embeddings_dir) if embeddings_dir is not None else None
+
+    @classmethod
+    def open(cls, assets_dir: str | os.PathLike, **kwargs) -> "FaissSearcher":
+        """The index the pipeline last published under ``assets_dir``."""
+        from imgsim_assets.core.storage import artifact_path
+
+        index = ImageIndex.load(artifact_path(assets_dir, "faiss_index"))
+        return cls(index, artifact_path(assets_dir, "image_embeddings"), **kwargs)
+
+    @property
+    def info(self) -> dict:
+        return self.index.info
+
+    @property
+    def num_vectors(self) -> int:
+        return self.index.num_vectors
+
+    def search(self, vectors, k=10, nprobe=None, batches=None):
+        return self.index.search(vectors, k, nprobe=nprobe, batches=list(batches) if batches else None)
+
+    def describe(self, image_id: int) -> tuple[str, str, int]:
+        return self.index.describe(image_id)
+
+    def vectors_of(self, image_ids):
+        from imgsim_assets.core import tables
+
+        if self.embeddings_dir is None:
+            raise ValueError("this searcher has no image_embeddings to look indexed images up in")
+        by_batch: dict[str, list[int]] = {}
+        for image_id in image_ids:
+            _, batch, copies = self.describe(int(image_id))
+            if not copies:
+                raise UnknownImage(int(image_id))
+            by_batch.setdefault(batch, []).append(int(image_id))
+        found: dict[int, np.ndarray] = {}
+        for batch, ids in by_batch.items():
+            rows = pq.read_table(self.embeddings_dir / f"{batch}.parquet", columns=["image_id", "embedding"],
+                                 filters=[("image_id", "in", ids)])
+            found.update(zip(rows.column("image_id").to_pylist(), tables.embedding_matrix(rows)))
+        missing = [i for i in image_ids if int(i) not in found]
+        if missing:
+            raise UnknownImage(int(missing[0]))
+        return np.stack([found[int(i)] for i in image_ids]).astype(np.float32)
+
+
+class MilvusSearcher(Searcher):
+    """A Milvus collection filled by ``milvus_collection`` (a Milvus Lite file or a server)."""
+
+    def __init__(self, client, collection: str, **kwargs) -> None:
+        from imgsim_assets.core import milvus
+
+        if not client.has_collection(collection):
+            raise FileNotFoundError(f"Milvus has no collection {collection!r}; materialize milvus_collection first "
+                                    "(imgsim ingest --milvus)")
+        super().__init__(milvus.provenance(client, collection), **kwargs)
+        self.client, self.collection = client, collection
+
+    @property
+    def num_vectors(self) -> int:
+        from imgsim_assets.core import milvus
+
+        return milvus.count(self.client, self.collection)
+
+    def search(self, vectors, k=10, nprobe=None, batches=None):
+        from imgsim_assets.core import milvus
+
+        answers = milvus.search(self.client, self.collection, vectors, k, batches=list(batches) if batches else None)
+        return [[Hit(rank, h["image_id"], h["inner_product"], similarity_score(h["inner_product"]), h["path"], h["batch"])
+                 for rank, h in enumerate(rows, start=1)] for rows in answers]
+
+    def describe(self, image_id: int) -> tuple[str, str, int]:
+        rows = self.client.get(self.collection, ids=[int(image_id)], output_fields=["batch", "path"])
+        return (rows[0]["path"], rows[0]["batch"], 1) if rows else ("", "", 0)
+
+    def vectors_of(self, image_ids):
+        rows = {int(r["image_id"]): r["embedding"] for r in
+                self.client.get(self.collection, ids=[int(i) for i in image_ids], output_fields=["embedding"])}
+        for i in image_ids:
+            if int(i) not in rows:
+                raise UnknownImage(int(i))
+        return np.asarray([rows[int(i)] for i in image_ids], dtype=np.float32)

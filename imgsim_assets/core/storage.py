@@ -16,6 +16,15 @@ from pathlib import Path
 from typing import Iterator
 
 
+def artifact_path(root: str | os.PathLike, asset: str | tuple[str, ...], partition: str | None = None,
+                  suffix: str = "") -> Path:
+    """Where an asset's artifact lives: ``<root>/<asset>/<partition><suffix>``, or
+    ``<root>/<asset><suffix>`` when unpartitioned (the IO managers write there, readers
+    outside Dagster look there)."""
+    base = Path(root).joinpath(*((asset,) if isinstance(asset, str) else asset))
+    return base / f"{partition}{suffix}" if partition is not None else base.with_suffix(suffix)
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
