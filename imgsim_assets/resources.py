@@ -9,6 +9,7 @@ from typing import Optional
 from dagster import ConfigurableResource
 from pydantic import Field
 
+from imgsim_assets.core import dinov2
 from imgsim_assets.core.encoder import Encoder, EncoderSpec
 from imgsim_assets.core.images import Preprocess
 from imgsim_assets.core.storage import remove_stale_temporaries
@@ -24,7 +25,8 @@ class EncoderResource(ConfigurableResource):
     dtype: str = Field(default=Encoder.DEFAULTS["dtype"], description="auto (bf16 on GPU, fp32 on CPU), float32, "
                        "bfloat16, float16")
     batch_size: int = Field(default=Encoder.DEFAULTS["batch_size"], description="images per forward pass")
-    pooling: str = Field(default=EncoderSpec.pooling, description="cls, mean (of patch tokens) or cls+gem")
+    pooling: str = Field(default=EncoderSpec.pooling, description="; ".join(
+        f"{name}: {p.description}" for name, p in dinov2.POOLINGS.items()))
     depth: Optional[int] = Field(default=EncoderSpec.depth, description="build only this many blocks (tests, smoke runs)")
     compile: bool = Field(default=Encoder.DEFAULTS["compile"], description="torch.compile the forward pass (pays off "
                           "on long GPU runs)")

@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -346,24 +347,34 @@ def resolve_weights(name: str, weights: str | os.PathLike) -> str:
     return str(path.resolve())
 
 
-POOLINGS = ("cls", "mean", "cls+gem")
+@dataclass(frozen=True)
+class Pooling:
+    """How ``forward_features`` output becomes one vector per image (before L2-normalisation)."""
+
+    pool: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (CLS B×D, patch tokens B×N×D) → B×(width·D)
+    width: int = 1  # the vector's dimension in multiples of the model's
+    description: str = ""
 
 
-def pool(features: dict[str, torch.Tensor], pooling: str = "cls", gem_p: float = 4.0) -> torch.Tensor:
+def _gem(patches: torch.Tensor, p: float = 4.0) -> torch.Tensor:
+    return patches.clamp(min=1e-6).pow(p).mean(dim=1).pow(1.0 / p)
+
+
+POOLINGS = {
+    "cls": Pooling(lambda cls, patches: cls, 1, "the normalised CLS token"),
+    "mean": Pooling(lambda cls, patches: patches.mean(dim=1), 1, "the mean of the patch tokens (the seed article's)"),
+    "cls+gem": Pooling(lambda cls, patches: torch.cat((F.normalize(cls, dim=-1), F.normalize(_gem(patches), dim=-1)),
+                                                      dim=-1), 2, "CLS and GeM (p=4) of the patch tokens, concatenated"),
+}
+
+
+def pool(features: dict[str, torch.Tensor], pooling: str = "cls") -> torch.Tensor:
     """One L2-normalised vector per image from ``forward_features`` output."""
-    cls = features["x_norm_clstoken"].float()
-    patches = features["x_norm_patchtokens"].float()
-    if pooling == "cls":
-        v = cls
-    elif pooling == "mean":
-        v = patches.mean(dim=1)
-    elif pooling == "cls+gem":
-        gem = patches.clamp(min=1e-6).pow(gem_p).mean(dim=1).pow(1.0 / gem_p)
-        v = torch.cat((F.normalize(cls, dim=-1), F.normalize(gem, dim=-1)), dim=-1)
-    else:
+    if pooling not in POOLINGS:
         raise ValueError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
+    v = POOLINGS[pooling].pool(features["x_norm_clstoken"].float(), features["x_norm_patchtokens"].float())
     return F.normalize(v, dim=-1)
 
 
 def pooled_dim(embed_dim: int, pooling: str) -> int:
-    return 2 * embed_dim if pooling == "cls+gem" else embed_dim
+    return POOLINGS[pooling].width * embed_dim

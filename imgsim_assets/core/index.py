@@ -196,7 +196,13 @@ def train_centroids(x: np.ndarray, k: int, seed: int = 0, niter: int = 20, gpu: 
     return np.ascontiguousarray(kmeans.centroids, dtype=np.float32)
 
 
-CODECS = ("Flat", "SQ8", "PQ")
+# The codes a plan chooses from, most precise first, by their name in Faiss' factory strings
+# (Faiss builds and trains them) and their bytes per vector of dimension d. PQ<m> (m bytes,
+# m dividing d) follows them, largest m first.
+CODES = {
+    "Flat": lambda d: 4 * d,  # float32: exact distances
+    "SQ8": lambda d: d,  # one byte per dimension
+}
 ID_BYTES = 8
 PQ_MIN_TRAIN = 256 * MIN_POINTS_PER_CENTROID  # a PQ sub-quantizer has 256 centroids
 
@@ -206,7 +212,7 @@ class IndexPlan:
     """The Faiss layout for a collection: ``nlist`` inverted lists (1 = exact search) and a code."""
 
     nlist: int
-    codec: str  # "Flat" (float32), "SQ8" (one byte per dimension) or "PQ<m>" (m bytes)
+    codec: str  # a key of CODES, or "PQ<m>" (m bytes)
     dim: int
     notes: tuple[str, ...] = ()
 
@@ -216,11 +222,11 @@ class IndexPlan:
 
     @property
     def code_bytes(self) -> int:
-        if self.codec == "Flat":
-            return 4 * self.dim
-        if self.codec == "SQ8":
-            return self.dim
-        return int(self.codec[2:])
+        size = code_bytes(self.codec, self.dim)
+        if size is None:
+            raise ValueError(f"unknown or invalid code {self.codec!r} for dimension {self.dim}: use "
+                             f"{', '.join(CODES)} or PQ<m> with m dividing {self.dim}")
+        return size
 
     def memory_bytes(self, n: int) -> int:
         """Vectors, ids and centroids of an index holding ``n`` vectors."""
@@ -229,6 +235,15 @@ class IndexPlan:
     @property
     def factory(self) -> str:
         return "Flat" if self.exact else f"IVF{self.nlist},{self.codec}"
+
+
+def code_bytes(codec: str, dim: int) -> int | None:
+    """Bytes per vector of ``codec`` at dimension ``dim``; None for a code that does not exist there."""
+    if codec in CODES:
+        return CODES[codec](dim)
+    if codec.startswith("PQ") and codec[2:].isdigit() and int(codec[2:]) > 0 and dim % int(codec[2:]) == 0:
+        return int(codec[2:])
+    return None
 
 
 def _pq_sizes(d: int) -> list[int]:
@@ -258,14 +273,13 @@ def plan_index(
         nlist = 1
     nlist, notes = feasible_nlist(n, nlist, per_sqrt)
     if codec is None:
-        for candidate in ["Flat", "SQ8", *(f"PQ{m}" for m in _pq_sizes(dim))]:
+        for candidate in [*CODES, *(f"PQ{m}" for m in _pq_sizes(dim))]:
             codec = candidate
             if IndexPlan(nlist, candidate, dim).memory_bytes(n) <= memory_budget_bytes:
                 break
         else:
             notes.append(f"nothing fits {memory_budget_bytes >> 20} MiB; using the smallest code, {codec}")
-    if codec not in ("Flat", "SQ8") and not (codec.startswith("PQ") and codec[2:].isdigit() and dim % int(codec[2:]) == 0):
-        raise ValueError(f"unknown or invalid code {codec!r} for dimension {dim}: use Flat, SQ8 or PQ<m> with m dividing {dim}")
+    IndexPlan(nlist, codec, dim).code_bytes  # a code that does not exist at this dimension stops here
     if codec.startswith("PQ") and train_samples < PQ_MIN_TRAIN:
         notes.append(f"{codec} needs {PQ_MIN_TRAIN} training vectors, have {train_samples}: using SQ8")
         codec = "SQ8"
@@ -280,8 +294,8 @@ def empty_ivf(centroids: np.ndarray, codec: str = "Flat") -> faiss.IndexIVF:
     k, d = centroids.shape
     index = faiss.index_factory(d, f"IVF{k},{codec}", faiss.METRIC_INNER_PRODUCT)  # already its IVF class
     index.quantizer.add(centroids)  # Faiss then skips k-means when the code is trained
-    if codec == "Flat":
-        index.is_trained = True
+    if isinstance(index, faiss.IndexIVFFlat):
+        index.is_trained = True  # nothing else to train
     return index
 
 
