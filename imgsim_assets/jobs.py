@@ -46,5 +46,6 @@ similar_images_job = define_asset_job(
     description="Load faiss_index and answer every image of a query folder.",
 )
 
-ALL_JOBS = [embed_batch_job, train_index_job, index_shard_job, merge_index_job, analyze_index_job, milvus_sync_job,
+# In the order `imgsim ingest` runs them where the asset graph leaves it free.
+ALL_JOBS = [embed_batch_job, milvus_sync_job, train_index_job, index_shard_job, merge_index_job, analyze_index_job,
             similar_images_job]

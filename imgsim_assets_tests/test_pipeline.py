@@ -174,6 +174,12 @@ def test_recall_below_target_fails_the_check_and_blocks_downstream(pipeline):
     assert not evaluation.passed and evaluation.metadata["target"].value == 1.01
     assert _latest_metadata(instance, "near_duplicates").storage_id == near_duplicates_then  # not rebuilt
 
+    # The gate holds on every later ingest, not only in the run that evaluated it.
+    for _ in range(2):
+        again = ingest(defs, instance, settings.images_dir, log=lambda m: None)
+        assert not again.ok and not again.merged and "< target 1.01" in again.failed["check faiss_index_recall"]
+    assert _latest_metadata(instance, "near_duplicates").storage_id == near_duplicates_then
+
 
 def test_too_many_clusters_fall_back_and_say_so(pipeline):
     settings, defs, instance = pipeline

@@ -1,0 +1,205 @@
+"""``ingest.plan`` on a real instance and real folders, without running a model: the event log
+of a complete ingest is written directly, then folders, materializations and the asset graph
+change and the plan must follow."""
+
+import pytest
+from dagster import (
+    AssetCheckEvaluation,
+    AssetCheckKey,
+    AssetKey,
+    AssetMaterialization,
+    AssetRecordsFilter,
+    Definitions,
+    asset,
+    instance_for_test,
+    multi_asset,
+)
+from dagster._core.definitions.asset_checks.asset_check_evaluation import (
+    AssetCheckEvaluationTargetMaterializationData,
+)
+
+from imgsim_assets.assets import folders
+from imgsim_assets.core.sample_data import write_synthetic_batch
+from imgsim_assets.ingest import MILVUS, failed_checks, ingest, observe_folders, plan
+from imgsim_assets_tests.run_processes import tiny_definitions
+
+BATCHES = ["b1", "b2"]
+FULL_PLAN = ["embed b1", "embed b2", "train index", "shard b1", "shard b2", "merge index", "analyze index"]
+
+
+@pytest.fixture
+def world(tmp_path):
+    """Tiny definitions, two batch folders, and an instance where they are registered and observed."""
+    data = tmp_path / "data"
+    for i, batch in enumerate(BATCHES):
+        write_synthetic_batch(data / "images" / batch, 3, seed=i, size=(32, 32))
+    (tmp_path / "home").mkdir()
+    with instance_for_test(temp_dir=str(tmp_path / "home")) as instance:
+        observe_folders(instance, data / "images", log=lambda m: None)
+        yield tiny_definitions(data), instance, data / "images"
+
+
+def _labels(steps):
+    return [s.label for s in steps]
+
+
+def _materialize(instance, key: str, partition=None, **metadata):
+    instance.report_runless_asset_event(AssetMaterialization(key, partition=partition, metadata=metadata))
+
+
+def _complete_ingest(defs, instance, images, skip=()):
+    """The materializations a complete ingest leaves, in topological order."""
+    graph = defs.resolve_asset_graph()
+    for key in graph.toposorted_asset_keys:
+        node = graph.get(key)
+        name = key.to_user_string()
+        if not node.is_materializable or name in ("milvus_collection", "similar_images", *skip):
+            continue
+        for batch in BATCHES if node.is_partitioned else [None]:
+            metadata = {folders.CONSUMED_KEY: folders.folder_version(images / batch)} if name == "raw_images" else {}
+            _materialize(instance, name, batch, **metadata)
+
+
+def test_a_fresh_instance_plans_the_whole_chain_in_order(world):
+    defs, instance, _ = world
+    steps = plan(defs, instance)
+    assert _labels(steps) == FULL_PLAN
+    assert [s.job for s in steps] == ["embed_batch"] * 2 + ["train_index"] + ["index_shard"] * 2 + [
+        "merge_index", "analyze_index"]
+    assert instance.get_runs() == []  # planning runs nothing
+    with_milvus = plan(defs, instance, extra=[MILVUS])
+    assert _labels(with_milvus) == FULL_PLAN[:2] + ["milvus b1", "milvus b2"] + FULL_PLAN[2:]
+
+
+def test_nothing_changed_plans_nothing(world):
+    defs, instance, images = world
+    _complete_ingest(defs, instance, images)
+    assert plan(defs, instance) == []
+    observe_folders(instance, images, log=lambda m: None)  # observed again, same versions
+    assert plan(defs, instance) == []
+
+
+def test_a_file_added_to_a_batch_plans_its_chain_down_to_the_index(world):
+    defs, instance, images = world
+    _complete_ingest(defs, instance, images)
+    write_synthetic_batch(images / "b2" / "late", 1, seed=9, size=(32, 32))
+    assert plan(defs, instance) == []  # not observed yet: the folder's recorded version is the old one
+    observe_folders(instance, images, log=lambda m: None)
+    assert folders.batch_changed(instance, "b2") and not folders.batch_changed(instance, "b1")
+    steps = plan(defs, instance)
+    assert _labels(steps) == ["embed b2", "shard b2", "merge index", "analyze index"]
+    embed, shard, merge, analyze = steps
+    assert embed.due and set(embed.assets) >= {AssetKey("raw_images"), AssetKey("image_embeddings")}
+    # The rest runs only if what it reads is rebuilt.
+    assert (shard.due, shard.after) == (False, ("embed b2",))
+    assert not merge.due and set(merge.after) == {"embed b2", "shard b2"}
+    assert not analyze.due and set(analyze.after) == {"embed b2", "merge index"}
+
+
+def test_an_unreadable_folder_counts_as_changed(world):
+    defs, instance, images = world
+    _complete_ingest(defs, instance, images)
+    for f in (images / "b1").iterdir():
+        f.unlink()
+    observe_folders(instance, images, log=lambda m: None)
+    assert folders.observed_version(instance, "b1") == folders.UNREADABLE
+    assert _labels(plan(defs, instance))[0] == "embed b1"  # its run reports the problem
+
+
+def test_trained_models_run_when_missing_asked_for_or_cut_short(world):
+    defs, instance, images = world
+    _complete_ingest(defs, instance, images)
+    everything_after_training = ["train index", "shard b1", "shard b2", "merge index", "analyze index"]
+    assert _labels(plan(defs, instance, retrain=True)) == everything_after_training
+
+    # New embeddings do not retrain (on_missing), they re-shard their batch.
+    _materialize(instance, "image_embeddings", "b1")
+    assert _labels(plan(defs, instance)) == ["shard b1", "merge index", "analyze index"]
+
+    # A training cut short: PCA newer than the centroids and template fitted on the old one.
+    _materialize(instance, "pca_model")
+    assert _labels(plan(defs, instance)) == everything_after_training
+
+
+def test_a_removed_batch_plans_the_merge(world):
+    defs, instance, images = world
+    _complete_ingest(defs, instance, images)
+    assert _labels(plan(defs, instance, removed=["b3"])) == ["merge index", "analyze index"]
+
+
+def test_the_plan_follows_a_new_edge_of_the_asset_graph(world):
+    """An extra input of faiss_index, declared only in the definitions, is planned and followed."""
+    defs, instance, images = world
+
+    @asset
+    def extra_feature() -> int:
+        return 1
+
+    real = defs.get_assets_def("faiss_index")
+    (spec,) = real.specs
+
+    @multi_asset(specs=[spec.merge_attributes(deps=[extra_feature])], name="faiss_index")
+    def faiss_index_reading_extra_feature():
+        raise NotImplementedError("planned, never run")
+
+    extended = Definitions(
+        assets=[faiss_index_reading_extra_feature if a is real else a for a in defs.assets] + [extra_feature],
+        asset_checks=defs.asset_checks, jobs=defs.jobs, resources=defs.resources,
+    )
+    _complete_ingest(defs, instance, images)
+    # Missing, and read by an automated asset: planned, in Dagster's implicit job (no job selects it).
+    (step, *rest) = plan(extended, instance)
+    assert (step.label, step.job) == ("materialize extra_feature", "__ASSET_JOB")
+    assert step.assets == (AssetKey("extra_feature"),)
+    assert _labels(rest) == ["merge index", "analyze index"] and rest[0].after == ("materialize extra_feature",)
+
+    _materialize(instance, "extra_feature")
+    assert _labels(plan(defs, instance)) == []  # the code location's own graph has no such edge
+    assert _labels(plan(extended, instance)) == ["merge index", "analyze index"]
+    _materialize(instance, "faiss_index")
+    _materialize(instance, "near_duplicates")
+    assert plan(extended, instance) == []
+
+
+def _fail_recall_check(instance, target_storage_id, recall=0.612, described=True):
+    instance.report_runless_asset_event(AssetCheckEvaluation(
+        asset_key=AssetKey("faiss_index"), check_name="faiss_index_recall", passed=False,
+        metadata={"recall_at_10": recall, "target": 0.95, "nprobe": 1, "queries": 40},
+        description=f"recall@10 {recall:.3f} < target 0.95 at nprobe 1: raise nprobe or rebuild" if described else None,
+        target_materialization_data=AssetCheckEvaluationTargetMaterializationData(
+            storage_id=target_storage_id, run_id="", timestamp=0.0),
+    ))
+
+
+def _latest_storage_id(instance, name):
+    return instance.fetch_materializations(AssetRecordsFilter(asset_key=AssetKey(name)), limit=1).records[0].storage_id
+
+
+def test_a_failed_recall_gate_on_the_current_index_fails_every_ingest(world):
+    defs, instance, images = world
+    _complete_ingest(defs, instance, images)
+    _fail_recall_check(instance, _latest_storage_id(instance, "faiss_index"))
+    for _ in range(2):  # every run, not only the one that evaluated it
+        report = ingest(defs, instance, images, log=lambda m: None)
+        assert not report.ok and report.embedded == [] and not report.merged
+        assert report.failed == {
+            "check faiss_index_recall": "recall@10 0.612 < target 0.95 at nprobe 1: raise nprobe or rebuild"}
+    assert AssetCheckKey(AssetKey("faiss_index"), "faiss_index_recall") in defs.resolve_asset_graph().asset_check_keys
+
+    # A failed check of an earlier index says nothing about the current one.
+    _materialize(instance, "faiss_index")
+    assert failed_checks(defs, instance) == {}
+    _fail_recall_check(instance, _latest_storage_id(instance, "faiss_index"), described=False)  # its figures, then
+    assert failed_checks(defs, instance) == {
+        "check faiss_index_recall": "nprobe 1, queries 40, recall_at_10 0.612, target 0.95"}
+
+
+def test_a_failed_recall_gate_blocks_what_reads_the_index(world):
+    defs, instance, images = world
+    _complete_ingest(defs, instance, images, skip={"near_duplicates"})
+    _fail_recall_check(instance, _latest_storage_id(instance, "faiss_index"))
+    messages = []
+    report = ingest(defs, instance, images, log=messages.append)
+    assert not report.analyzed and list(report.failed) == ["check faiss_index_recall"]
+    assert any(m.startswith("not running analyze index: check faiss_index_recall failed") for m in messages), messages
+    assert instance.get_runs() == []
