@@ -203,3 +203,20 @@ def test_a_failed_recall_gate_blocks_what_reads_the_index(world):
     assert not report.analyzed and list(report.failed) == ["check faiss_index_recall"]
     assert any(m.startswith("not running analyze index: check faiss_index_recall failed") for m in messages), messages
     assert instance.get_runs() == []
+
+
+def test_dagster_itself_marks_the_manifest_of_a_changed_folder_stale(world):
+    """What the UI shows: raw_images read batch_folders' observed version; a new one makes it stale."""
+    from dagster._core.definitions.data_version import StaleStatus
+    from dagster._utils.test.data_versions import get_stale_status_resolver
+
+    defs, instance, images = world
+    assert defs.resolve_job_def("embed_batch").execute_in_process(instance=instance, partition_key="b1").success
+
+    def status():
+        return get_stale_status_resolver(instance, list(defs.assets)).get_status(AssetKey("raw_images"), "b1")
+
+    assert status() == StaleStatus.FRESH
+    write_synthetic_batch(images / "b1" / "late", 1, seed=9, size=(32, 32))
+    observe_folders(instance, images, log=lambda m: None)
+    assert status() == StaleStatus.STALE
