@@ -89,6 +89,7 @@ MILVUS = AssetKey("milvus_collection")  # not automated: kept current only with 
 _IMPLICIT_JOB = "__ASSET_JOB"  # Dagster's job of all assets, for an asset no defined job selects
 _ON_MISSING = AutomationCondition.on_missing()
 
+
 @dataclass
 class IngestReport:
     """What one ingest found and did, stage by stage, and what failed (run order, then checks)."""
@@ -376,6 +377,7 @@ class _Ledger:
         return max((self.storage_id(key, p) for p in self.partitions(key)), default=0)
 
     def _read(self, key: AssetKey) -> dict[str | None, int]:
+        """Latest storage id per partition (one query for a partitioned asset)."""
         if self.graph.get(key).is_partitioned:
             return dict(self.instance.get_latest_storage_id_by_partition(key, DagsterEventType.ASSET_MATERIALIZATION))
         records = self.instance.fetch_materializations(AssetRecordsFilter(asset_key=key), limit=1).records
@@ -461,6 +463,7 @@ def _run(instance: DagsterInstance, step: Step, job, log: Callable[[str], None])
 
 
 def _run_tags() -> dict[str, str]:
+    """Ingest's runs: the host they ran on, and no Dagster retries (the next ingest is their retry)."""
     return {INGEST_HOST_TAG: socket.gethostname(), "dagster/max_retries": "0"}
 
 
