@@ -9,8 +9,10 @@ from dagster import (
     AssetKey,
     AssetMaterialization,
     AssetRecordsFilter,
+    AutomationCondition,
     Definitions,
     asset,
+    define_asset_job,
     instance_for_test,
     multi_asset,
 )
@@ -20,7 +22,7 @@ from dagster._core.definitions.asset_checks.asset_check_evaluation import (
 
 from imgsim_assets.assets import folders
 from imgsim_assets.core.sample_data import write_synthetic_batch
-from imgsim_assets.ingest import MILVUS, failed_checks, ingest, observe_folders, plan
+from imgsim_assets.ingest import MILVUS, execute, failed_checks, ingest, observe_folders, plan
 from imgsim_assets_tests.run_processes import tiny_definitions
 
 BATCHES = ["b1", "b2"]
@@ -220,3 +222,24 @@ def test_dagster_itself_marks_the_manifest_of_a_changed_folder_stale(world):
     write_synthetic_batch(images / "b1" / "late", 1, seed=9, size=(32, 32))
     observe_folders(instance, images, log=lambda m: None)
     assert status() == StaleStatus.STALE
+
+
+def test_a_failed_unpartitioned_step_is_reported_by_its_first_line_and_blocks_its_readers(world):
+    _, instance, _ = world
+
+    @asset(automation_condition=AutomationCondition.eager())
+    def model() -> int:
+        raise ValueError("cannot fit: 3 vectors for 8 clusters\n(the whole story is in the run's event log)")
+
+    @asset(automation_condition=AutomationCondition.eager())
+    def reader(model: int) -> int:
+        return model
+
+    defs = Definitions(assets=[model, reader], jobs=[define_asset_job("fit", selection=["model"])])
+    steps = plan(defs, instance)
+    assert [(s.label, s.job, s.after) for s in steps] == [
+        ("materialize model", "fit", ()), ("materialize reader", "__ASSET_JOB", ("materialize model",))]
+    messages = []
+    assert execute(defs, instance, steps, log=messages.append) == {
+        "materialize model": "ValueError: cannot fit: 3 vectors for 8 clusters"}
+    assert messages[-1] == "not running materialize reader: materialize model did not succeed"
