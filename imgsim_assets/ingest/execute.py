@@ -1,0 +1,187 @@
+"""Execute a plan: each step an in-process run of its job, re-decided just before it; and the failed blocking checks.
+
+Execution re-decides each step just before it: a step that is planned only because of upstream
+steps runs only if one of them succeeded (a batch whose embedding failed is not re-sharded); a
+step downstream of a failed unpartitioned step (a half-trained model) or of a failed blocking
+check is skipped, as is one whose inputs were never materialized.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import TYPE_CHECKING, Callable, Iterable
+
+from dagster import AssetKey, AssetRecordsFilter, DagsterInstance, Definitions
+
+from imgsim_assets.ingest.lock import INGEST_HOST_TAG
+from imgsim_assets.ingest.plan import IMPLICIT_JOB, Ledger, Step
+from imgsim_assets.jobs import (
+    analyze_index_job,
+    embed_batch_job,
+    index_shard_job,
+    merge_index_job,
+    milvus_sync_job,
+    train_index_job,
+)
+
+if TYPE_CHECKING:
+    from imgsim_assets.ingest import IngestReport
+
+# Step-level DEBUG events stay in the run's event log (and the UI); the terminal gets INFO.
+_QUIET = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
+
+# Which report field each job's successful runs fill.
+_REPORTED = {
+    embed_batch_job.name: "embedded",
+    milvus_sync_job.name: "milvus",
+    train_index_job.name: "trained",
+    index_shard_job.name: "shards",
+    merge_index_job.name: "merged",
+    analyze_index_job.name: "analyzed",
+}
+
+
+def execute(
+    defs: Definitions, instance: DagsterInstance, steps: list[Step], log: Callable[[str], None] = print
+) -> dict[str, str | None]:
+    """Run the steps in order, each as an in-process run of its job. Returns, for each step that
+    ran, None when it succeeded or the first line of why it failed; skipped steps are absent."""
+    graph = defs.resolve_asset_graph()
+    outcomes: dict[str, str | None] = {}
+    broken: set[str] = set()  # failed unpartitioned steps, and the steps skipped because of one
+    for step in steps:
+        job = _job_def(defs, step)
+        blocked = _blocked_by(graph, instance, step, job, broken)
+        reason = blocked or _needless(step, outcomes) or _missing_input(graph, instance, step, job)
+        if blocked:
+            broken.add(step.label)
+        if reason:
+            log(f"not running {step.label}: {reason}")
+            continue
+        outcomes[step.label] = _run(instance, step, job, log)
+        if outcomes[step.label] is not None and step.partition is None:
+            broken.add(step.label)  # a half-made model or index: nothing may read it
+    return outcomes
+
+
+def _blocked_by(graph, instance: DagsterInstance, step: Step, job, broken: set[str]) -> str | None:
+    """A failed unpartitioned step it reads from, or a failed blocking check on an asset it reads.
+    (A failed batch blocks nothing: the others go on.)"""
+    failed = [label for label in step.after if label in broken]
+    if failed:
+        return f"{failed[0]} did not succeed"
+    gate = failed_checks_of(graph, instance, _inputs(graph, job))
+    return next((f"{label} failed: {message}" for label, message in gate.items()), None)
+
+
+def _needless(step: Step, outcomes: dict[str, str | None]) -> str | None:
+    """Planned only for what upstream steps would change, and none of them succeeded."""
+    if step.due or any(label in outcomes and outcomes[label] is None for label in step.after):
+        return None
+    return "nothing it reads changed"
+
+
+def _missing_input(graph, instance: DagsterInstance, step: Step, job) -> str | None:
+    """An asset the job reads that was never materialized (for the step's partition, or at all)."""
+    ledger = Ledger(instance, graph)
+    for parent in sorted(_inputs(graph, job)):
+        node = graph.get(parent)
+        partition = step.partition if node.is_partitioned else None
+        if not node.is_external and ledger.newest(parent, partition) == 0:
+            return f"{parent.to_user_string()} has not been materialized yet"
+    return None
+
+
+def _inputs(graph, job) -> set[AssetKey]:
+    """The assets a job reads and does not materialize itself."""
+    assets = job.asset_layer.executable_asset_keys
+    return {p for key in assets for p in graph.get(key).parent_keys if p not in assets}
+
+
+def _job_def(defs: Definitions, step: Step):
+    """The job that runs ``step``: the defined one, or Dagster's implicit job cut to its assets."""
+    if step.job == IMPLICIT_JOB:
+        return defs.resolve_implicit_job_def_def_for_assets(list(step.assets)).get_subset(
+            asset_selection=set(step.assets))
+    return defs.resolve_job_def(step.job)
+
+
+def _run(instance: DagsterInstance, step: Step, job, log: Callable[[str], None]) -> str | None:
+    """One in-process run of the step's job: None when it succeeded, else why it failed."""
+    log(f"running {step.job}" + (f" for {step.partition}" if step.partition else ""))
+    result = job.execute_in_process(
+        instance=instance, partition_key=step.partition, raise_on_error=False, run_config=_QUIET, tags=_run_tags()
+    )
+    if result.success:
+        return None
+    message = _failure_message(result)
+    log(f"FAILED {step.label}: {message}")
+    return message
+
+
+def _run_tags() -> dict[str, str]:
+    """Ingest's runs: the host they ran on, and no Dagster retries (the next ingest is their retry)."""
+    return {INGEST_HOST_TAG: socket.gethostname(), "dagster/max_retries": "0"}
+
+
+def _failure_message(result) -> str:
+    """The first line of the user code's exception (the whole of it is in the run's event log)."""
+    for event in result.all_events:
+        if event.is_step_failure and event.step_failure_data and event.step_failure_data.error:
+            error = event.step_failure_data.error
+            while error.cause is not None:  # the user code's exception, not Dagster's wrapper
+                error = error.cause
+            message = (error.message or "").strip()
+            return message.splitlines()[0] if message else "step failed"
+    return "run failed"
+
+
+def fill_report(report: IngestReport, steps: list[Step], outcomes: dict[str, str | None]) -> None:
+    """What ran, per stage, and what failed, in run order."""
+    for step in steps:
+        if step.label not in outcomes:
+            continue
+        if outcomes[step.label] is not None:
+            report.failed[step.label] = outcomes[step.label]
+        elif step.job in _REPORTED:
+            name = _REPORTED[step.job]
+            if isinstance(getattr(report, name), list):
+                getattr(report, name).append(step.partition)
+            else:
+                setattr(report, name, True)
+
+
+def failed_checks(defs: Definitions, instance: DagsterInstance) -> dict[str, str]:
+    """Blocking asset checks that failed on the current materialization of their asset,
+    as ``{"check NAME": "its description"}``."""
+    graph = defs.resolve_asset_graph()
+    return failed_checks_of(graph, instance, graph.materializable_asset_keys)
+
+
+def failed_checks_of(graph, instance: DagsterInstance, assets: Iterable[AssetKey]) -> dict[str, str]:
+    """:func:`failed_checks` for the blocking checks of ``assets``."""
+    assets = set(assets)
+    keys = [k for k in graph.asset_check_keys if k.asset_key in assets and graph.get_check_spec(k).blocking]
+    if not keys:
+        return {}
+    latest = instance.event_log_storage.get_latest_asset_check_execution_by_key(keys)
+    failed = {}
+    for key in keys:
+        record = latest.get(key)
+        evaluation = record.event.asset_check_evaluation if record is not None and record.event is not None else None
+        if evaluation is None or evaluation.passed or evaluation.target_materialization_data is None:
+            continue
+        current = instance.fetch_materializations(AssetRecordsFilter(asset_key=key.asset_key), limit=1).records
+        if current and current[0].storage_id == evaluation.target_materialization_data.storage_id:
+            failed[f"check {key.name}"] = _check_summary(evaluation)
+    return failed
+
+
+def _check_summary(evaluation) -> str:
+    """A failed check in one line: its description (which states its figure), else its figures."""
+    figures = ", ".join(
+        f"{name} {value.value:.4g}" if isinstance(value.value, float) else f"{name} {value.value}"
+        for name, value in sorted(evaluation.metadata.items())
+        if isinstance(value.value, (int, float)) and not isinstance(value.value, bool)
+    )
+    return evaluation.description or figures or "failed"
