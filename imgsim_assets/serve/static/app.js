@@ -1,0 +1,759 @@
+/* imgsim search page: plain JavaScript, no framework, no build step.
+ *
+ * Talks to the same-origin JSON API (/healthz, /search, /images/{id}, /batches,
+ * /duplicates, /clusters). If the page was opened as /?token=…, every fetch
+ * carries "Authorization: Bearer …" and every <img src> carries ?token=….
+ * All API data goes into the DOM through textContent / attributes, never HTML.
+ */
+(function () {
+  'use strict';
+
+  // ---------------------------------------------------------------- settings
+  const VIEWS = ['search', 'duplicates', 'clusters'];
+  const THUMB = 256;             // thumbnail box for results and previews
+  const STRIP_THUMB = 160;       // thumbnail box requested for group/cluster rows
+  const DUP_PER_PAGE = 20;
+  const CLU_PER_PAGE = 12;
+  const CLU_SAMPLES = 8;
+
+  const TOKEN = new URLSearchParams(window.location.search).get('token') || '';
+
+  // ---------------------------------------------------------------- elements
+  const $ = (id) => document.getElementById(id);
+  const el = {
+    error: $('error'),
+    randomWeights: $('random-weights'),
+    indexSize: $('index-size'),
+    encoder: $('encoder'),
+    indexVersion: $('index-version'),
+    dropzone: $('dropzone'),
+    fileInput: $('file-input'),
+    queryFigure: $('query-figure'),
+    queryPreview: $('query-preview'),
+    queryCaption: $('query-caption'),
+    queryNote: $('query-note'),
+    options: $('search-options'),
+    k: $('k'),
+    batchFilter: $('batch-filter'),
+    batchFilterEmpty: $('batch-filter-empty'),
+    took: $('took'),
+    results: $('results'),
+    resultsEmpty: $('results-empty'),
+    duplicates: $('duplicates'),
+    clusters: $('clusters'),
+  };
+
+  // ------------------------------------------------------------------- state
+  const state = {
+    view: 'search',
+    query: null,          // {kind: 'file', file} | {kind: 'id', imageId, path?, batch?}
+    previewUrl: null,     // object URL of the current uploaded query
+    searchSeq: 0,         // guards against out-of-order search responses
+    pagers: {
+      duplicates: makePager('duplicates', DUP_PER_PAGE, loadDuplicates),
+      clusters: makePager('clusters', CLU_PER_PAGE, loadClusters),
+    },
+  };
+
+  // --------------------------------------------------------------- utilities
+  function withToken(params) {
+    if (TOKEN) params.set('token', TOKEN);
+    return params;
+  }
+
+  function imageUrl(imageId, size) {
+    const params = new URLSearchParams();
+    if (size) params.set('size', String(size));
+    withToken(params);
+    const qs = params.toString();
+    return '/images/' + encodeURIComponent(String(imageId)) + (qs ? '?' + qs : '');
+  }
+
+  function node(tag, className, text) {
+    const n = document.createElement(tag);
+    if (className) n.className = className;
+    if (text !== undefined && text !== null) n.textContent = String(text);
+    return n;
+  }
+
+  function fmtScore(x) {
+    const v = Number(x);
+    return Number.isFinite(v) ? v.toFixed(3) : '—';
+  }
+
+  function fmtMs(x) {
+    const v = Number(x);
+    return Number.isFinite(v) ? v.toFixed(1) : '?';
+  }
+
+  function basename(path) {
+    if (!path) return '';
+    const s = String(path);
+    const i = Math.max(s.lastIndexOf('/'), s.lastIndexOf('\\'));
+    return i >= 0 ? s.slice(i + 1) : s;
+  }
+
+  function thumb(imageId, size, alt) {
+    const img = document.createElement('img');
+    img.className = 'thumb';
+    img.src = imageUrl(imageId, size);
+    img.alt = alt || ('Image ' + imageId);
+    img.width = size;
+    img.height = size;
+    img.loading = 'lazy';
+    img.decoding = 'async';
+    img.draggable = true;
+    img.addEventListener('error', () => img.classList.add('broken'), { once: true });
+    img.addEventListener('dragstart', (e) => {
+      // Dragging a thumbnail onto the drop zone searches by that image.
+      e.dataTransfer.setData('application/x-imgsim-image-id', String(imageId));
+      e.dataTransfer.effectAllowed = 'copy';
+    });
+    return img;
+  }
+
+  // ------------------------------------------------------------------ errors
+  class ApiError extends Error {
+    constructor(status, code, detail, retryAfter) {
+      super(detail || code || ('HTTP ' + status));
+      this.status = status;
+      this.code = code || '';
+      this.detail = detail || '';
+      this.retryAfter = retryAfter || null;
+    }
+  }
+
+  function describeError(err, action) {
+    if (!(err instanceof ApiError)) {
+      return action + ' failed: ' + (err && err.message ? err.message : String(err));
+    }
+    const what = err.code ? ' ' + err.code : '';
+    const detail = err.detail ? ': ' + err.detail : '';
+    switch (err.status) {
+      case 0:
+        return action + ' failed: cannot reach the server' + detail;
+      case 401:
+      case 403:
+        return action + ' failed (' + err.status + what + '): ' +
+          (TOKEN ? 'the access token was rejected.' : 'this server needs an access token; open the page as /?token=…') +
+          (err.detail ? ' (' + err.detail + ')' : '');
+      case 413:
+        return action + ' failed (413' + what + '): the upload is too large' + detail;
+      case 503: {
+        const retry = err.retryAfter ? ' Try again in ' + err.retryAfter + ' s.' : ' Try again shortly.';
+        return action + ' failed (503' + what + '): the server is busy' + detail + '.' + retry;
+      }
+      default:
+        return action + ' failed (' + err.status + what + ')' + detail;
+    }
+  }
+
+  function showError(message) {
+    el.error.textContent = message;
+    el.error.hidden = false;
+  }
+
+  function clearError() {
+    el.error.textContent = '';
+    el.error.hidden = true;
+  }
+
+  // ----------------------------------------------------------------- network
+  async function api(path, params, init) {
+    // The token travels in the Authorization header for fetches, not in the URL.
+    const qs = (params || new URLSearchParams()).toString();
+    const headers = new Headers((init && init.headers) || {});
+    headers.set('Accept', 'application/json');
+    if (TOKEN) headers.set('Authorization', 'Bearer ' + TOKEN);
+
+    let resp;
+    try {
+      resp = await fetch(path + (qs ? '?' + qs : ''), Object.assign({}, init, {
+        headers: headers,
+        credentials: 'same-origin',
+        cache: 'no-store',
+      }));
+    } catch (e) {
+      throw new ApiError(0, 'network_error', e && e.message ? e.message : String(e));
+    }
+
+    let body = null;
+    const ctype = resp.headers.get('content-type') || '';
+    if (ctype.includes('json')) {
+      try { body = await resp.json(); } catch (_) { body = null; }
+    } else if (!resp.ok) {
+      try {
+        const text = (await resp.text()).trim();
+        body = { detail: text.slice(0, 300) };
+      } catch (_) { body = null; }
+    }
+
+    if (!resp.ok) {
+      const retryRaw = resp.headers.get('retry-after');
+      let retry = null;
+      if (retryRaw) {
+        const n = parseInt(retryRaw, 10);
+        if (String(n) === retryRaw.trim()) retry = n;
+        else {
+          const when = Date.parse(retryRaw);
+          if (!Number.isNaN(when)) retry = Math.max(0, Math.round((when - Date.now()) / 1000));
+        }
+      }
+      const code = body && body.error ? String(body.error) : (resp.statusText || '');
+      const detail = body && body.detail !== undefined && body.detail !== null
+        ? (typeof body.detail === 'string' ? body.detail : JSON.stringify(body.detail))
+        : '';
+      throw new ApiError(resp.status, code, detail, retry);
+    }
+    if (body === null) {
+      throw new ApiError(resp.status, 'bad_response', 'the server did not answer with JSON');
+    }
+    return body;
+  }
+
+  // ------------------------------------------------------------------ header
+  async function loadHealth() {
+    try {
+      const h = await api('/healthz');
+      renderHealth(h);
+    } catch (err) {
+      el.indexSize.textContent = '?';
+      el.encoder.textContent = '?';
+      el.indexVersion.textContent = '?';
+      showError(describeError(err, 'Loading server status'));
+    }
+  }
+
+  function renderHealth(h) {
+    setIndexSize(h.num_vectors);
+    const enc = h.encoder || {};
+    const parts = [];
+    if (enc.model) parts.push(String(enc.model));
+    if (enc.pooling) parts.push('pooling: ' + enc.pooling);
+    el.encoder.textContent = parts.length ? parts.join(', ') : 'unknown';
+    el.encoder.dataset.model = enc.model ? String(enc.model) : '';
+    el.encoder.dataset.pooling = enc.pooling ? String(enc.pooling) : '';
+    el.encoder.title = enc.weights_file ? 'Weights: ' + enc.weights_file : '';
+    el.indexVersion.textContent = h.index_version ? String(h.index_version) : '—';
+    el.randomWeights.hidden = h.random_weights !== true;
+  }
+
+  function setIndexSize(n) {
+    if (n === undefined || n === null) return;
+    el.indexSize.textContent = String(n);
+    el.indexSize.dataset.numVectors = String(n);
+  }
+
+  // ----------------------------------------------------------------- batches
+  async function loadBatches() {
+    let data;
+    try {
+      data = await api('/batches');
+    } catch (err) {
+      el.batchFilterEmpty.textContent = 'Batches unavailable (' + describeError(err, 'Loading batches') + ')';
+      return;
+    }
+    const batches = Array.isArray(data.batches) ? data.batches : [];
+    // Remove previous options, keep the legend and the hint.
+    el.batchFilter.querySelectorAll('.batch-option').forEach((n) => n.remove());
+    if (!batches.length) {
+      el.batchFilterEmpty.textContent = 'No batches.';
+      el.batchFilterEmpty.hidden = false;
+      return;
+    }
+    el.batchFilterEmpty.hidden = true;
+    for (const b of batches) {
+      const label = node('label', 'batch-option');
+      const box = document.createElement('input');
+      box.type = 'checkbox';
+      box.name = 'batch';
+      box.value = String(b.name);
+      label.append(box, ' ', node('span', 'batch-name', b.name));
+      if (b.num_images !== undefined && b.num_images !== null) {
+        label.append(' ', node('span', 'batch-count', '(' + b.num_images + ')'));
+      }
+      el.batchFilter.append(label);
+    }
+  }
+
+  function selectedBatches() {
+    return Array.from(el.batchFilter.querySelectorAll('input[name="batch"]:checked')).map((b) => b.value);
+  }
+
+  // ------------------------------------------------------------------ search
+  function searchParams() {
+    const params = new URLSearchParams();
+    params.set('k', el.k.value || '10');
+    for (const b of selectedBatches()) params.append('batch', b);
+    return params;
+  }
+
+  function setPreviewFromFile(file) {
+    if (state.previewUrl) URL.revokeObjectURL(state.previewUrl);
+    state.previewUrl = URL.createObjectURL(file);
+    el.queryPreview.classList.remove('broken');
+    el.queryPreview.src = state.previewUrl;
+    el.queryPreview.alt = 'Query image: ' + (file.name || 'pasted image');
+    el.queryCaption.textContent = (file.name || 'Pasted image') +
+      (file.size ? ' · ' + Math.max(1, Math.round(file.size / 1024)) + ' KiB' : '');
+    el.queryFigure.hidden = false;
+  }
+
+  function setPreviewFromId(imageId, path, batch) {
+    if (state.previewUrl) { URL.revokeObjectURL(state.previewUrl); state.previewUrl = null; }
+    el.queryPreview.classList.remove('broken');
+    el.queryPreview.src = imageUrl(imageId, THUMB);
+    el.queryPreview.alt = 'Query image: ' + (path ? basename(path) : imageId);
+    el.queryCaption.textContent = (path || ('Image ' + imageId)) + (batch ? ' · ' + batch : '');
+    el.queryFigure.hidden = false;
+  }
+
+  function searchByFile(file) {
+    if (!file) return;
+    state.query = { kind: 'file', file: file };
+    setPreviewFromFile(file);
+    return runSearch();
+  }
+
+  function searchById(imageId, path, batch) {
+    state.query = { kind: 'id', imageId: String(imageId), path: path, batch: batch };
+    setPreviewFromId(imageId, path, batch);
+    return runSearch();
+  }
+
+  async function runSearch() {
+    const q = state.query;
+    if (!q) return;
+    const seq = ++state.searchSeq;
+    clearError();
+    el.queryNote.hidden = true;
+    el.queryNote.textContent = '';
+    el.results.setAttribute('aria-busy', 'true');
+    el.took.textContent = 'Searching…';
+    delete el.took.dataset.tookMs;
+    delete el.took.dataset.numVectors;
+
+    const params = searchParams();
+    let data;
+    try {
+      if (q.kind === 'file') {
+        const form = new FormData();
+        form.append('image', q.file, q.file.name || 'pasted-image');
+        data = await api('/search', params, { method: 'POST', body: form });
+      } else {
+        params.set('image_id', q.imageId);
+        data = await api('/search', params, { method: 'GET' });
+      }
+    } catch (err) {
+      if (seq !== state.searchSeq) return;
+      el.results.setAttribute('aria-busy', 'false');
+      el.results.replaceChildren();
+      el.resultsEmpty.hidden = true;
+      el.took.textContent = '';
+      showError(describeError(err, 'Search'));
+      return;
+    }
+    if (seq !== state.searchSeq) return;
+    el.results.setAttribute('aria-busy', 'false');
+    renderSearch(data);
+  }
+
+  function renderSearch(data) {
+    const hits = Array.isArray(data.hits) ? data.hits : [];
+    el.results.replaceChildren(...hits.map(hitElement));
+    el.resultsEmpty.hidden = hits.length > 0;
+    el.resultsEmpty.textContent = selectedBatches().length
+      ? 'No results in the selected batches.'
+      : 'No results.';
+
+    el.took.textContent = hits.length + (hits.length === 1 ? ' result' : ' results') +
+      ' in ' + fmtMs(data.took_ms) + ' ms · ' +
+      (data.num_vectors !== undefined && data.num_vectors !== null ? data.num_vectors : '?') +
+      ' vectors searched';
+    if (data.took_ms !== undefined && data.took_ms !== null) el.took.dataset.tookMs = String(data.took_ms);
+    if (data.num_vectors !== undefined && data.num_vectors !== null) el.took.dataset.numVectors = String(data.num_vectors);
+    setIndexSize(data.num_vectors);
+
+    const q = data.query || {};
+    const note = q.message || q.reason;
+    if (note) {
+      el.queryNote.textContent = String(note);
+      if (q.reason) el.queryNote.dataset.reason = String(q.reason);
+      el.queryNote.hidden = false;
+    } else {
+      delete el.queryNote.dataset.reason;
+    }
+  }
+
+  function hitElement(hit) {
+    const li = node('li', 'hit');
+    li.dataset.imageId = String(hit.image_id);
+    if (hit.rank !== undefined && hit.rank !== null) li.dataset.rank = String(hit.rank);
+    li.dataset.score = String(hit.score);
+    const copies = Number(hit.copies) || 1;
+    li.dataset.copies = String(copies);
+
+    const button = node('button', 'hit-button');
+    button.type = 'button';
+    button.title = 'Search by this image' +
+      (hit.inner_product !== undefined && hit.inner_product !== null
+        ? ' (inner product ' + fmtScore(hit.inner_product) + ')' : '');
+    button.append(thumb(hit.image_id, THUMB, basename(hit.path) || ('Image ' + hit.image_id)));
+
+    const meta = node('span', 'hit-meta');
+    const line = node('span', 'hit-line');
+    if (hit.rank !== undefined && hit.rank !== null) line.append(node('span', 'rank', '#' + hit.rank));
+    const score = node('span', 'score', fmtScore(hit.score));
+    score.title = 'score';
+    line.append(score);
+    if (copies > 1) {
+      line.append(node('span', 'copies', '+' + (copies - 1) + ' identical'));
+    }
+    meta.append(line);
+    const path = node('span', 'path', hit.path || '');
+    path.title = hit.path || '';
+    meta.append(path, node('span', 'batch', hit.batch || ''));
+    button.append(meta);
+
+    button.addEventListener('click', () => {
+      searchById(hit.image_id, hit.path, hit.batch);
+      window.scrollTo({ top: 0, behavior: 'smooth' });
+    });
+    li.append(button);
+    return li;
+  }
+
+  // ------------------------------------------------------- query input: file
+  el.fileInput.addEventListener('change', () => {
+    const file = el.fileInput.files && el.fileInput.files[0];
+    if (file) {
+      searchByFile(file);
+    }
+    // Allow choosing the same file again.
+    el.fileInput.value = '';
+  });
+
+  // Clicking the drop zone background opens the file chooser.
+  el.dropzone.addEventListener('click', (e) => {
+    if (e.target === el.fileInput || e.target.closest('label')) return;
+    el.fileInput.click();
+  });
+
+  // ------------------------------------------------------- query input: drop
+  function dragHasPayload(e) {
+    const types = e.dataTransfer ? Array.from(e.dataTransfer.types || []) : [];
+    return types.includes('Files') || types.includes('application/x-imgsim-image-id');
+  }
+
+  function handleDrop(e) {
+    const dt = e.dataTransfer;
+    if (!dt) return;
+    const file = dt.files && dt.files[0];
+    if (file) {
+      setView('search');
+      searchByFile(file);
+      return;
+    }
+    const id = dt.getData('application/x-imgsim-image-id');
+    if (id) {
+      setView('search');
+      searchById(id);
+    }
+  }
+
+  let dragDepth = 0;
+  el.dropzone.addEventListener('dragenter', (e) => {
+    if (!dragHasPayload(e)) return;
+    e.preventDefault();
+    dragDepth += 1;
+    el.dropzone.classList.add('dragover');
+  });
+  el.dropzone.addEventListener('dragover', (e) => {
+    if (!dragHasPayload(e)) return;
+    e.preventDefault();
+    e.dataTransfer.dropEffect = 'copy';
+    el.dropzone.classList.add('dragover');
+  });
+  el.dropzone.addEventListener('dragleave', () => {
+    dragDepth = Math.max(0, dragDepth - 1);
+    if (dragDepth === 0) el.dropzone.classList.remove('dragover');
+  });
+  el.dropzone.addEventListener('drop', (e) => {
+    e.preventDefault();
+    e.stopPropagation();
+    dragDepth = 0;
+    el.dropzone.classList.remove('dragover');
+    handleDrop(e);
+  });
+
+  // A file dropped anywhere else on the search view also searches, and a
+  // stray drop elsewhere must not navigate the browser away to the file.
+  window.addEventListener('dragover', (e) => {
+    if (!dragHasPayload(e)) return;
+    e.preventDefault();
+    e.dataTransfer.dropEffect = state.view === 'search' ? 'copy' : 'none';
+  });
+  window.addEventListener('drop', (e) => {
+    if (!dragHasPayload(e)) return;
+    e.preventDefault();
+    if (state.view === 'search') handleDrop(e);
+  });
+
+  // ------------------------------------------------------ query input: paste
+  document.addEventListener('paste', (e) => {
+    const cd = e.clipboardData;
+    if (!cd) return;
+    let file = null;
+    if (cd.items) {
+      for (const item of cd.items) {
+        if (item.kind === 'file' && item.type && item.type.startsWith('image/')) {
+          file = item.getAsFile();
+          if (file) break;
+        }
+      }
+    }
+    if (!file && cd.files && cd.files.length) {
+      file = Array.from(cd.files).find((f) => f.type && f.type.startsWith('image/')) || null;
+    }
+    if (!file) {
+      if (state.view === 'search') showError('Paste: the clipboard holds no image.');
+      return;
+    }
+    e.preventDefault();
+    if (!file.name) {
+      const ext = (file.type.split('/')[1] || 'png').replace(/[^a-z0-9]/gi, '');
+      file = new File([file], 'pasted.' + ext, { type: file.type });
+    }
+    setView('search');
+    searchByFile(file);
+  });
+
+  // ------------------------------------------------------------ option changes
+  el.options.addEventListener('submit', (e) => e.preventDefault());
+  el.k.addEventListener('change', () => { if (state.query) runSearch(); });
+  el.batchFilter.addEventListener('change', (e) => {
+    if (e.target && e.target.name === 'batch' && state.query) runSearch();
+  });
+
+  // ------------------------------------------------------------------ paging
+  // Pages are asked for by number; the first load omits `page` and takes the
+  // server's answer as the first page, so 0- and 1-based servers both work.
+  function makePager(name, perPage, loader) {
+    return {
+      name: name,
+      perPage: perPage,
+      first: null,        // the server's number for the first page
+      page: null,         // the page on screen
+      total: 0,
+      loaded: false,
+      seq: 0,
+      loader: loader,
+      prev: document.getElementById(name + '-prev'),
+      next: document.getElementById(name + '-next'),
+      info: document.getElementById(name + '-page'),
+    };
+  }
+
+  function updatePager(p, data, totalKey, noun) {
+    const page = Number.isFinite(Number(data.page)) ? Number(data.page) : (p.page === null ? 1 : p.page);
+    if (p.first === null) p.first = page;
+    p.page = page;
+    p.perPage = Number(data.per_page) || p.perPage;
+    p.total = Number(data[totalKey]) || 0;
+    const index = page - p.first;                         // 0-based on screen
+    const pages = Math.max(1, Math.ceil(p.total / p.perPage));
+    p.prev.disabled = index <= 0;
+    p.next.disabled = (index + 1) * p.perPage >= p.total;
+    p.info.textContent = 'Page ' + (index + 1) + ' of ' + pages + ' · ' + p.total + ' ' + noun;
+    p.info.dataset.page = String(page);
+  }
+
+  function wirePager(p) {
+    p.prev.addEventListener('click', () => {
+      if (p.page !== null) p.loader(p.page - 1);
+    });
+    p.next.addEventListener('click', () => {
+      if (p.page !== null) p.loader(p.page + 1);
+    });
+  }
+
+  // -------------------------------------------------------------- duplicates
+  function memberElement(m, extraClass) {
+    const li = node('li', 'member' + (extraClass ? ' ' + extraClass : ''));
+    li.dataset.imageId = String(m.image_id);
+    const button = node('button', 'member-button');
+    button.type = 'button';
+    button.title = 'Search by this image' + (m.path ? ': ' + m.path : '');
+    button.append(thumb(m.image_id, STRIP_THUMB, basename(m.path) || ('Image ' + m.image_id)));
+    const path = node('span', 'path', basename(m.path) || String(m.image_id));
+    path.title = m.path || '';
+    button.append(path, node('span', 'batch', m.batch || ''));
+    button.addEventListener('click', () => {
+      setView('search');
+      searchById(m.image_id, m.path, m.batch);
+      window.scrollTo({ top: 0 });
+    });
+    li.append(button);
+    return li;
+  }
+
+  async function loadDuplicates(page) {
+    const p = state.pagers.duplicates;
+    const seq = ++p.seq;
+    const params = new URLSearchParams();
+    if (page !== null && page !== undefined) params.set('page', String(page));
+    params.set('per_page', String(p.perPage));
+    clearError();
+    el.duplicates.setAttribute('aria-busy', 'true');
+    p.prev.disabled = true;
+    p.next.disabled = true;
+    let data;
+    try {
+      data = await api('/duplicates', params);
+    } catch (err) {
+      if (seq !== p.seq) return;
+      el.duplicates.setAttribute('aria-busy', 'false');
+      if (p.page !== null) {
+        p.prev.disabled = p.page - p.first <= 0;
+        p.next.disabled = (p.page - p.first + 1) * p.perPage >= p.total;
+      }
+      showError(describeError(err, 'Loading duplicates'));
+      return;
+    }
+    if (seq !== p.seq) return;
+    p.loaded = true;
+    el.duplicates.setAttribute('aria-busy', 'false');
+    updatePager(p, data, 'total_groups', 'groups');
+
+    const groups = Array.isArray(data.groups) ? data.groups : [];
+    if (!groups.length) {
+      el.duplicates.replaceChildren(node('p', 'hint empty', 'No duplicate groups.'));
+      return;
+    }
+    el.duplicates.replaceChildren(...groups.map((g) => {
+      const members = Array.isArray(g.members) ? g.members : [];
+      const size = g.size !== undefined && g.size !== null ? Number(g.size) : members.length;
+      const art = node('article', 'group');
+      art.dataset.size = String(size);
+      if (g.group !== undefined && g.group !== null) art.dataset.group = String(g.group);
+      const head = node('header', 'row-header');
+      head.append(
+        node('h3', 'row-title', 'Group ' + (g.group !== undefined && g.group !== null ? g.group : '')),
+        node('span', 'group-size', size + (size === 1 ? ' image' : ' images')),
+      );
+      if (g.max_similarity !== undefined && g.max_similarity !== null) {
+        const sim = node('span', 'group-similarity', 'max similarity ' + fmtScore(g.max_similarity));
+        sim.dataset.maxSimilarity = String(g.max_similarity);
+        head.append(sim);
+      }
+      const strip = node('ul', 'strip members');
+      strip.append(...members.map((m) => memberElement(m)));
+      art.append(head, strip);
+      if (size > members.length) {
+        art.append(node('p', 'hint more', '+' + (size - members.length) + ' more not shown'));
+      }
+      return art;
+    }));
+  }
+
+  // ---------------------------------------------------------------- clusters
+  async function loadClusters(page) {
+    const p = state.pagers.clusters;
+    const seq = ++p.seq;
+    const params = new URLSearchParams();
+    if (page !== null && page !== undefined) params.set('page', String(page));
+    params.set('per_page', String(p.perPage));
+    params.set('samples', String(CLU_SAMPLES));
+    clearError();
+    el.clusters.setAttribute('aria-busy', 'true');
+    p.prev.disabled = true;
+    p.next.disabled = true;
+    let data;
+    try {
+      data = await api('/clusters', params);
+    } catch (err) {
+      if (seq !== p.seq) return;
+      el.clusters.setAttribute('aria-busy', 'false');
+      if (p.page !== null) {
+        p.prev.disabled = p.page - p.first <= 0;
+        p.next.disabled = (p.page - p.first + 1) * p.perPage >= p.total;
+      }
+      showError(describeError(err, 'Loading clusters'));
+      return;
+    }
+    if (seq !== p.seq) return;
+    p.loaded = true;
+    el.clusters.setAttribute('aria-busy', 'false');
+    updatePager(p, data, 'total_clusters', 'clusters');
+
+    const clusters = Array.isArray(data.clusters) ? data.clusters : [];
+    if (!clusters.length) {
+      el.clusters.replaceChildren(node('p', 'hint empty', 'No clusters.'));
+      return;
+    }
+    el.clusters.replaceChildren(...clusters.map((c) => {
+      const samples = Array.isArray(c.samples) ? c.samples : [];
+      const size = c.size !== undefined && c.size !== null ? Number(c.size) : samples.length;
+      const art = node('article', 'cluster');
+      art.dataset.size = String(size);
+      if (c.cluster !== undefined && c.cluster !== null) art.dataset.cluster = String(c.cluster);
+      const head = node('header', 'row-header');
+      head.append(
+        node('h3', 'row-title', 'Cluster ' + (c.cluster !== undefined && c.cluster !== null ? c.cluster : '')),
+        node('span', 'cluster-size', size + (size === 1 ? ' image' : ' images')),
+      );
+      const strip = node('ul', 'strip samples');
+      strip.append(...samples.map((m) => memberElement(m, 'sample')));
+      art.append(head, strip);
+      return art;
+    }));
+  }
+
+  // ----------------------------------------------------------------- routing
+  function viewFromHash() {
+    const raw = window.location.hash.replace(/^#/, '').split(/[/?&]/)[0].toLowerCase();
+    return VIEWS.includes(raw) ? raw : 'search';
+  }
+
+  function setView(view) {
+    // Switch at once (so a later hashchange finds nothing to change and
+    // clears no error raised meanwhile), then record the view in the URL.
+    showView(view, false);
+    if (window.location.hash !== '#' + view) window.location.hash = view;
+  }
+
+  function showView(view, moveFocus) {
+    const changed = state.view !== view;
+    state.view = view;
+    for (const v of VIEWS) {
+      const section = document.getElementById('view-' + v);
+      section.hidden = v !== view;
+      const tab = document.getElementById('tab-' + v);
+      if (v === view) tab.setAttribute('aria-current', 'page');
+      else tab.removeAttribute('aria-current');
+    }
+    document.body.dataset.view = view;
+    document.title = 'imgsim — ' + view;
+    if (changed) clearError();
+    const pager = state.pagers[view];
+    if (pager && !pager.loaded) pager.loader(null);
+    if (moveFocus) {
+      const heading = document.getElementById(view + '-heading');
+      if (heading) {
+        heading.setAttribute('tabindex', '-1');
+        heading.focus({ preventScroll: true });
+      }
+    }
+  }
+
+  window.addEventListener('hashchange', () => showView(viewFromHash(), true));
+
+  // -------------------------------------------------------------------- boot
+  wirePager(state.pagers.duplicates);
+  wirePager(state.pagers.clusters);
+  el.queryPreview.addEventListener('error', () => el.queryPreview.classList.add('broken'));
+  state.view = null;
+  showView(viewFromHash(), false);
+  loadHealth();
+  loadBatches();
+})();
