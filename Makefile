@@ -7,7 +7,7 @@ FAISS ?= cpu   # `make FAISS=gpu install` for faiss-gpu (CUDA 12)
 export IMGSIM_DATA_DIR ?= $(CURDIR)/data
 export DAGSTER_HOME ?= $(IMGSIM_DATA_DIR)/dagster_home
 
-.PHONY: install demo test ui bench bench-index clean-data
+.PHONY: install demo test ui serve bench bench-index clean-data
 
 $(VENV)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (set PYTHON=...)"; exit 1; }
@@ -40,6 +40,10 @@ bench: install
 # 1M vectors against autofaiss in its own venv (about half an hour on 2 cores, 3 GB of disk).
 bench-index: install
 	$(BIN)/python -m bench.index
+
+# The search service and web page on http://127.0.0.1:8000 over the materialized faiss_index.
+serve: install
+	$(BIN)/imgsim serve --host 127.0.0.1 --port 8000
 
 ui: install $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/dagster dev -h 127.0.0.1 -p 3000 -w workspace.yaml

@@ -98,12 +98,14 @@ def open_searcher(args, settings):
 
 
 def cmd_search(args) -> int:
-    from imgsim_assets.core.search import UnknownImage
-    from imgsim_assets.settings import Settings
-
     if (args.image is None) == (args.id is None):
         print("imgsim search: give either an IMAGE file or --id IMAGE_ID", file=sys.stderr)
         return 2
+    if args.server:
+        return _search_server(args)
+    from imgsim_assets.core.search import UnknownImage
+    from imgsim_assets.settings import Settings
+
     settings = Settings.from_env()
     searcher, source = open_searcher(args, settings)
     if searcher.random_weights:
@@ -129,6 +131,58 @@ def cmd_search(args) -> int:
     for h in hits:
         extra = f"  (+{h.copies - 1} identical)" if h.copies > 1 else ""
         print(f"{h.rank:>4}  {h.score:6.4f}  {h.inner_product:7.4f}  {h.image_id:>20}  {settings.images_dir / h.path}{extra}")
+    return 0
+
+
+def _search_server(args) -> int:
+    """The query answered by a running ``imgsim serve`` (no model, no index loaded here)."""
+    from imgsim_assets.serve import client
+
+    token = args.token or os.environ.get("IMGSIM_SERVE_TOKEN")
+    try:
+        if args.id is not None:
+            answer = client.search_id(args.server, args.id, args.k, args.nprobe, args.batch, token)
+            query = f"image_id {args.id}"
+        else:
+            answer = client.search_file(args.server, args.image, args.k, args.nprobe, args.batch, token)
+            query = args.image
+    except client.ServerError as e:
+        print(f"imgsim search: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({"query": query, "backend": "server", **answer}, indent=2))
+        return 0
+    print(f"query: {query}   ({answer['num_vectors']} images indexed, {args.server}, {answer['took_ms']:.1f} ms)")
+    print(f"{'rank':>4}  {'score':>6}  {'inner':>7}  {'image_id':>20}  path")
+    for h in answer["hits"]:
+        extra = f"  (+{h['copies'] - 1} identical)" if h.get("copies", 1) > 1 else ""
+        print(f"{h['rank']:>4}  {h['score']:6.4f}  {h['inner_product']:7.4f}  {h['image_id']:>20}  {h['path']}{extra}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    import uvicorn
+
+    from imgsim_assets.serve.app import ServeConfig, create_app, is_loopback
+    from imgsim_assets.settings import Settings
+
+    settings = Settings.from_env()
+    token = args.token or os.environ.get("IMGSIM_SERVE_TOKEN", "")
+    if not is_loopback(args.host) and not token:
+        print(f"imgsim serve: binding to {args.host} (not loopback) needs a token: --token or IMGSIM_SERVE_TOKEN",
+              file=sys.stderr)
+        return 2
+    config = ServeConfig(assets_dir=settings.assets_dir, images_dir=settings.images_dir, host=args.host,
+                         port=args.port, token=token, device=settings.device,
+                         max_upload_bytes=int(args.max_upload_mb * 2**20), reload_interval_s=args.reload_interval)
+    app = create_app(config)
+    service = app.state.service
+    loaded = service.live.current
+    if loaded.searcher.random_weights:
+        print(RANDOM_BANNER, file=sys.stderr)
+    print(f"imgsim serve: {loaded.searcher.num_vectors} images (index {loaded.version}) on http://{args.host}:{args.port}/",
+          file=sys.stderr, flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
     return 0
 
 
@@ -166,7 +220,18 @@ def main(argv: list[str] | None = None) -> int:
                    help="faiss: the materialized faiss_index; milvus: the milvus_collection")
     p.add_argument("--milvus-uri", default=None, help="default: $IMGSIM_MILVUS_URI, else <data>/milvus.db")
     p.add_argument("--collection", default="imgsim", help="Milvus collection")
+    p.add_argument("--server", default=None, help="ask a running `imgsim serve` at this URL (milliseconds)")
+    p.add_argument("--token", default=None, help="the server's token (default: $IMGSIM_SERVE_TOKEN)")
     p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("serve", help="the search service and web page over the live faiss_index")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--token", default=None, help="required on every request; needed to bind beyond loopback "
+                   "(default: $IMGSIM_SERVE_TOKEN)")
+    p.add_argument("--max-upload-mb", type=float, default=32.0, help="larger uploads are refused (413)")
+    p.add_argument("--reload-interval", type=float, default=1.0, help="seconds between looks for a new index version")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("sample-data", help="write the bundled sample corpus (two batches and queries)")
     p.add_argument("--data-dir", default=None)

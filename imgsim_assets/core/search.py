@@ -6,6 +6,7 @@ The CLI, the ``similar_images`` asset and the HTTP service only format what it r
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import threading
@@ -58,8 +59,13 @@ class ImageIndex:
         self._ids = ids[order]
         self._rows = order
         self._paths = self.catalog.column("path").to_pylist()
-        self._batches = self.catalog.column("batch").to_pylist()
+        batches = self.catalog.column("batch").combine_chunks().dictionary_encode()
+        self.batch_names: list[str] = batches.dictionary.to_pylist()
+        self._batch_codes = batches.indices.to_numpy(zero_copy_only=False)
         self._row_ids = ids
+        self._selectors: dict[tuple[str, ...], faiss.IDSelector] = {}
+        self._lock = threading.Lock()
+        self._direct_map = False
 
     @property
     def num_vectors(self) -> int:
@@ -83,31 +89,57 @@ class ImageIndex:
         if lo == hi:
             return "", "", 0
         row = self._rows[lo]
-        return self._paths[row], self._batches[row], int(hi - lo)
+        return self._paths[row], self.batch_names[self._batch_codes[row]], int(hi - lo)
 
-    def ids_in_batches(self, batches: list[str]) -> np.ndarray:
+    def ids_in_batches(self, batches: Sequence[str]) -> np.ndarray:
         """The image_ids with at least one file in one of ``batches``."""
-        unknown = sorted(set(batches) - set(self._batches))
+        unknown = sorted(set(batches) - set(self.batch_names))
         if unknown:
             raise ValueError(f"no indexed batch named {', '.join(map(repr, unknown))}")
-        return np.unique(self._row_ids[np.isin(np.asarray(self._batches, dtype=object), batches)])
+        codes = [self.batch_names.index(b) for b in batches]
+        return np.unique(self._row_ids[np.isin(self._batch_codes, codes)])
+
+    def batch_sizes(self) -> dict[str, int]:
+        """Files indexed per batch."""
+        return dict(zip(self.batch_names, np.bincount(self._batch_codes, minlength=len(self.batch_names)).tolist()))
+
+    def _selector(self, batches: Sequence[str]) -> faiss.IDSelector:
+        """The id filter of a batch selection, built once per selection (read-only, shareable)."""
+        key = tuple(sorted(set(batches)))
+        with self._lock:
+            if key not in self._selectors:
+                self._selectors[key] = faiss.IDSelectorBatch(self.ids_in_batches(key))
+            return self._selectors[key]
+
+    def stored_vectors(self, image_ids: Sequence[int]) -> np.ndarray:
+        """The vectors the index holds for ``image_ids`` (in its own space, decoded from their
+        codes): what an indexed image is searched with. KeyError for an id not in the index."""
+        for image_id in image_ids:
+            if not self.describe(int(image_id))[2]:
+                raise KeyError(int(image_id))
+        with self._lock:
+            if not self._direct_map:  # id → list position, built once (about 16 bytes a vector)
+                self.ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
+                self._direct_map = True
+        return self.ivf.reconstruct_batch(np.asarray(image_ids, dtype=np.int64))
 
     def search(
-        self, queries: np.ndarray, k: int = 10, nprobe: int | None = None, batches: list[str] | None = None
+        self, queries: np.ndarray, k: int = 10, nprobe: int | None = None, batches: Sequence[str] | None = None,
+        in_index_space: bool = False,
     ) -> list[list[Hit]]:
-        """Top-``k`` neighbours of each query embedding (N×D, as produced by the encoder),
-        optionally only among images of ``batches``."""
+        """Top-``k`` neighbours of each query embedding (N×D, as produced by the encoder; or
+        already in the index's space), optionally only among images of ``batches``."""
+        index = self.ivf if in_index_space else self.index
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
-        if queries.shape[1] != self.index.d:
-            raise ValueError(f"query vectors have dimension {queries.shape[1]} but the index expects {self.index.d}")
+        if queries.shape[1] != index.d:
+            raise ValueError(f"query vectors have dimension {queries.shape[1]} but the index expects {index.d}")
         params = None
         if nprobe or batches:
             params = faiss.SearchParametersIVF(nprobe=int(nprobe or self.ivf.nprobe))
             if batches:
-                selector = faiss.IDSelectorBatch(self.ids_in_batches(batches))
-                params.sel = selector
+                params.sel = self._selector(batches)
         set_parallel_mode(self.index, len(queries))
-        scores, ids = self.index.search(queries, min(k, max(self.num_vectors, 1)), params=params)
+        scores, ids = index.search(queries, min(k, max(self.num_vectors, 1)), params=params)
         results = []
         for row_scores, row_ids in zip(scores, ids):
             hits = []
@@ -246,6 +278,31 @@ class Searcher:
         """Neighbours of indexed images (each is its own first neighbour)."""
         return self.search(self.vectors_of(image_ids), k, nprobe, batches)
 
+    def decode_upload(self, data: bytes, name: str = "upload"):
+        """An image given as bytes → (its record, uint8 pixels or None when rejected), preprocessed
+        as the index's images were. Never raises for a bad image."""
+        from imgsim_assets.core import images
+
+        pre = self.preprocess
+        record = images.ImageRecord(path=name)
+        if len(data) > pre.max_file_bytes:
+            record.reject(images.Rejected(images.TOO_LARGE, f"{len(data)} bytes exceeds {pre.max_file_bytes}"))
+            return record, None
+        record.sha256 = hashlib.sha256(data).hexdigest()
+        record.image_id, record.bytes = images.image_id_from_sha256(record.sha256), len(data)
+        return record, images.decode(data, pre, record)
+
+    def embed_pixels(self, pixels: Sequence[np.ndarray]) -> np.ndarray:
+        """Preprocessed images (uint8 3×H×W each) → raw embeddings, in one model call."""
+        if not len(pixels):
+            return np.zeros((0, int(self.encoder_info.get("dim") or self.encoder.spec.dim)), np.float32)
+        return self.encoder.embed(np.stack(pixels))
+
+    def embed_bytes(self, uploads: Sequence[bytes], names: Sequence[str] | None = None):
+        """Images given as bytes → (one record each, vectors of the ok ones in order)."""
+        decoded = [self.decode_upload(data, names[i] if names else f"upload-{i}") for i, data in enumerate(uploads)]
+        return [r for r, _ in decoded], self.embed_pixels([p for _, p in decoded if p is not None])
+
 
 class FaissSearcher(Searcher):
     """The materialized ``faiss_index`` and its catalog; raw vectors of indexed images are read
@@ -273,7 +330,16 @@ class FaissSearcher(Searcher):
         return self.index.num_vectors
 
     def search(self, vectors, k=10, nprobe=None, batches=None):
-        return self.index.search(vectors, k, nprobe=nprobe, batches=list(batches) if batches else None)
+        return self.index.search(vectors, k, nprobe=nprobe, batches=batches)
+
+    def search_ids(self, image_ids, k=10, nprobe=None, batches=None):
+        """Neighbours of indexed images, searched with the vectors the index holds for them (no
+        file is read: milliseconds on a large index)."""
+        try:
+            stored = self.index.stored_vectors(image_ids)
+        except KeyError as e:
+            raise UnknownImage(e.args[0]) from None
+        return self.index.search(stored, k, nprobe=nprobe, batches=batches, in_index_space=True)
 
     def describe(self, image_id: int) -> tuple[str, str, int]:
         return self.index.describe(image_id)

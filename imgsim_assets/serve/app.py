@@ -1,0 +1,376 @@
+"""The HTTP API over the live index (Starlette, run by uvicorn): JSON for applications, a web
+page for people. Handlers parse and format; searching is :class:`core.search.Searcher`'s."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import ipaddress
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Mount, Route
+from starlette.schemas import SchemaGenerator
+from starlette.staticfiles import StaticFiles
+
+from imgsim_assets.core.search import UnknownImage
+from imgsim_assets.serve import thumbnails
+from imgsim_assets.serve.batching import ModelBatcher, Overloaded
+from imgsim_assets.serve.live import LiveIndex
+
+STATIC = Path(__file__).parent / "static"
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """What ``imgsim serve`` serves and how much it takes."""
+
+    assets_dir: Path
+    images_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 8000
+    token: str = ""  # required when binding to anything but loopback
+    device: str = "auto"
+    max_upload_bytes: int = 32 << 20
+    max_k: int = 1000
+    reload_interval_s: float = 1.0
+    batch_window_ms: float = 2.0
+    max_batch: int = 16
+    max_queue: int = 64  # image queries waiting for the model; more are answered 503
+    max_in_flight: int = 256  # id queries being searched; more are answered 503
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class ApiError(Exception):
+    """A request the API refuses: an HTTP status, a machine-readable code and a sentence."""
+
+    def __init__(self, status: int, error: str, detail: str, headers: dict | None = None) -> None:
+        super().__init__(detail)
+        self.status, self.error, self.detail, self.headers = status, error, detail, headers or {}
+
+
+def _error(e: ApiError) -> JSONResponse:
+    return JSONResponse({"error": e.error, "detail": e.detail}, status_code=e.status, headers=e.headers)
+
+
+class Metrics:
+    """Prometheus metrics of one app (its own registry, so several apps can live in one process)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("imgsim_requests", "HTTP requests", ["endpoint", "status"], registry=self.registry)
+        self.latency = Histogram("imgsim_request_seconds", "request latency", ["endpoint"], registry=self.registry,
+                                 buckets=(0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+        self.vectors = Gauge("imgsim_index_vectors", "vectors in the served index", registry=self.registry)
+        self.reloads = Counter("imgsim_index_reloads", "index versions swapped in", registry=self.registry)
+        self.version = Gauge("imgsim_index_info", "the served index version", ["version"], registry=self.registry)
+        self.queue = Gauge("imgsim_queue_depth", "image queries waiting for the model", registry=self.registry)
+        self.batch = Histogram("imgsim_model_batch_size", "queries per model call", registry=self.registry,
+                               buckets=(1, 2, 4, 8, 16, 32, 64))
+
+
+class Service:
+    """State shared by the handlers: the live index, the model batcher, limits, metrics."""
+
+    def __init__(self, config: ServeConfig, live: LiveIndex | None = None) -> None:
+        self.config = config
+        self.live = live or LiveIndex(config.assets_dir, config.device, config.reload_interval_s)
+        self.meters = Metrics()
+        self.batcher = ModelBatcher(config.batch_window_ms / 1000, config.max_batch, config.max_queue,
+                                    on_batch=self.meters.batch.observe)
+        self.in_flight = 0
+        self.started = time.time()
+
+    def _k(self, request: Request) -> int:
+        return _int_param(request, "k", 10, 1, self.config.max_k)
+
+    def _nprobe(self, request: Request) -> int | None:
+        return _int_param(request, "nprobe", None, 1, 1 << 20)
+
+    def _batches(self, request: Request, searcher) -> list[str] | None:
+        batches = request.query_params.getlist("batch")
+        unknown = sorted(set(batches) - set(searcher.index.batch_names))
+        if unknown:
+            raise ApiError(400, "unknown_batch", f"no indexed batch named {', '.join(map(repr, unknown))}")
+        return batches or None
+
+    def _answer(self, loaded, hits, started: float, **extra) -> dict:
+        return {"hits": [h.to_dict() for h in hits], "num_vectors": loaded.searcher.num_vectors,
+                "index_version": loaded.version, "took_ms": round((time.perf_counter() - started) * 1000, 3), **extra}
+
+    async def search_by_id(self, request: Request) -> JSONResponse:
+        """Neighbours of an indexed image: GET /search?image_id=ID&k=K[&batch=B...][&nprobe=N]."""
+        started = time.perf_counter()
+        loaded = self.live.current
+        image_id = _int_param(request, "image_id", None, -(1 << 63), (1 << 63) - 1)
+        if image_id is None:
+            raise ApiError(400, "missing_parameter", "give image_id (GET) or upload an image (POST, field 'image')")
+        k, nprobe, batches = self._k(request), self._nprobe(request), self._batches(request, loaded.searcher)
+        if self.in_flight >= self.config.max_in_flight:
+            raise ApiError(503, "busy", f"{self.in_flight} queries in flight", {"Retry-After": "1"})
+        self.in_flight += 1
+        try:
+            hits = (await asyncio.to_thread(loaded.searcher.search_ids, [image_id], k, nprobe, batches))[0]
+        except UnknownImage as e:
+            raise ApiError(404, "unknown_image", str(e)) from None
+        finally:
+            self.in_flight -= 1
+        return JSONResponse(self._answer(loaded, hits, started, query={"image_id": image_id}))
+
+    async def search_by_upload(self, request: Request) -> JSONResponse:
+        """Neighbours of an uploaded image: POST /search?k=K[&batch=B...][&nprobe=N], multipart field 'image'."""
+        started = time.perf_counter()
+        loaded = self.live.current
+        k, nprobe, batches = self._k(request), self._nprobe(request), self._batches(request, loaded.searcher)
+        data, name = await self._upload(request)
+        record, pixels = await asyncio.to_thread(loaded.searcher.decode_upload, data, name)
+        if pixels is None:
+            raise ApiError(422, record.reason, record.message)
+        try:
+            vector = await self.batcher.embed(loaded.searcher, pixels)
+        except Overloaded as e:
+            raise ApiError(503, "busy", str(e), {"Retry-After": "1"}) from None
+        hits = (await asyncio.to_thread(loaded.searcher.search, vector, k, nprobe, batches))[0]
+        query = {"name": name, "image_id": record.image_id, "width": record.width, "height": record.height}
+        return JSONResponse(self._answer(loaded, hits, started, query=query))
+
+    async def _upload(self, request: Request) -> tuple[bytes, str]:
+        limit = self.config.max_upload_bytes
+        if int(request.headers.get("content-length") or 0) > limit + 64 * 1024:
+            raise ApiError(413, "too_large", f"uploads are limited to {limit} bytes")
+        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+            raise ApiError(400, "not_multipart", "upload the image as multipart/form-data, field 'image'")
+        try:
+            form = await request.form(max_files=1, max_fields=16)
+        except Exception as e:  # python-multipart's own errors: a malformed body
+            raise ApiError(400, "bad_form", f"could not read the form: {e}") from None
+        upload = form.get("image")
+        if upload is None or isinstance(upload, str):
+            raise ApiError(400, "missing_image", "the form has no file field 'image'")
+        data = await upload.read(limit + 1)
+        await form.close()
+        if len(data) > limit:
+            raise ApiError(413, "too_large", f"uploads are limited to {limit} bytes")
+        return data, upload.filename or "upload"
+
+    async def image(self, request: Request) -> Response:
+        """An indexed image: GET /images/{image_id}[?size=N] (the original, or a JPEG thumbnail)."""
+        try:
+            image_id = int(request.path_params["image_id"])
+        except ValueError:
+            raise ApiError(400, "bad_parameter", "image_id must be an integer") from None
+        path, _, copies = self.live.current.searcher.describe(image_id)
+        if not copies:
+            raise ApiError(404, "unknown_image", f"image_id {image_id} is not in the index")
+        size = _int_param(request, "size", None, 16, 1024)
+        try:
+            file = await asyncio.to_thread(thumbnails.file_for, self.config.images_dir, self.config.assets_dir,
+                                           image_id, path, size)
+        except thumbnails.Unavailable as e:
+            raise ApiError(e.status, e.error, str(e)) from None
+        return FileResponse(file, headers={"Cache-Control": "max-age=3600"})
+
+    async def healthz(self, request: Request) -> JSONResponse:
+        """Status, index version and size, encoder."""
+        loaded = self.live.current
+        searcher = loaded.searcher
+        return JSONResponse({
+            "status": "ok", "num_vectors": searcher.num_vectors, "index_version": loaded.version,
+            "loaded_at": loaded.loaded_at, "reloads": self.live.reloads, "encoder": searcher.encoder_info,
+            "random_weights": searcher.random_weights, "factory": searcher.info.get("factory"),
+            "nprobe": searcher.info.get("nprobe"), "queue_depth": self.batcher.depth,
+        })
+
+    async def metrics(self, request: Request) -> Response:
+        """Prometheus text: requests and latency by endpoint, index version, queue depth."""
+        loaded = self.live.current
+        self.meters.vectors.set(loaded.searcher.num_vectors)
+        self.meters.version.clear()
+        self.meters.version.labels(loaded.version).set(1)
+        self.meters.queue.set(self.batcher.depth)
+        return Response(generate_latest(self.meters.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def batches(self, request: Request) -> JSONResponse:
+        """Indexed batches and their file counts (for filters)."""
+        sizes = self.live.current.searcher.index.batch_sizes()
+        return JSONResponse({"batches": [{"name": b, "num_images": n} for b, n in sorted(sizes.items())]})
+
+    async def duplicates(self, request: Request) -> JSONResponse:
+        """Near-duplicate groups, largest first: GET /duplicates?page=P&per_page=N."""
+        page, per_page = _int_param(request, "page", 1, 1, 1 << 30), _int_param(request, "per_page", 20, 1, 200)
+        groups = await asyncio.to_thread(_duplicate_groups, self.live.table("near_duplicates"))
+        describe = self.live.current.searcher.describe
+        shown = [{**g, "members": [_member(i, describe) for i in g["members"]]}
+                 for g in groups[(page - 1) * per_page : page * per_page]]
+        return JSONResponse({"groups": shown, "page": page, "per_page": per_page, "total_groups": len(groups)})
+
+    async def clusters(self, request: Request) -> JSONResponse:
+        """k-means clusters, largest first, with sample images: GET /clusters?page=P&per_page=N&samples=S."""
+        page, per_page = _int_param(request, "page", 1, 1, 1 << 30), _int_param(request, "per_page", 20, 1, 200)
+        samples = _int_param(request, "samples", 8, 1, 64)
+        clusters = await asyncio.to_thread(_cluster_samples, self.live.table("image_clusters"), samples)
+        describe = self.live.current.searcher.describe
+        shown = [{**c, "samples": [_member(i, describe) for i in c["samples"]]}
+                 for c in clusters[(page - 1) * per_page : page * per_page]]
+        return JSONResponse({"clusters": shown, "page": page, "per_page": per_page, "total_clusters": len(clusters)})
+
+
+def _int_param(request: Request, name: str, default, low: int, high: int):
+    raw = request.query_params.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ApiError(422, "bad_parameter", f"{name} must be an integer, got {raw!r}") from None
+    if not low <= value <= high:
+        raise ApiError(422, "bad_parameter", f"{name} must be between {low} and {high}, got {value}")
+    return value
+
+
+def _member(image_id: int, describe) -> dict:
+    path, batch, copies = describe(image_id)
+    return {"image_id": image_id, "path": path, "batch": batch, "copies": copies}
+
+
+def _duplicate_groups(table) -> list[dict]:
+    """``near_duplicates`` pairs → groups with their members, largest first."""
+    if table is None or not table.num_rows:
+        return []
+    members: dict[int, set[int]] = {}
+    best: dict[int, float] = {}
+    for a, b, sim, group in zip(*(table.column(c).to_pylist() for c in ("image_id_a", "image_id_b", "similarity", "group"))):
+        members.setdefault(group, set()).update((a, b))
+        best[group] = max(best.get(group, -1.0), sim)
+    groups = [{"group": g, "size": len(m), "max_similarity": round(best[g], 6), "members": sorted(m)}
+              for g, m in members.items()]
+    return sorted(groups, key=lambda g: (-g["size"], g["group"]))
+
+
+def _cluster_samples(table, samples: int) -> list[dict]:
+    """``image_clusters`` rows → clusters with their size and the images closest to the centroid."""
+    if table is None or not table.num_rows:
+        return []
+    by_cluster: dict[int, list[tuple[float, int]]] = {}
+    for image_id, cluster, sim in zip(*(table.column(c).to_pylist() for c in ("image_id", "cluster", "similarity"))):
+        by_cluster.setdefault(cluster, []).append((sim, image_id))
+    clusters = [{"cluster": c, "size": len(rows), "samples": [i for _, i in sorted(rows, reverse=True)[:samples]]}
+                for c, rows in by_cluster.items()]
+    return sorted(clusters, key=lambda c: (-c["size"], c["cluster"]))
+
+
+class _Guard:
+    """ASGI middleware: the token check, JSON errors, and metrics by endpoint."""
+
+    def __init__(self, app, service: Service) -> None:
+        self.app, self.service = app, service
+        self.token = service.config.token.encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        endpoint = _endpoint(scope["path"])
+        started = time.perf_counter()
+        status = [500]
+
+        async def send_status(message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            if self.token and not _public(scope["path"]) and not self._authorized(scope):
+                await _error(ApiError(401, "unauthorized", "this server needs its token: "
+                                      "'Authorization: Bearer TOKEN' or ?token=TOKEN"))(scope, receive, send_status)
+            else:
+                await self.app(scope, receive, send_status)
+        finally:
+            meters = self.service.meters
+            meters.requests.labels(endpoint, str(status[0])).inc()
+            meters.latency.labels(endpoint).observe(time.perf_counter() - started)
+
+    def _authorized(self, scope) -> bool:
+        headers = dict(scope.get("headers") or [])
+        given = headers.get(b"authorization", b"").removeprefix(b"Bearer ").strip()
+        if not given:
+            from urllib.parse import parse_qs
+
+            given = (parse_qs(scope.get("query_string", b"").decode()).get("token") or [""])[0].encode()
+        return hmac.compare_digest(given, self.token)
+
+
+def _public(path: str) -> bool:
+    """The page and its static files: they hold no data, and the page adds the token itself."""
+    return path in ("/", "/favicon.ico") or path.startswith("/static/")
+
+
+def _endpoint(path: str) -> str:
+    """A path as its metric label: /images/123 → /images/{image_id}."""
+    if path.startswith("/images/"):
+        return "/images/{image_id}"
+    if path.startswith("/static/"):
+        return "/static"
+    return path if path in {"/", "/search", "/healthz", "/metrics", "/batches", "/duplicates", "/clusters",
+                            "/openapi.json"} else "other"
+
+
+def create_app(config: ServeConfig, live: LiveIndex | None = None) -> Starlette:
+    """The ASGI app. Loads the index and its encoder now, and watches for new versions."""
+    if not is_loopback(config.host) and not config.token:
+        raise ValueError(f"binding to {config.host} (not loopback) needs a token: --token or IMGSIM_SERVE_TOKEN")
+    service = Service(config, live)
+    schemas = SchemaGenerator({"openapi": "3.0.0", "info": {"title": "imgsim", "version": "1"}})
+
+    async def search(request: Request) -> Response:
+        return await (service.search_by_upload(request) if request.method == "POST" else service.search_by_id(request))
+
+    async def openapi(request: Request) -> Response:
+        return schemas.OpenAPIResponse(request)
+
+    async def page(request: Request) -> Response:
+        return FileResponse(STATIC / "index.html")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        await service.batcher.start()
+        service.live.start()
+        yield
+        service.live.stop()
+        await service.batcher.stop()
+
+    routes = [
+        Route("/", page, include_in_schema=False),
+        Route("/search", search, methods=["GET", "POST"]),
+        Route("/images/{image_id}", service.image),
+        Route("/healthz", service.healthz),
+        Route("/metrics", service.metrics),
+        Route("/batches", service.batches),
+        Route("/duplicates", service.duplicates),
+        Route("/clusters", service.clusters),
+        Route("/openapi.json", openapi, include_in_schema=False),
+        Mount("/static", StaticFiles(directory=STATIC, check_dir=False), name="static"),
+    ]
+    async def refused(request: Request, e: ApiError) -> Response:
+        return _error(e)
+
+    async def crashed(request: Request, e: Exception) -> Response:
+        return JSONResponse({"error": "internal", "detail": f"{type(e).__name__}: {e}"}, status_code=500)
+
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={ApiError: refused, Exception: crashed})
+    app.state.service = service
+    app.add_middleware(_Guard, service=service)
+    return app

@@ -1,0 +1,100 @@
+"""Concurrent image queries gathered into one model call.
+
+Each request decodes its own upload in a worker thread (Pillow releases the GIL, so uploads
+decode in parallel); the pixels then wait in a bounded queue. One task takes whatever is
+queued, waits a short window for more while the batch is small, and runs the model once for
+all of them, off the event loop. A lone query waits for nobody; under load the model sees
+batches instead of single images. A full queue answers :class:`Overloaded` at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+
+class Overloaded(Exception):
+    """The queue of image queries is full: try again shortly."""
+
+
+@dataclass
+class _Query:
+    pixels: np.ndarray
+    searcher: object  # the index version the request started on
+    future: asyncio.Future
+
+
+class ModelBatcher:
+    """Runs ``searcher.embed_pixels`` for queued queries in batches of at most ``max_batch``."""
+
+    def __init__(self, window_s: float = 0.002, max_batch: int = 16, max_queue: int = 64,
+                 on_batch: Callable[[int], None] | None = None) -> None:
+        self.window_s, self.max_batch, self.max_queue = window_s, max_batch, max_queue
+        self.on_batch = on_batch
+        self._queue: asyncio.Queue[_Query] | None = None
+        self._task: asyncio.Task | None = None
+        self.in_model = 0
+
+    @property
+    def depth(self) -> int:
+        """Queries waiting for the model."""
+        return self._queue.qsize() if self._queue is not None else 0
+
+    async def start(self) -> None:
+        self._queue = asyncio.Queue()
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    async def embed(self, searcher, pixels: np.ndarray) -> np.ndarray:
+        """The raw embedding of one preprocessed image, computed in a batch with its neighbours in time."""
+        if self.depth >= self.max_queue:
+            raise Overloaded(f"{self.depth} image queries are waiting")
+        future = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Query(pixels, searcher, future))
+        return await future
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self._queue.get()]
+            deadline = loop.time() + self.window_s
+            while len(batch) < self.max_batch:
+                if not self._queue.empty():
+                    batch.append(self._queue.get_nowait())
+                    continue
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+                except asyncio.TimeoutError:
+                    break
+            await self._answer(batch)
+
+    async def _answer(self, batch: list[_Query]) -> None:
+        # A batch spanning an index swap is answered per version (the encoder may differ).
+        by_searcher: dict[int, list[_Query]] = {}
+        for query in batch:
+            by_searcher.setdefault(id(query.searcher), []).append(query)
+        for queries in by_searcher.values():
+            self.in_model = len(queries)
+            try:
+                vectors = await asyncio.to_thread(queries[0].searcher.embed_pixels, [q.pixels for q in queries])
+            except Exception as e:  # the model failed: every query of the batch gets the error
+                for q in queries:
+                    if not q.future.done():
+                        q.future.set_exception(e)
+                continue
+            finally:
+                self.in_model = 0
+            if self.on_batch:
+                self.on_batch(len(queries))
+            for q, v in zip(queries, vectors):
+                if not q.future.done():  # the client may have gone
+                    q.future.set_result(v[None, :])

@@ -1,0 +1,107 @@
+"""A served index for the service tests: the sample corpus ingested with a tiny encoder, and
+``imgsim serve``'s app run by uvicorn on a free loopback port in a thread."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import replace
+from pathlib import Path
+
+import uvicorn
+from dagster import instance_for_test
+
+from imgsim_assets.core.sample_data import write_sample_corpus
+from imgsim_assets.definitions import build_definitions
+from imgsim_assets.ingest import ingest
+from imgsim_assets.resources import EncoderResource, PreprocessResource
+from imgsim_assets.serve.app import ServeConfig, create_app
+from imgsim_assets.settings import Settings
+
+
+def tiny_definitions(settings: Settings):
+    """The code location with a 2-block ViT at 112 px: the whole chain in seconds."""
+    return build_definitions(
+        settings,
+        encoder=EncoderResource(weights="random", depth=2, batch_size=16, device="cpu"),
+        preprocessing=PreprocessResource(crop_size=112, resize_size=128, workers=1),
+    )
+
+
+@contextlib.contextmanager
+def sample_collection(root: Path):
+    """The sample corpus (23 photographs and 69 edited copies) ingested under ``root``:
+    yields ``(settings, defs, instance)``; ``root/data/queries`` holds re-encoded queries."""
+    settings = Settings(data_dir=root / "data")
+    write_sample_corpus(settings.data_dir)
+    defs = tiny_definitions(settings)
+    (root / "dagster_home").mkdir(exist_ok=True)
+    with instance_for_test(temp_dir=str(root / "dagster_home")) as instance:
+        report = ingest(defs, instance, settings.images_dir, log=lambda m: None)
+        assert report.ok, report.failed
+        yield settings, defs, instance
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(settings: Settings, **options):
+    """``imgsim serve`` over ``settings``' data dir in a thread; yields ``(base_url, app)``."""
+    config = ServeConfig(assets_dir=settings.assets_dir, images_dir=settings.images_dir, device="cpu",
+                         port=free_port(), reload_interval_s=0.2)
+    config = replace(config, **options)
+    app = create_app(config)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=config.port, log_level="warning",
+                                           access_log=False))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{config.port}"
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise TimeoutError("the server did not start")
+        time.sleep(0.05)
+    try:
+        yield base, app
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def get(url: str, token: str | None = None) -> tuple[int, dict | bytes, dict]:
+    """(status, JSON body or bytes, headers) of a GET, errors included."""
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, _body(response.read(), response.headers), dict(response.headers)
+    except urllib.error.HTTPError as e:
+        return e.code, _body(e.read(), e.headers), dict(e.headers)
+
+
+def post_image(url: str, data: bytes, name: str = "query.jpg", token: str | None = None):
+    """(status, JSON body, headers) of a multipart upload in field ``image``."""
+    boundary = "imgsimtestboundary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{name}\"\r\n"
+            "Content-Type: application/octet-stream\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(url, data=body, method="POST", headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, _body(response.read(), response.headers), dict(response.headers)
+    except urllib.error.HTTPError as e:
+        return e.code, _body(e.read(), e.headers), dict(e.headers)
+
+
+def _body(data: bytes, headers) -> dict | bytes:
+    return json.loads(data) if "json" in (headers.get("Content-Type") or "") else data
