@@ -16,11 +16,11 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
-from starlette.schemas import SchemaGenerator
 from starlette.staticfiles import StaticFiles
 
 from imgsim_assets.core.search import UnknownImage
 from imgsim_assets.serve import thumbnails
+from imgsim_assets.serve.openapi import SPEC
 from imgsim_assets.serve.batching import ModelBatcher, Overloaded
 from imgsim_assets.serve.live import LiveIndex
 
@@ -173,10 +173,10 @@ class Service:
             image_id = int(request.path_params["image_id"])
         except ValueError:
             raise ApiError(400, "bad_parameter", "image_id must be an integer") from None
+        size = _int_param(request, "size", None, 16, 1024)
         path, _, copies = self.live.current.searcher.describe(image_id)
         if not copies:
             raise ApiError(404, "unknown_image", f"image_id {image_id} is not in the index")
-        size = _int_param(request, "size", None, 16, 1024)
         try:
             file = await asyncio.to_thread(thumbnails.file_for, self.config.images_dir, self.config.assets_dir,
                                            image_id, path, size)
@@ -333,13 +333,12 @@ def create_app(config: ServeConfig, live: LiveIndex | None = None) -> Starlette:
     if not is_loopback(config.host) and not config.token:
         raise ValueError(f"binding to {config.host} (not loopback) needs a token: --token or IMGSIM_SERVE_TOKEN")
     service = Service(config, live)
-    schemas = SchemaGenerator({"openapi": "3.0.0", "info": {"title": "imgsim", "version": "1"}})
 
     async def search(request: Request) -> Response:
         return await (service.search_by_upload(request) if request.method == "POST" else service.search_by_id(request))
 
     async def openapi(request: Request) -> Response:
-        return schemas.OpenAPIResponse(request)
+        return JSONResponse(SPEC)
 
     async def page(request: Request) -> Response:
         return FileResponse(STATIC / "index.html")
@@ -353,7 +352,7 @@ def create_app(config: ServeConfig, live: LiveIndex | None = None) -> Starlette:
         await service.batcher.stop()
 
     routes = [
-        Route("/", page, include_in_schema=False),
+        Route("/", page),
         Route("/search", search, methods=["GET", "POST"]),
         Route("/images/{image_id}", service.image),
         Route("/healthz", service.healthz),
@@ -361,7 +360,7 @@ def create_app(config: ServeConfig, live: LiveIndex | None = None) -> Starlette:
         Route("/batches", service.batches),
         Route("/duplicates", service.duplicates),
         Route("/clusters", service.clusters),
-        Route("/openapi.json", openapi, include_in_schema=False),
+        Route("/openapi.json", openapi),
         Mount("/static", StaticFiles(directory=STATIC, check_dir=False), name="static"),
     ]
     async def refused(request: Request, e: ApiError) -> Response:

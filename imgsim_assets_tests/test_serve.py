@@ -1,0 +1,225 @@
+"""`imgsim serve` over HTTP: answers, bad input, limits, the token, micro-batching, hot reload."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from PIL import Image
+
+from imgsim_assets.core.sample_data import write_synthetic_batch
+from imgsim_assets.ingest import ingest
+from imgsim_assets.serve.app import ServeConfig, create_app
+from imgsim_assets_tests.serving import get, post_image, running_server, sample_collection
+
+
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory):
+    with sample_collection(tmp_path_factory.mktemp("served")) as served:
+        yield served
+
+
+@pytest.fixture(scope="module")
+def server(collection):
+    settings, _, _ = collection
+    with running_server(settings) as (base, app):
+        yield base, app
+
+
+def test_search_by_upload_by_id_and_within_batches(collection, server):
+    settings, _, _ = collection
+    base, _ = server
+    status, health, _ = get(base + "/healthz")
+    assert status == 200 and health["num_vectors"] == 92 and health["random_weights"] is True
+    assert health["encoder"]["depth"] == 2 and health["index_version"].startswith("faiss_index.v-")
+
+    original = (settings.images_dir / "batch-0001" / "chelsea.png").read_bytes()
+    status, answer, _ = post_image(base + "/search?k=5", original, "chelsea.png")
+    assert status == 200, answer
+    top = answer["hits"][0]
+    assert (top["rank"], top["path"], top["batch"]) == (1, "batch-0001/chelsea.png", "batch-0001")
+    assert top["inner_product"] == pytest.approx(1.0, abs=1e-4) and top["score"] == pytest.approx((1 + top["inner_product"]) / 2)
+    assert answer["query"]["image_id"] == top["image_id"] and len(answer["hits"]) == 5
+    assert answer["num_vectors"] == 92 and answer["took_ms"] > 0
+
+    status, by_id, _ = get(f"{base}/search?image_id={top['image_id']}&k=92")
+    assert status == 200 and by_id["hits"][0]["image_id"] == top["image_id"] and len(by_id["hits"]) == 92
+    status, copies, _ = get(f"{base}/search?image_id={top['image_id']}&k=10&batch=batch-0002")
+    assert status == 200 and {h["batch"] for h in copies["hits"]} == {"batch-0002"}
+    assert {h["path"] for h in copies["hits"][:3]} == {"batch-0002/chelsea_crop.jpg", "batch-0002/chelsea_small.jpg",
+                                                       "batch-0002/chelsea_flip.jpg"}
+    status, batches, _ = get(base + "/batches")
+    assert batches == {"batches": [{"name": "batch-0001", "num_images": 23}, {"name": "batch-0002", "num_images": 69}]}
+
+    status, thumb, headers = get(f"{base}/images/{top['image_id']}?size=64")
+    assert status == 200 and headers["content-type"] == "image/jpeg"
+    assert max(Image.open(io.BytesIO(thumb)).size) == 64
+    status, full, _ = get(f"{base}/images/{top['image_id']}")
+    assert status == 200 and full == original
+
+    status, spec, _ = get(base + "/openapi.json")
+    assert status == 200 and {"get", "post"} <= set(spec["paths"]["/search"])
+
+
+def test_bad_input_is_a_clear_4xx_and_the_server_keeps_serving(collection, server, tmp_path):
+    settings, _, _ = collection
+    base, _ = server
+    photo = (settings.images_dir / "batch-0001" / "astronaut.png").read_bytes()
+    jpeg = io.BytesIO()
+    Image.open(io.BytesIO(photo)).convert("RGB").save(jpeg, format="JPEG")
+    bomb = io.BytesIO()
+    Image.new("1", (20_000, 20_000)).save(bomb, format="PNG")  # 400 Mpx in a few kB: told from the header
+    assert len(bomb.getvalue()) < 200_000
+
+    cases = [
+        (post_image(base + "/search", b"<html>not a picture</html>", "page.jpg"), 422, "not_an_image"),
+        (post_image(base + "/search", jpeg.getvalue()[: len(jpeg.getvalue()) // 2]), 422, "truncated"),
+        (post_image(base + "/search", bomb.getvalue(), "bomb.png"), 422, "decompression_bomb"),
+        (post_image(base + "/search", b""), 422, "empty_file"),
+        (get(base + "/search?image_id=5"), 404, "unknown_image"),
+        (get(base + "/search"), 400, "missing_parameter"),
+        (get(base + "/search?image_id=abc"), 422, "bad_parameter"),
+        (get(base + "/search?image_id=1&k=0"), 422, "bad_parameter"),
+        (get(base + "/search?image_id=1&nprobe=-3"), 422, "bad_parameter"),
+        (get(base + "/search?image_id=1&batch=nope"), 400, "unknown_batch"),
+        (get(base + "/images/abc"), 400, "bad_parameter"),
+        (get(base + "/images/5"), 404, "unknown_image"),
+        (get(base + "/images/1?size=100000"), 422, "bad_parameter"),
+    ]
+    for (status, body, _), expected_status, error in cases:
+        assert (status, body["error"]) == (expected_status, error), body
+        assert body["detail"]
+    assert get(base + "/images/..%2F..%2F..%2Fetc%2Fpasswd")[0] == 404  # no route takes a path
+    assert get(base + "/../../etc/passwd")[0] == 404
+
+    # A file of the index replaced by a link out of the images root is not served.
+    status, answer, _ = post_image(base + "/search?k=1", photo)
+    astronaut = answer["hits"][0]["image_id"]
+    target = settings.images_dir / "batch-0001" / "astronaut.png"
+    target.rename(tmp_path / "astronaut.png")
+    target.symlink_to("/etc/passwd")
+    try:
+        status, body, _ = get(f"{base}/images/{astronaut}")
+        assert status == 403 and body["error"] == "not_a_file"
+    finally:
+        target.unlink()
+        (tmp_path / "astronaut.png").rename(target)
+    assert get(base + "/healthz")[0] == 200 and post_image(base + "/search", photo)[0] == 200
+
+
+def test_limits_answer_413_and_503(collection):
+    settings, _, _ = collection
+    photo = (settings.images_dir / "batch-0001" / "coffee.png").read_bytes()
+    with running_server(settings, max_upload_bytes=10_000, max_queue=0) as (base, _):
+        status, body, _ = post_image(base + "/search", photo)
+        assert (status, body["error"]) == (413, "too_large") and "10000 bytes" in body["detail"]
+        small = io.BytesIO()
+        Image.open(io.BytesIO(photo)).convert("RGB").resize((64, 64)).save(small, format="JPEG")
+        status, body, headers = post_image(base + "/search", small.getvalue())
+        assert (status, body["error"]) == (503, "busy") and headers["retry-after"] == "1"
+        assert get(base + "/healthz")[0] == 200
+
+
+def test_a_token_guards_every_request_and_is_required_beyond_loopback(collection):
+    settings, _, _ = collection
+    with pytest.raises(ValueError, match="needs a token"):
+        create_app(ServeConfig(settings.assets_dir, settings.images_dir, host="0.0.0.0"))
+    with running_server(settings, token="s3cret") as (base, _):
+        status, body, _ = get(base + "/healthz")
+        assert (status, body["error"]) == (401, "unauthorized")
+        assert get(base + "/healthz", token="wrong")[0] == 401
+        assert get(base + "/healthz", token="s3cret")[0] == 200
+        assert get(base + "/healthz?token=s3cret")[0] == 200
+        assert get(base + "/")[0] == 200  # the page itself holds no data; it sends the token on
+        env = {**os.environ, "IMGSIM_SERVE_TOKEN": "s3cret"}
+        query = str(settings.images_dir / "batch-0001" / "chelsea.png")
+        cli = subprocess.run([sys.executable, "-m", "imgsim_assets.cli", "search", "--server", base, query, "-k", "3",
+                              "--json"], env=env, capture_output=True, text=True, timeout=120)
+        assert cli.returncode == 0, cli.stderr
+        answer = json.loads(cli.stdout)
+        assert answer["backend"] == "server" and answer["hits"][0]["path"] == "batch-0001/chelsea.png"
+        refused = subprocess.run([sys.executable, "-m", "imgsim_assets.cli", "search", "--server", base, query],
+                                 env={k: v for k, v in env.items() if k != "IMGSIM_SERVE_TOKEN"},
+                                 capture_output=True, text=True, timeout=120)
+        assert refused.returncode == 2 and "401 unauthorized" in refused.stderr
+
+
+def test_concurrent_image_queries_share_model_calls(collection, server):
+    settings, _, _ = collection
+    base, _ = server
+    queries = sorted((settings.data_dir / "queries").glob("*.jpg"))[:8]
+    results = [None] * len(queries)
+    start = threading.Barrier(len(queries))
+
+    def ask(i):
+        start.wait()
+        results[i] = post_image(base + "/search?k=3", queries[i].read_bytes(), queries[i].name)
+
+    before = _batch_counts(get(base + "/metrics")[1])
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(queries))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [r[0] for r in results] == [200] * len(queries)
+    after = _batch_counts(get(base + "/metrics")[1])
+    calls, answered = after[0] - before[0], after[1] - before[1]
+    assert answered == len(queries) and calls < len(queries)  # some queries shared a model call
+    metrics = get(base + "/metrics")[1].decode()
+    assert 'imgsim_requests_total{endpoint="/search",status="200"}' in metrics
+    assert "imgsim_index_vectors 92.0" in metrics and "imgsim_queue_depth" in metrics
+
+
+def _batch_counts(metrics: bytes) -> tuple[float, float]:
+    """(model calls, queries embedded) from the batch-size histogram."""
+    lines = dict(line.rsplit(" ", 1) for line in metrics.decode().splitlines() if line and not line.startswith("#"))
+    return float(lines["imgsim_model_batch_size_count"]), float(lines["imgsim_model_batch_size_sum"])
+
+
+def test_duplicates_and_clusters_pages(server):
+    base, _ = server
+    status, page, _ = get(base + "/duplicates?per_page=3")
+    assert status == 200 and page["page"] == 1 and len(page["groups"]) <= 3 and page["total_groups"] >= 1
+    sizes = [g["size"] for g in page["groups"]]
+    assert sizes == sorted(sizes, reverse=True) and all(len(g["members"]) == g["size"] for g in page["groups"])
+    assert all(m["path"] and m["batch"] for g in page["groups"] for m in g["members"])
+    status, clusters, _ = get(base + "/clusters?per_page=2&samples=3")
+    assert status == 200 and clusters["total_clusters"] >= 1
+    assert sum(c["size"] for c in get(base + "/clusters?per_page=200")[1]["clusters"]) == 92
+    assert all(len(c["samples"]) <= 3 for c in clusters["clusters"])
+
+
+def test_a_new_index_version_is_swapped_in_without_failing_a_request(collection, server):
+    settings, defs, instance = collection
+    base, app = server
+    health = get(base + "/healthz")[1]
+    some_id = get(f"{base}/clusters?per_page=1&samples=1")[1]["clusters"][0]["samples"][0]["image_id"]
+    failures, answered, stop = [], [], threading.Event()
+
+    def load():
+        while not stop.is_set():
+            status, body, _ = get(f"{base}/search?image_id={some_id}&k=5")
+            (answered if status == 200 else failures).append((status, body))
+
+    clients = [threading.Thread(target=load) for _ in range(4)]
+    for c in clients:
+        c.start()
+    try:
+        write_synthetic_batch(settings.images_dir / "batch-0003", 12, seed=3)
+        assert ingest(defs, instance, settings.images_dir, log=lambda m: None).ok
+        deadline = time.monotonic() + 60
+        while get(base + "/healthz")[1]["num_vectors"] != 104:
+            assert time.monotonic() < deadline, "the new version was not swapped in"
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        for c in clients:
+            c.join()
+    after = get(base + "/healthz")[1]
+    assert after["index_version"] != health["index_version"] and after["reloads"] >= 1
+    assert failures == [] and len(answered) > 10
+    assert {a[1]["num_vectors"] for a in answered} == {92, 104}  # answered by both versions
