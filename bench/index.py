@@ -169,8 +169,11 @@ def main(argv=None) -> None:
         return
     out = args.dir / "autofaiss.index"
     recorded = args.dir / "autofaiss.result.json"
-    if args.reuse_autofaiss and out.exists() and recorded.exists():
-        result = json.loads(recorded.read_text())  # same seeds, same data: built by an earlier run
+    earlier = json.loads(recorded.read_text()) if recorded.exists() else {}
+    same_data = all(earlier.get(key) == value for key, value in
+                    {"n": args.n, "dim": args.dim, "budget_mb": args.budget_mb}.items())
+    if args.reuse_autofaiss and out.exists() and same_data:
+        result = earlier  # same seeds, same sizes: the same data, built by an earlier run
         print(f"  (autofaiss index and build time reused from {recorded})")
     else:
         data = args.dir / "x.npy"
