@@ -9,8 +9,8 @@ imgsim: the calls the Dagster assets make, in their order (``cluster_centroids``
 ``feasible_nlist`` and spherical k-means on a sample of 64 vectors per list;
 ``index_template``: a sample of 256·max(nlist, 256) vectors, ``plan_index`` for the budget,
 ``build_template``; ``faiss_index_shards``: ``build_shard``; ``faiss_index``: ``merge_shards``,
-then ``recall.evaluate`` over ``nprobe_ladder`` on separate held-out queries and the cheapest
-nprobe reaching recall@10 ≥ 0.95), all counted as build time. autofaiss 2.18 runs in its own
+then ``recall.tune`` (nprobe 1, 2, 4, … a few at a time) on separate held-out queries to the
+cheapest nprobe reaching recall@10 ≥ 0.95), all counted as build time. autofaiss 2.18 runs in its own
 virtual environment (it needs numpy < 2), created on first use from PyPI. Both indexes are
 then judged by the same ``recall.evaluate`` on the same held-out queries (tie-aware recall@10
 and 1-recall@1 against exact search, median single-query latency). Both work on the raw
@@ -108,7 +108,8 @@ def build_imgsim(x: np.ndarray, budget_mb: int, tune_q: np.ndarray) -> tuple[fai
     merged, _ = ix.merge_shards(faiss.downcast_index(template), [("all", shard)])
     times["merge"] = time.perf_counter() - t2
     t3 = time.perf_counter()
-    evaluation = judge(merged, tune_q, x, recall.nprobe_ladder(merged.nlist))
+    evaluation = recall.tune(merged, tune_q, np.full(len(tune_q), -1, np.int64), lambda: [(np.arange(n), x)],
+                             target=TARGET_RECALL)
     chosen = evaluation.cheapest(TARGET_RECALL) if evaluation.curve else recall.RecallPoint(1, 1.0, 1.0, 0.0)
     merged.nprobe = chosen.nprobe
     times["tune"] = time.perf_counter() - t3

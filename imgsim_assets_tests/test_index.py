@@ -258,3 +258,16 @@ def test_shard_with_the_wrong_dimension_names_both():
     template = ix.train_template(ix.train_centroids(r, 4))
     with pytest.raises(ValueError, match="dimension 16 but the trained index has 8"):
         ix.build_shard(template, np.arange(5), np.zeros((5, 16), np.float32))
+
+
+def test_tuning_stops_at_the_first_round_that_reaches_the_target():
+    x = ix.normalize_rows(_clustered())
+    ids = np.arange(len(x))
+    index = _flat(x, ids, nlist=32)
+    queries = ix.sample_indices(len(x), 200)
+    tuned = recall.tune(index, x[queries], ids[queries], lambda: [(ids, x)], target=0.5, per_round=2)
+    assert [p.nprobe for p in tuned.curve][:2] == [1, 2] and len(tuned.curve) < 6
+    assert tuned.curve[-1].recall_at_10 >= 0.5 or len(tuned.curve) == 2
+    full = recall.tune(index, x[queries], ids[queries], lambda: [(ids, x)], target=1.01, per_round=2)
+    assert [p.nprobe for p in full.curve] == [1, 2, 4, 8, 16, 32]  # never reached: the whole ladder
+    assert full.cheapest(1.01).nprobe == max(full.curve, key=lambda p: p.recall_at_10).nprobe

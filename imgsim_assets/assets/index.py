@@ -266,15 +266,18 @@ def indexed_embeddings(index: ImageIndex, files: dict[str, pq.ParquetFile]) -> d
 
 
 def evaluate_recall(index: faiss.Index, transform, image_embeddings: dict[str, pq.ParquetFile], n_queries: int,
-                    seed: int, nprobes=None) -> recall.Evaluation:
+                    seed: int, nprobes=None, target: float | None = None) -> recall.Evaluation:
     """Tie-aware recall of ``index`` (and the PCA loss) on queries sampled from its own
-    embeddings, each searched with itself left out, against exact search over all of them."""
+    embeddings, each searched with itself left out, against exact search over all of them;
+    with a ``target``, nprobe is tuned (:func:`recall.tune`) instead of measured as set."""
     indexed = ix.ivf_ids(index)
     query_ids, raw = tables.sample_embeddings(image_embeddings, n_queries, seed)
     keep = np.isin(query_ids, indexed)
     files = [f for _, f in sorted(image_embeddings.items())]
-    return recall.evaluate(index, raw[keep], query_ids[keep], lambda: tables.iter_embeddings(files), transform,
-                           nprobes=nprobes)
+    args = (index, raw[keep], query_ids[keep], lambda: tables.iter_embeddings(files), transform)
+    if target is not None:
+        return recall.tune(*args, target=target, nprobes=nprobes)
+    return recall.evaluate(*args, nprobes=nprobes)
 
 
 @asset(
@@ -302,8 +305,8 @@ def faiss_index(
 ) -> ImageIndex:
     """All shards merged into one index (ids = image_id, each image once) that takes raw
     embeddings as queries, with a catalog of every file path. nprobe is tuned on held-out
-    queries until tie-aware recall@10 against exact search (after PCA) reaches the target; the
-    curve and the PCA loss (exact search after PCA vs on raw embeddings) are metadata."""
+    queries (1, 2, 4, … until tie-aware recall@10 against exact search after PCA reaches the
+    target); the curve and the PCA loss (exact search after PCA vs on raw embeddings) are metadata."""
     expected = set(context.asset_partition_keys_for_input("faiss_index_shards"))
     pending = sorted(expected - set(faiss_index_shards))
     if pending:
@@ -316,8 +319,9 @@ def faiss_index(
     drift = {b: faiss_index_shards[b].drift for b in batches}
     factory = f"PCA{pca_model.output_dim}{'W' if pca_model.whiten else ''},L2norm,{ix.factory_of(merged)}"
     embedded = {b: f for b, f in image_embeddings.items() if b in faiss_index_shards}
-    ladder = [config.nprobe] if config.nprobe else recall.nprobe_ladder(merged.nlist)
-    evaluation = evaluate_recall(merged, pca_model.transform, embedded, config.recall_queries, config.seed, ladder)
+    evaluation = evaluate_recall(merged, pca_model.transform, embedded, config.recall_queries, config.seed,
+                                 nprobes=[config.nprobe] if config.nprobe else None,
+                                 target=None if config.nprobe else config.recall_target)
     chosen = evaluation.cheapest(config.recall_target) if evaluation.curve else recall.RecallPoint(1, 1.0, 1.0, 0.0)
     merged.nprobe = chosen.nprobe
     info = {

@@ -157,6 +157,7 @@ def evaluate(
     nprobes: Sequence[int] | None = None,
     k: int = 10,
     latency_queries: int = 200,
+    pca_loss: bool = True,
 ) -> Evaluation:
     """Tie-aware recall of ``index`` at each of ``nprobes`` (default: as it is set) on held-out
     queries, and the PCA loss when ``transform`` maps raw vectors into the index's space.
@@ -164,6 +165,7 @@ def evaluate(
     ``queries`` and the chunks of ``database()`` (``(ids, vectors)``, streamed once, an id met
     twice counted once, as in the index) are raw vectors; a query's own id is left out of
     both the answers and the truth. Queries that are not in the database have id -1.
+    ``pca_loss=False`` skips the raw-space truth (the PCA loss is then reported as 1.0).
     """
     space = transform or (lambda x: np.ascontiguousarray(x, dtype=np.float32))
     raw_q = np.ascontiguousarray(queries, dtype=np.float32)
@@ -196,7 +198,7 @@ def evaluate(
             scores = q @ space(block).T
             scores[own] = -np.inf
             raw_scores = None
-            if transform is not None:
+            if transform is not None and pca_loss:
                 raw_scores = raw_q @ block.T
                 raw_scores[own] = -np.inf
                 raw.add(raw_scores, block_ids)
@@ -211,5 +213,34 @@ def evaluate(
     for nprobe, scores, ms in zip(settings, found_scores, latency):
         recall, one = tie_aware_recall(scores, in_space.scores)
         curve.append(RecallPoint(int(nprobe), recall, one, ms))
-    pca_recall, pca_one = tie_aware_recall(in_space.payload, raw.scores) if transform is not None else (1.0, 1.0)
+    measured = transform is not None and pca_loss
+    pca_recall, pca_one = tie_aware_recall(in_space.payload, raw.scores) if measured else (1.0, 1.0)
     return Evaluation(curve, pca_recall, pca_one, nq)
+
+
+def tune(
+    index: faiss.Index,
+    queries: np.ndarray,
+    query_ids: np.ndarray,
+    database: Chunks,
+    transform: Callable[[np.ndarray], np.ndarray] | None = None,
+    target: float = 0.95,
+    nprobes: Sequence[int] | None = None,
+    per_round: int = 4,
+) -> Evaluation:
+    """:func:`evaluate` along the nprobe ladder a few points at a time, cheapest first, until a
+    round reaches ``target``: one more exact pass per round costs far less than probing
+    thousands of lists that will not be chosen. The curve holds the points measured."""
+    ivf = _ivf_or_none(index)
+    ladder = list(nprobes or (nprobe_ladder(ivf.nlist) if ivf is not None else [0]))
+    result: Evaluation | None = None
+    for start in range(0, len(ladder), per_round):
+        part = evaluate(index, queries, query_ids, database, transform, ladder[start : start + per_round],
+                        pca_loss=result is None)
+        if result is None:
+            result = part
+        else:
+            result.curve += part.curve
+        if any(p.recall_at_10 >= target for p in part.curve):
+            break
+    return result
