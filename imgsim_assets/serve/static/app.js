@@ -159,6 +159,14 @@
   }
 
   // ----------------------------------------------------------------- network
+  // Image ids are 64-bit integers, beyond the 2^53 a JavaScript number holds
+  // exactly: read them as strings, or /images/{id} and ?image_id= get a
+  // rounded id (404). Inside a JSON string the quotes are escaped, so only
+  // real "image_id" keys match.
+  function parseJson(text) {
+    return JSON.parse(text.replace(/"image_id"(\s*):(\s*)(-?\d+)/g, '"image_id"$1:$2"$3"'));
+  }
+
   async function api(path, params, init) {
     // The token travels in the Authorization header for fetches, not in the URL.
     const qs = (params || new URLSearchParams()).toString();
@@ -180,7 +188,7 @@
     let body = null;
     const ctype = resp.headers.get('content-type') || '';
     if (ctype.includes('json')) {
-      try { body = await resp.json(); } catch (_) { body = null; }
+      try { body = parseJson(await resp.text()); } catch (_) { body = null; }
     } else if (!resp.ok) {
       try {
         const text = (await resp.text()).trim();
