@@ -137,7 +137,11 @@ class Service:
         loaded = self.live.current
         k, nprobe, batches = self._k(request), self._nprobe(request), self._batches(request, loaded.searcher)
         data, name = await self._upload(request)
-        record, pixels = await asyncio.to_thread(loaded.searcher.decode_upload, data, name)
+        self.batcher.decoding += 1
+        try:
+            record, pixels = await asyncio.to_thread(loaded.searcher.decode_upload, data, name)
+        finally:
+            self.batcher.decoding -= 1
         if pixels is None:
             raise ApiError(422, record.reason, record.message)
         try:

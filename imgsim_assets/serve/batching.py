@@ -2,9 +2,10 @@
 
 Each request decodes its own upload in a worker thread (Pillow releases the GIL, so uploads
 decode in parallel); the pixels then wait in a bounded queue. One task takes whatever is
-queued, waits a short window for more while the batch is small, and runs the model once for
-all of them, off the event loop. A lone query waits for nobody; under load the model sees
-batches instead of single images. A full queue answers :class:`Overloaded` at once.
+queued and, while other uploads are still being decoded, waits a short window for them; then
+it runs the model once for all of them, off the event loop. A lone query waits for nobody;
+under load the model sees batches instead of single images. A full queue answers
+:class:`Overloaded` at once.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class ModelBatcher:
                  on_batch: Callable[[int], None] | None = None) -> None:
         self.window_s, self.max_batch, self.max_queue = window_s, max_batch, max_queue
         self.on_batch = on_batch
+        self.decoding = 0  # uploads being decoded now: the only queries worth waiting for
         self._queue: asyncio.Queue[_Query] | None = None
         self._task: asyncio.Task | None = None
         self.in_model = 0
@@ -69,7 +71,7 @@ class ModelBatcher:
                     batch.append(self._queue.get_nowait())
                     continue
                 remaining = deadline - loop.time()
-                if remaining <= 0:
+                if remaining <= 0 or not self.decoding:
                     break
                 try:
                     batch.append(await asyncio.wait_for(self._queue.get(), remaining))
