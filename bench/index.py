@@ -7,7 +7,7 @@ centres, spread within a shared low-rank subspace plus isotropic noise, L2-norma
 with held-out queries from the same distribution and exact top-10 by brute force.
 imgsim: the calls the Dagster assets make, in their order (``cluster_centroids``:
 ``feasible_nlist`` and spherical k-means on a sample of 64 vectors per list;
-``index_template``: a sample of 256·max(nlist, 256) vectors, ``plan_index`` for the budget,
+``index_template``: a sample of ``code_training_size(nlist)`` vectors, ``plan_index`` for the budget,
 ``build_template``; ``faiss_index_shards``: ``build_shard``; ``faiss_index``: ``merge_shards``,
 then ``recall.tune`` (nprobe 1, 2, 4, … a few at a time) on separate held-out queries to the
 cheapest nprobe reaching recall@10 ≥ 0.95), all counted as build time. autofaiss 2.18 runs in its own
@@ -93,7 +93,7 @@ def build_imgsim(x: np.ndarray, budget_mb: int, tune_q: np.ndarray) -> tuple[fai
     sample = x[ix.sample_indices(n, per_centroid * nlist, SEED)]
     centroids = ix.train_centroids(sample, nlist, seed=SEED, niter=ix.KMEANS_ITERATIONS)
     # index_template
-    raw = x[ix.sample_indices(n, ix.MAX_POINTS_PER_CENTROID * max(len(centroids), 256), SEED)]
+    raw = x[ix.sample_indices(n, ix.code_training_size(len(centroids)), SEED)]
     plan = ix.plan_index(n, d, memory_budget_bytes=budget_mb << 20, exact_max=EXACT_MAX,
                          nlist=1 if n <= EXACT_MAX else len(centroids), train_samples=len(raw))
     template = ix.build_template(plan, raw, centroids, seed=SEED)

@@ -142,7 +142,7 @@ def build_index(cache: Path, n: int, dim: int) -> dict:
     centroids = ix.train_centroids(sample, nlist, seed=SEED, niter=ix.KMEANS_ITERATIONS)
     del sample
     # index_template
-    raw = x[ix.sample_indices(n, ix.MAX_POINTS_PER_CENTROID * max(len(centroids), 256), SEED)]
+    raw = x[ix.sample_indices(n, ix.code_training_size(len(centroids)), SEED)]
     plan = ix.plan_index(n, pca.output_dim, memory_budget_bytes=BUDGET_MB << 20, exact_max=EXACT_MAX,
                          nlist=1 if n <= EXACT_MAX else len(centroids), train_samples=len(raw))
     template = ix.build_template(plan, pca.transform(raw), centroids, seed=SEED)

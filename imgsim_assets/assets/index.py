@@ -195,7 +195,7 @@ def index_template(
     (Flat) for small ones, else IVF over cluster_centroids with Flat, SQ8 or PQ codes, the most
     precise that fits the memory budget. Factory string, memory and fallbacks are metadata."""
     total = _total(image_embeddings)
-    _, raw = tables.sample_embeddings(image_embeddings, ix.MAX_POINTS_PER_CENTROID * max(len(cluster_centroids), 256),
+    _, raw = tables.sample_embeddings(image_embeddings, ix.code_training_size(len(cluster_centroids)),
                                       config.seed)
     plan = ix.plan_index(
         total, pca_model.output_dim, memory_budget_bytes=config.memory_budget_mb << 20, exact_max=config.exact_max,

@@ -309,6 +309,12 @@ def train_template(centroids: np.ndarray, codec: str = "Flat", sample: np.ndarra
     return index
 
 
+def code_training_size(nlist: int) -> int:
+    """How many vectors train an index's code (SQ ranges, PQ codebooks): 64 per list, and at
+    least 64·256, as many as a PQ sub-quantizer's 256 centroids want."""
+    return TRAIN_POINTS_PER_CENTROID * max(nlist, 256)
+
+
 def build_template(plan: IndexPlan, sample: np.ndarray, centroids: np.ndarray | None = None, seed: int = 0,
                    niter: int = KMEANS_ITERATIONS) -> faiss.IndexIVF:
     """The trained, empty index of ``plan`` for vectors like ``sample`` (PCA-reduced, unit): IVF
