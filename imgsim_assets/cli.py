@@ -161,10 +161,6 @@ def _search_server(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    # Idle OpenMP threads (Faiss, torch) sleep instead of spinning: between single-query
-    # searches they would otherwise take the cores the event loop needs (p99 11 ms → 2.5 ms).
-    # Read when the runtime starts, so before anything imports it.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import uvicorn
 
     from imgsim_assets.serve.app import ServeConfig, create_app, is_loopback

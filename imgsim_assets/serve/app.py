@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import faiss
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -336,6 +337,9 @@ def create_app(config: ServeConfig, live: LiveIndex | None = None) -> Starlette:
     """The ASGI app. Loads the index and its encoder now, and watches for new versions."""
     if not is_loopback(config.host) and not config.token:
         raise ValueError(f"binding to {config.host} (not loopback) needs a token: --token or IMGSIM_SERVE_TOKEN")
+    # One Faiss thread per search: concurrent requests already spread over the cores, and an
+    # idle OpenMP helper spinning after each single-query search takes the event loop's core.
+    faiss.omp_set_num_threads(1)
     service = Service(config, live)
 
     async def search(request: Request) -> Response:
