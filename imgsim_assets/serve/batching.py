@@ -11,6 +11,7 @@ under load the model sees batches instead of single images. A full queue answers
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
@@ -36,6 +37,9 @@ class ModelBatcher:
         self.window_s, self.max_batch, self.max_queue = window_s, max_batch, max_queue
         self.on_batch = on_batch
         self.decoding = 0  # uploads being decoded now: the only queries worth waiting for
+        # The model always runs on the same thread: torch keeps its intra-op thread team per
+        # calling thread, and a fresh pool thread would start (and spin up) another one.
+        self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="imgsim-model")
         self._queue: asyncio.Queue[_Query] | None = None
         self._task: asyncio.Task | None = None
         self.in_model = 0
@@ -52,6 +56,7 @@ class ModelBatcher:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
+        self._model_thread.shutdown(wait=False, cancel_futures=True)
 
     async def embed(self, searcher, pixels: np.ndarray) -> np.ndarray:
         """The raw embedding of one preprocessed image, computed in a batch with its neighbours in time."""
@@ -87,7 +92,8 @@ class ModelBatcher:
         for queries in by_searcher.values():
             self.in_model = len(queries)
             try:
-                vectors = await asyncio.to_thread(queries[0].searcher.embed_pixels, [q.pixels for q in queries])
+                vectors = await asyncio.get_running_loop().run_in_executor(
+                    self._model_thread, queries[0].searcher.embed_pixels, [q.pixels for q in queries])
             except Exception as e:  # the model failed: every query of the batch gets the error
                 for q in queries:
                     if not q.future.done():
