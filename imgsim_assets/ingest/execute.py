@@ -14,31 +14,13 @@ from typing import TYPE_CHECKING, Callable, Iterable
 from dagster import AssetKey, AssetRecordsFilter, DagsterInstance, Definitions
 
 from imgsim_assets.ingest.lock import INGEST_HOST_TAG
-from imgsim_assets.ingest.plan import IMPLICIT_JOB, Ledger, Step
-from imgsim_assets.jobs import (
-    analyze_index_job,
-    embed_batch_job,
-    index_shard_job,
-    merge_index_job,
-    milvus_sync_job,
-    train_index_job,
-)
+from imgsim_assets.ingest.plan import IMPLICIT_JOB, REPORTED, Ledger, Step
 
 if TYPE_CHECKING:
     from imgsim_assets.ingest import IngestReport
 
 # Step-level DEBUG events stay in the run's event log (and the UI); the terminal gets INFO.
 _QUIET = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
-
-# Which report field each job's successful runs fill.
-_REPORTED = {
-    embed_batch_job.name: "embedded",
-    milvus_sync_job.name: "milvus",
-    train_index_job.name: "trained",
-    index_shard_job.name: "shards",
-    merge_index_job.name: "merged",
-    analyze_index_job.name: "analyzed",
-}
 
 
 def execute(
@@ -143,8 +125,8 @@ def fill_report(report: IngestReport, steps: list[Step], outcomes: dict[str, str
             continue
         if outcomes[step.label] is not None:
             report.failed[step.label] = outcomes[step.label]
-        elif step.job in _REPORTED:
-            name = _REPORTED[step.job]
+        elif step.job in REPORTED:
+            name = REPORTED[step.job][1]
             if isinstance(getattr(report, name), list):
                 getattr(report, name).append(step.partition)
             else:

@@ -39,14 +39,14 @@ from imgsim_assets.jobs import (
     train_index_job,
 )
 
-# How each job's runs are named in the report.
-_LABELS = {
-    embed_batch_job.name: "embed",
-    milvus_sync_job.name: "milvus",
-    train_index_job.name: "train index",
-    index_shard_job.name: "shard",
-    merge_index_job.name: "merge index",
-    analyze_index_job.name: "analyze index",
+# How the report names each job's runs, and which of its fields their successes fill.
+REPORTED = {
+    embed_batch_job.name: ("embed", "embedded"),
+    milvus_sync_job.name: ("milvus", "milvus"),
+    train_index_job.name: ("train index", "trained"),
+    index_shard_job.name: ("shard", "shards"),
+    merge_index_job.name: ("merge index", "merged"),
+    analyze_index_job.name: ("analyze index", "analyzed"),
 }
 MILVUS = AssetKey("milvus_collection")  # not automated: kept current only with --milvus
 IMPLICIT_JOB = "__ASSET_JOB"  # Dagster's job of all assets, for an asset no defined job selects
@@ -178,8 +178,8 @@ def _jobs_by_asset(defs: Definitions, graph, keys: Iterable[AssetKey]) -> dict[A
 
 def _label(job: str, partition: str | None, assets) -> str:
     """How the report names a step: "embed b1", "train index"."""
-    if job in _LABELS:
-        name = _LABELS[job]
+    if job in REPORTED:
+        name = REPORTED[job][0]
     else:
         name = "materialize " + ", ".join(k.to_user_string() for k in sorted(assets))
     return f"{name} {partition}" if partition is not None else name
