@@ -243,9 +243,10 @@ def faiss_index_shards(
             f"batch {context.partition_key} has {vectors.shape[1]}-d embeddings but pca_model expects "
             f"{pca_model.input_dim}-d; retrain pca_model or re-embed the batch"
         )
-    shard = ix.Shard.build(index_template, pca_model, image_embeddings.column("image_id").to_numpy(), vectors)
+    reduced = pca_model.transform(vectors)
+    shard = ix.Shard.build(index_template, pca_model, image_embeddings.column("image_id").to_numpy(), vectors, reduced)
     ivf = shard.index
-    _, sims = ix.nearest_centroid(pca_model.transform(vectors), ix.shard_centroids(ivf)) if len(vectors) else (None, np.zeros(1))
+    _, sims = ix.nearest_centroid(reduced, ix.shard_centroids(ivf)) if len(vectors) else (None, np.zeros(1))
     context.add_output_metadata(
         {
             "num_vectors": int(ivf.ntotal),

@@ -374,8 +374,11 @@ class Shard:
     drift: float = float("nan")
 
     @classmethod
-    def build(cls, template: faiss.IndexIVF, pca: PcaModel, ids: np.ndarray, embeddings: np.ndarray) -> "Shard":
-        index = build_shard(template, ids, pca.transform(embeddings))
+    def build(cls, template: faiss.IndexIVF, pca: PcaModel, ids: np.ndarray, embeddings: np.ndarray,
+              reduced: np.ndarray | None = None) -> "Shard":
+        """``embeddings`` under ``ids`` in ``template``'s layout; ``reduced``: their PCA transform,
+        when the caller has it already."""
+        index = build_shard(template, ids, pca.transform(embeddings) if reduced is None else reduced)
         residual = float(pca.residual_fraction(embeddings).mean()) if len(embeddings) else float("nan")
         drift = residual / pca.train_residual if pca.train_residual > 0 else float("nan")
         return cls(index, residual, drift)

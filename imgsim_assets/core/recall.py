@@ -111,11 +111,17 @@ def search_excluding_self(index: faiss.Index, queries: np.ndarray, query_ids: np
     return out
 
 
+def _ivf_or_none(index: faiss.Index) -> faiss.IndexIVF | None:
+    try:
+        return faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return None
+
+
 def set_parallel_mode(index: faiss.Index, num_queries: int) -> None:
     """Few queries: spread one query's inverted lists over the cores; many: one query per core."""
-    try:
-        ivf = faiss.extract_index_ivf(index)
-    except RuntimeError:  # not an IVF index: nothing to choose
+    ivf = _ivf_or_none(index)
+    if ivf is None:  # not an IVF index: nothing to choose
         return
     ivf.parallel_mode = 1 if num_queries < faiss.omp_get_max_threads() else 0
 
@@ -139,13 +145,6 @@ def nprobe_ladder(nlist: int, max_nprobe: int | None = None) -> list[int]:
     while ladder[-1] < top:
         ladder.append(min(ladder[-1] * 2, top))
     return ladder
-
-
-def _ivf_or_none(index: faiss.Index) -> faiss.IndexIVF | None:
-    try:
-        return faiss.extract_index_ivf(index)
-    except RuntimeError:
-        return None
 
 
 def evaluate(
@@ -204,9 +203,10 @@ def evaluate(
                 raw.add(raw_scores, block_ids)
             in_space.add(scores, block_ids, raw_scores)
             order = np.argsort(block_ids, kind="stable")
+            sorted_ids = block_ids[order]
             for want, out in zip(wanted, found_scores):
-                pos = np.minimum(np.searchsorted(block_ids[order], want), len(order) - 1)
-                hit = block_ids[order][pos] == want
+                pos = np.minimum(np.searchsorted(sorted_ids, want), len(order) - 1)
+                hit = sorted_ids[pos] == want
                 out[hit] = scores[np.nonzero(hit)[0], order[pos[hit]]]
 
     curve = []
