@@ -123,15 +123,8 @@ def cmd_search(args) -> int:
             print(f"cannot search with {args.image}: {answer.record.reason}: {answer.record.message}", file=sys.stderr)
             return 2
         query, hits = args.image, answer.hits
-    if args.json:
-        print(json.dumps({"query": query, "backend": args.backend, "hits": [h.to_dict() for h in hits]}, indent=2))
-        return 0
-    print(f"query: {query}   ({source})")
-    print(f"{'rank':>4}  {'score':>6}  {'inner':>7}  {'image_id':>20}  path")
-    for h in hits:
-        extra = f"  (+{h.copies - 1} identical)" if h.copies > 1 else ""
-        print(f"{h.rank:>4}  {h.score:6.4f}  {h.inner_product:7.4f}  {h.image_id:>20}  {settings.images_dir / h.path}{extra}")
-    return 0
+    return _print_answer(args, {"query": query, "backend": args.backend, "hits": [h.to_dict() for h in hits]},
+                         source, settings.images_dir)
 
 
 def _search_server(args) -> int:
@@ -149,14 +142,21 @@ def _search_server(args) -> int:
     except client.ServerError as e:
         print(f"imgsim search: {e}", file=sys.stderr)
         return 2
+    source = f"{answer['num_vectors']} images indexed, {args.server}, {answer['took_ms']:.1f} ms"
+    return _print_answer(args, {"query": query, "backend": "server", **answer}, source)
+
+
+def _print_answer(args, answer: dict, source: str, images_dir: Path | None = None) -> int:
+    """An answer as JSON (``--json``) or as a table; paths under ``images_dir`` when given."""
     if args.json:
-        print(json.dumps({"query": query, "backend": "server", **answer}, indent=2))
+        print(json.dumps(answer, indent=2))
         return 0
-    print(f"query: {query}   ({answer['num_vectors']} images indexed, {args.server}, {answer['took_ms']:.1f} ms)")
+    print(f"query: {answer['query']}   ({source})")
     print(f"{'rank':>4}  {'score':>6}  {'inner':>7}  {'image_id':>20}  path")
     for h in answer["hits"]:
         extra = f"  (+{h['copies'] - 1} identical)" if h.get("copies", 1) > 1 else ""
-        print(f"{h['rank']:>4}  {h['score']:6.4f}  {h['inner_product']:7.4f}  {h['image_id']:>20}  {h['path']}{extra}")
+        path = images_dir / h["path"] if images_dir is not None else h["path"]
+        print(f"{h['rank']:>4}  {h['score']:6.4f}  {h['inner_product']:7.4f}  {h['image_id']:>20}  {path}{extra}")
     return 0
 
 

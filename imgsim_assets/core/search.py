@@ -103,8 +103,9 @@ class ImageIndex:
         """Files indexed per batch."""
         return dict(zip(self.batch_names, np.bincount(self._batch_codes, minlength=len(self.batch_names)).tolist()))
 
-    def _selector(self, batches: Sequence[str]) -> faiss.IDSelector:
-        """The id filter of a batch selection, built once per selection (read-only, shareable)."""
+    def selector(self, batches: Sequence[str]) -> faiss.IDSelector:
+        """The id filter of a batch selection, built once per selection (read-only, shareable);
+        ValueError naming any batch that is not indexed."""
         key = tuple(sorted(set(batches)))
         with self._lock:
             if key not in self._selectors:
@@ -137,7 +138,7 @@ class ImageIndex:
         if nprobe or batches:
             params = faiss.SearchParametersIVF(nprobe=int(nprobe or self.ivf.nprobe))
             if batches:
-                params.sel = self._selector(batches)
+                params.sel = self.selector(batches)
         set_parallel_mode(self.index, len(queries))
         scores, ids = index.search(queries, min(k, max(self.num_vectors, 1)), params=params)
         results = []
@@ -297,11 +298,6 @@ class Searcher:
         if not len(pixels):
             return np.zeros((0, int(self.encoder_info.get("dim") or self.encoder.spec.dim)), np.float32)
         return self.encoder.embed(np.stack(pixels))
-
-    def embed_bytes(self, uploads: Sequence[bytes], names: Sequence[str] | None = None):
-        """Images given as bytes → (one record each, vectors of the ok ones in order)."""
-        decoded = [self.decode_upload(data, names[i] if names else f"upload-{i}") for i, data in enumerate(uploads)]
-        return [r for r, _ in decoded], self.embed_pixels([p for _, p in decoded if p is not None])
 
 
 class FaissSearcher(Searcher):

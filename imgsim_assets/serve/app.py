@@ -104,9 +104,11 @@ class Service:
 
     def _batches(self, request: Request, searcher) -> list[str] | None:
         batches = request.query_params.getlist("batch")
-        unknown = sorted(set(batches) - set(searcher.index.batch_names))
-        if unknown:
-            raise ApiError(400, "unknown_batch", f"no indexed batch named {', '.join(map(repr, unknown))}")
+        if batches:
+            try:
+                searcher.index.selector(batches)  # checked (and its filter built) before any model work
+            except ValueError as e:
+                raise ApiError(400, "unknown_batch", str(e)) from None
         return batches or None
 
     def _answer(self, loaded, hits, started: float, **extra) -> dict:
@@ -217,7 +219,7 @@ class Service:
     async def duplicates(self, request: Request) -> JSONResponse:
         """Near-duplicate groups, largest first: GET /duplicates?page=P&per_page=N."""
         page, per_page = _int_param(request, "page", 1, 1, 1 << 30), _int_param(request, "per_page", 20, 1, 200)
-        groups = await asyncio.to_thread(_duplicate_groups, self.live.table("near_duplicates"))
+        groups = await asyncio.to_thread(self.live.table, "near_duplicates", _duplicate_groups)
         describe = self.live.current.searcher.describe
         shown = [{**g, "members": [_member(i, describe) for i in g["members"]]}
                  for g in groups[(page - 1) * per_page : page * per_page]]
@@ -227,9 +229,10 @@ class Service:
         """k-means clusters, largest first, with sample images: GET /clusters?page=P&per_page=N&samples=S."""
         page, per_page = _int_param(request, "page", 1, 1, 1 << 30), _int_param(request, "per_page", 20, 1, 200)
         samples = _int_param(request, "samples", 8, 1, 64)
-        clusters = await asyncio.to_thread(_cluster_samples, self.live.table("image_clusters"), samples)
+        clusters = await asyncio.to_thread(self.live.table, "image_clusters", _clusters)
         describe = self.live.current.searcher.describe
-        shown = [{**c, "samples": [_member(i, describe) for i in c["samples"]]}
+        shown = [{"cluster": c["cluster"], "size": c["size"],
+                  "samples": [_member(i, describe) for i in c["members"][:samples]]}
                  for c in clusters[(page - 1) * per_page : page * per_page]]
         return JSONResponse({"clusters": shown, "page": page, "per_page": per_page, "total_clusters": len(clusters)})
 
@@ -266,14 +269,14 @@ def _duplicate_groups(table) -> list[dict]:
     return sorted(groups, key=lambda g: (-g["size"], g["group"]))
 
 
-def _cluster_samples(table, samples: int) -> list[dict]:
-    """``image_clusters`` rows → clusters with their size and the images closest to the centroid."""
+def _clusters(table) -> list[dict]:
+    """``image_clusters`` rows → clusters, largest first, with their members closest to the centroid first."""
     if table is None or not table.num_rows:
         return []
     by_cluster: dict[int, list[tuple[float, int]]] = {}
     for image_id, cluster, sim in zip(*(table.column(c).to_pylist() for c in ("image_id", "cluster", "similarity"))):
         by_cluster.setdefault(cluster, []).append((sim, image_id))
-    clusters = [{"cluster": c, "size": len(rows), "samples": [i for _, i in sorted(rows, reverse=True)[:samples]]}
+    clusters = [{"cluster": c, "size": len(rows), "members": [i for _, i in sorted(rows, reverse=True)]}
                 for c, rows in by_cluster.items()]
     return sorted(clusters, key=lambda c: (-c["size"], c["cluster"]))
 

@@ -15,7 +15,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from imgsim_assets.core.search import FaissSearcher
@@ -89,16 +91,16 @@ class LiveIndex:
             except Exception:  # a half-written or broken version: keep serving the old one
                 log.exception("could not load the new index version; still serving %s", self.current.version)
 
-    def table(self, asset: str):
-        """An analysis table (``near_duplicates``, ``image_clusters``), read again when it changes;
-        None when it was never materialized."""
+    def table(self, asset: str, derive: Callable[[pa.Table | None], object]):
+        """``derive`` of an analysis table (``near_duplicates``, ``image_clusters``; None when never
+        materialized), computed once per version of the file, not per request."""
         path = artifact_path(self.assets_dir, asset, suffix=".parquet")
         try:
             mtime = path.stat().st_mtime_ns
         except FileNotFoundError:
-            return None
+            return derive(None)
         cached = self._tables.get(asset)
         if cached is None or cached[0] != mtime:
-            cached = (mtime, pq.read_table(path))
+            cached = (mtime, derive(pq.read_table(path)))
             self._tables[asset] = cached
         return cached[1]
