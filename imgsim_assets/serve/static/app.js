@@ -605,33 +605,40 @@
     return li;
   }
 
-  async function loadDuplicates(page) {
-    const p = state.pagers.duplicates;
+  // One page of a paged view: its pager disabled while it loads, restored on an error; null
+  // when it failed or a newer request for the same view has started since.
+  async function loadPage(p, container, path, params, page, totalKey, noun, what) {
     const seq = ++p.seq;
-    const params = new URLSearchParams();
     if (page !== null && page !== undefined) params.set('page', String(page));
     params.set('per_page', String(p.perPage));
     clearError();
-    el.duplicates.setAttribute('aria-busy', 'true');
+    container.setAttribute('aria-busy', 'true');
     p.prev.disabled = true;
     p.next.disabled = true;
     let data;
     try {
-      data = await api('/duplicates', params);
+      data = await api(path, params);
     } catch (err) {
-      if (seq !== p.seq) return;
-      el.duplicates.setAttribute('aria-busy', 'false');
+      if (seq !== p.seq) return null;
+      container.setAttribute('aria-busy', 'false');
       if (p.page !== null) {
         p.prev.disabled = p.page - p.first <= 0;
         p.next.disabled = (p.page - p.first + 1) * p.perPage >= p.total;
       }
-      showError(describeError(err, 'Loading duplicates'));
-      return;
+      showError(describeError(err, 'Loading ' + what));
+      return null;
     }
-    if (seq !== p.seq) return;
+    if (seq !== p.seq) return null;
     p.loaded = true;
-    el.duplicates.setAttribute('aria-busy', 'false');
-    updatePager(p, data, 'total_groups', 'groups');
+    container.setAttribute('aria-busy', 'false');
+    updatePager(p, data, totalKey, noun);
+    return data;
+  }
+
+  async function loadDuplicates(page) {
+    const data = await loadPage(state.pagers.duplicates, el.duplicates, '/duplicates', new URLSearchParams(), page,
+      'total_groups', 'groups', 'duplicates');
+    if (data === null) return;
 
     const groups = Array.isArray(data.groups) ? data.groups : [];
     if (!groups.length) {
@@ -666,33 +673,9 @@
 
   // ---------------------------------------------------------------- clusters
   async function loadClusters(page) {
-    const p = state.pagers.clusters;
-    const seq = ++p.seq;
-    const params = new URLSearchParams();
-    if (page !== null && page !== undefined) params.set('page', String(page));
-    params.set('per_page', String(p.perPage));
-    params.set('samples', String(CLU_SAMPLES));
-    clearError();
-    el.clusters.setAttribute('aria-busy', 'true');
-    p.prev.disabled = true;
-    p.next.disabled = true;
-    let data;
-    try {
-      data = await api('/clusters', params);
-    } catch (err) {
-      if (seq !== p.seq) return;
-      el.clusters.setAttribute('aria-busy', 'false');
-      if (p.page !== null) {
-        p.prev.disabled = p.page - p.first <= 0;
-        p.next.disabled = (p.page - p.first + 1) * p.perPage >= p.total;
-      }
-      showError(describeError(err, 'Loading clusters'));
-      return;
-    }
-    if (seq !== p.seq) return;
-    p.loaded = true;
-    el.clusters.setAttribute('aria-busy', 'false');
-    updatePager(p, data, 'total_clusters', 'clusters');
+    const data = await loadPage(state.pagers.clusters, el.clusters, '/clusters',
+      new URLSearchParams({ samples: String(CLU_SAMPLES) }), page, 'total_clusters', 'clusters', 'clusters');
+    if (data === null) return;
 
     const clusters = Array.isArray(data.clusters) ? data.clusters : [];
     if (!clusters.length) {
