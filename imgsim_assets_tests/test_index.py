@@ -225,12 +225,6 @@ def test_drift_is_the_pca_residual_relative_to_training():
     assert same == pytest.approx(1.0, abs=0.1) and other > 1.5
 
 
-def test_connected_groups_number_the_largest_first():
-    groups = ix.connected_groups(np.array([1, 2, 10, 20, 30, 40]), np.array([2, 3, 11, 30, 40, 50]))
-    assert groups == {20: 0, 30: 0, 40: 0, 50: 0, 1: 1, 2: 1, 3: 1, 10: 2, 11: 2}
-    assert ix.connected_groups(np.zeros(0, np.int64), np.zeros(0, np.int64)) == {}
-
-
 def test_image_index_search_and_publication(tmp_path):
     x = _clustered(n=500)
     pca = ix.fit_pca(x, dim=16)

@@ -461,20 +461,3 @@ def nearest_centroid(vectors: np.ndarray, centroids: np.ndarray) -> tuple[np.nda
     """(cluster, cosine similarity to its centroid) of each unit vector."""
     sims, clusters = faiss.knn(np.ascontiguousarray(vectors, dtype=np.float32), centroids, 1, metric=faiss.METRIC_INNER_PRODUCT)
     return clusters[:, 0], sims[:, 0]
-
-
-def connected_groups(a: np.ndarray, b: np.ndarray) -> dict[int, int]:
-    """image_id → group number for the graph with edges ``a[i]–b[i]``; group 0 is the largest."""
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
-    nodes = np.union1d(a, b)
-    if not len(nodes):
-        return {}
-    ia, ib = np.searchsorted(nodes, a), np.searchsorted(nodes, b)
-    graph = coo_matrix((np.ones(len(ia)), (ia, ib)), shape=(len(nodes), len(nodes)))
-    _, labels = connected_components(graph, directed=False)
-    sizes = np.bincount(labels)
-    rank = np.empty_like(sizes)
-    rank[np.lexsort((np.arange(len(sizes)), -sizes))] = np.arange(len(sizes))
-    return dict(zip(nodes.tolist(), rank[labels].tolist()))
