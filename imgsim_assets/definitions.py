@@ -5,10 +5,11 @@ from __future__ import annotations
 from dagster import Definitions, load_asset_checks_from_modules, load_assets_from_modules
 
 from imgsim_assets import jobs
-from imgsim_assets.assets import analysis, embeddings, folders, images, index, milvus, queries
+from imgsim_assets.assets import analysis, embeddings, evaluation, folders, images, index, milvus, queries
 from imgsim_assets.io_managers import (
     FaissIOManager,
     ImageIndexIOManager,
+    JsonIOManager,
     NpyIOManager,
     NpzIOManager,
     ParquetIOManager,
@@ -32,7 +33,7 @@ def build_definitions(
 ) -> Definitions:
     root = str(settings.assets_dir)
     return Definitions(
-        assets=load_assets_from_modules([folders, images, embeddings, index, queries, analysis, milvus]),
+        assets=load_assets_from_modules([folders, images, embeddings, index, evaluation, queries, analysis, milvus]),
         asset_checks=load_asset_checks_from_modules([index]),
         jobs=jobs.ALL_JOBS,
         sensors=[new_image_batches],
@@ -46,6 +47,7 @@ def build_definitions(
             "parquet_io_manager": ParquetIOManager(root=root),
             "npy_io_manager": NpyIOManager(root=root),
             "npz_io_manager": NpzIOManager(root=root),
+            "json_io_manager": JsonIOManager(root=root),
             "faiss_io_manager": FaissIOManager(root=root),
             "image_index_io_manager": ImageIndexIOManager(root=root),
         },

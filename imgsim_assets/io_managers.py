@@ -7,6 +7,7 @@ itself and returns :class:`StagedFile`; the IO manager then renames it into plac
 
 from __future__ import annotations
 
+import json
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ import pyarrow.parquet as pq
 from dagster import ConfigurableIOManager, InputContext, MetadataValue, OutputContext
 
 from imgsim_assets.core import tables
+from imgsim_assets.core.evaluation import Evaluation
 from imgsim_assets.core.index import PcaModel, Shard
 from imgsim_assets.core.search import ImageIndex
 from imgsim_assets.core.storage import artifact_path, atomic_path, move_into_place, publish_dir, remove_stale_temporaries
@@ -127,6 +129,25 @@ class NpzIOManager(_FileIOManager):
                             f"{', '.join(t.__name__ for t in self.types)}, not {wanted!r}")
         with np.load(path, allow_pickle=False) as arrays:
             return wanted.from_arrays(arrays)
+
+
+class JsonIOManager(_FileIOManager):
+    """Objects with ``to_dict``/``from_dict`` (:class:`Evaluation`) as JSON; the input's type
+    annotation says which class to rebuild."""
+
+    suffix: ClassVar[str] = ".json"
+    types: ClassVar[tuple[type, ...]] = (Evaluation,)
+
+    def _write(self, path: Path, obj) -> None:
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(obj.to_dict(), indent=1, allow_nan=True))
+
+    def _read(self, path: Path, context: InputContext):
+        wanted = _value_type(context)
+        if wanted not in self.types:
+            raise TypeError(f"{context.asset_key.to_user_string()} is stored as .json; annotate the input as one of "
+                            f"{', '.join(t.__name__ for t in self.types)}, not {wanted!r}")
+        return wanted.from_dict(json.loads(path.read_text()))
 
 
 class FaissIOManager(_FileIOManager):

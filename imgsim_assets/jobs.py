@@ -35,6 +35,16 @@ milvus_sync_job = define_asset_job(
     partitions_def=image_batches,
     description="Upsert one batch's embeddings into the Milvus collection.",
 )
+evaluate_index_job = define_asset_job(
+    "evaluate_index",
+    selection=AssetSelection.assets("retrieval_eval"),
+    description="Edited copies of sampled images searched in faiss_index: recall, mAP and the calibrated duplicate threshold.",
+)
+compare_encoders_job = define_asset_job(
+    "compare_encoders",
+    selection=AssetSelection.assets("encoder_comparison"),
+    description="The retrieval evaluation for each encoder option (pooling, resolution, PCA / whitening): one table.",
+)
 analyze_index_job = define_asset_job(
     "analyze_index",
     selection=AssetSelection.assets("near_duplicates", "image_clusters"),
@@ -47,5 +57,5 @@ similar_images_job = define_asset_job(
 )
 
 # In the order `imgsim ingest` runs them where the asset graph leaves it free.
-ALL_JOBS = [embed_batch_job, milvus_sync_job, train_index_job, index_shard_job, merge_index_job, analyze_index_job,
-            similar_images_job]
+ALL_JOBS = [embed_batch_job, milvus_sync_job, train_index_job, index_shard_job, merge_index_job, evaluate_index_job,
+            analyze_index_job, similar_images_job, compare_encoders_job]

@@ -84,12 +84,17 @@ class StorageResource(ConfigurableResource):
             raise ValueError(f"batch name {batch!r} does not name a folder directly under {self.images_dir}")
         return path
 
-    def staging_path(self, suffix: str) -> Path:
-        """A fresh path for an artifact being written; the IO manager renames it into place."""
+    def scratch_dir(self) -> Path:
+        """Where artifacts and temporary files are written before they move into place; what
+        killed writers left there over an hour ago is removed first."""
         staging = self.assets_dir / ".staging"
         staging.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(staging)
-        return staging / f".staged{suffix}.tmp-{uuid.uuid4().hex}"
+        return staging
+
+    def staging_path(self, suffix: str) -> Path:
+        """A fresh path for an artifact being written; the IO manager renames it into place."""
+        return self.scratch_dir() / f".staged{suffix}.tmp-{uuid.uuid4().hex}"
 
 
 class WatchResource(ConfigurableResource):

@@ -97,3 +97,56 @@ def thumbnail_grid(rows: list[list[str]], size: int = 96) -> bytes:
     buf = io.BytesIO()
     canvas.save(buf, format="PNG")
     return buf.getvalue()
+
+
+def family_bars(rows: list[dict], title: str = "") -> bytes:
+    """recall@1, recall@10 and mAP per copy family (rows of ``Evaluation.table()``)."""
+    plt, fig, ax = _figure(7.0, 3.2)
+    names = [r["family"] for r in rows]
+    x = np.arange(len(names))
+    for i, (key, label) in enumerate((("recall_at_1", "recall@1"), ("recall_at_10", "recall@10"),
+                                      ("mean_average_precision", "mAP"))):
+        ax.bar(x + (i - 1) * 0.27, [r[key] for r in rows], width=0.27, label=label)
+    ax.set_xticks(x, names, rotation=35, ha="right", fontsize=8)
+    ax.set(ylim=(0, 1.05), ylabel="share of copies", title=title)
+    ax.legend(loc="lower left", fontsize=7)
+    return _png(plt, fig)
+
+
+def precision_recall(curve: dict, threshold: float, target: float, title: str = "") -> bytes:
+    """Precision and recall of "score ≥ t means same image" by t, with the calibrated threshold."""
+    plt, fig, ax = _figure()
+    ax.plot(curve["threshold"], curve["precision"], label="precision")
+    ax.plot(curve["threshold"], curve["recall"], label="recall")
+    ax.axvline(threshold, color="tab:red", ls="--", lw=1, label=f"threshold {threshold:.4f}")
+    ax.axhline(target, color="tab:gray", ls=":", lw=1, label=f"target precision {target}")
+    ax.set(xlabel="cosine similarity threshold", ylim=(0, 1.02), title=title)
+    ax.legend(loc="lower left", fontsize=7)
+    return _png(plt, fig)
+
+
+def score_histograms(copy: list[float], nearest_non_copy: list[float], threshold: float, title: str = "") -> bytes:
+    """Scores of true copies against their source vs the best-scoring non-copy of each."""
+    plt, fig, ax = _figure()
+    values = np.concatenate((np.asarray(copy, float), np.asarray(nearest_non_copy, float)))
+    bins = np.linspace(values.min(initial=0.0), values.max(initial=1.0) + 1e-6, 40) if len(values) else 10
+    ax.hist(copy, bins=bins, alpha=0.6, label="copy vs its source")
+    ax.hist(nearest_non_copy, bins=bins, alpha=0.6, label="copy vs nearest non-copy")
+    ax.axvline(threshold, color="tab:red", ls="--", lw=1, label="threshold")
+    ax.set(xlabel="cosine similarity", ylabel="copies", title=title)
+    ax.legend(loc="upper left", fontsize=7)
+    return _png(plt, fig)
+
+
+def option_bars(rows: list[dict], title: str = "") -> bytes:
+    """recall@1 and mAP per encoder option, with ms per image written on each."""
+    plt, fig, ax = _figure(7.0, 3.2)
+    x = np.arange(len(rows))
+    ax.bar(x - 0.2, [r["recall_at_1"] for r in rows], width=0.4, label="recall@1")
+    ax.bar(x + 0.2, [r["mean_average_precision"] for r in rows], width=0.4, label="mAP")
+    for i, r in enumerate(rows):
+        ax.annotate(f"{r['ms_per_image']:.0f} ms", (i, 1.0), ha="center", fontsize=7)
+    ax.set_xticks(x, [r["option"] for r in rows], rotation=30, ha="right", fontsize=8)
+    ax.set(ylim=(0, 1.1), title=title)
+    ax.legend(loc="lower left", fontsize=7)
+    return _png(plt, fig)

@@ -56,6 +56,7 @@ class IngestReport:
     trained: bool = False
     shards: list[str] = field(default_factory=list)
     merged: bool = False
+    evaluated: bool = False
     analyzed: bool = False
     milvus: list[str] = field(default_factory=list)
     recovered: list[str] = field(default_factory=list)  # run ids of an interrupted ingest, marked failed

@@ -11,7 +11,7 @@ assets without a condition run when stale if an automated asset reads them, othe
 named in ``extra``. A step whose inputs a planned step will change is planned too. Each step is
 one run of the first defined job that selects its assets (the runs look as they do from the UI),
 or of Dagster's implicit asset job for an asset no job selects; steps run in topological order,
-ties in the jobs' definition order (embed, milvus, train, shard, merge, analyze).
+ties in the jobs' definition order (embed, milvus, train, shard, merge, evaluate, analyze).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from imgsim_assets.assets import folders
 from imgsim_assets.jobs import (
     analyze_index_job,
     embed_batch_job,
+    evaluate_index_job,
     index_shard_job,
     merge_index_job,
     milvus_sync_job,
@@ -46,6 +47,7 @@ REPORTED = {
     train_index_job.name: ("train index", "trained"),
     index_shard_job.name: ("shard", "shards"),
     merge_index_job.name: ("merge index", "merged"),
+    evaluate_index_job.name: ("evaluate index", "evaluated"),
     analyze_index_job.name: ("analyze index", "analyzed"),
 }
 MILVUS = AssetKey("milvus_collection")  # not automated: kept current only with --milvus
