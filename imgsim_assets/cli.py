@@ -186,6 +186,91 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def _print_table(rows: list[dict], columns: list[str]) -> None:
+    def cell(v):
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    widths = [max(len(c), *(len(cell(r[c])) for r in rows)) for c in columns]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    for r in rows:
+        print("  ".join(cell(r[c]).rjust(w) if isinstance(r[c], (int, float)) else cell(r[c]).ljust(w)
+                        for c, w in zip(columns, widths)))
+
+
+def _run_locked(settings, jobs: list[tuple[str, dict | None]]) -> str | None:
+    """Run Dagster jobs in order, as ingest runs them and under its lock; the first failure, or None."""
+    from imgsim_assets.definitions import build_definitions
+    from imgsim_assets.ingest import ingest_lock, run_job
+
+    defs = build_definitions(settings)
+    instance = _instance(settings)
+    with ingest_lock(instance):
+        for name, ops_config in jobs:
+            message = run_job(instance, defs.resolve_job_def(name), ops_config=ops_config)
+            if message is not None:
+                return f"{name}: {message}"
+    return None
+
+
+def cmd_evaluate(args) -> int:
+    from imgsim_assets.assets.evaluation import EVAL_COLUMNS
+    from imgsim_assets.core.evaluation import Evaluation
+    from imgsim_assets.core.storage import artifact_path
+    from imgsim_assets.settings import Settings
+
+    settings = Settings.from_env()
+    config = {"sample_size": args.sample_size, "seed": args.seed, "duplicate_precision": args.precision}
+    if args.families:
+        config["families"] = args.families
+    failed = _run_locked(settings, [("evaluate_index", {"retrieval_eval": {"config": config}}), ("analyze_index", None)])
+    if failed:
+        print(f"imgsim evaluate: {failed}", file=sys.stderr)
+        return 1
+    result = Evaluation.from_dict(json.loads(artifact_path(settings.assets_dir, "retrieval_eval", suffix=".json").read_text()))
+    if args.json:
+        print(json.dumps(result.to_dict()))
+        return 0
+    if result.random_weights:
+        print(RANDOM_BANNER, file=sys.stderr)
+    print(f"{result.overall.copies} edited copies of {result.sources} indexed images, searched in faiss_index:")
+    _print_table(result.table(), EVAL_COLUMNS)
+    t = result.threshold
+    print(f"duplicate threshold {t.value:.4f}: precision {t.precision:.3f} (target {result.target_precision}"
+          f"{'' if t.reached else ', not reached'}), recall {t.recall:.3f}; on held-out images "
+          f"precision {result.held_out_precision:.3f}, recall {result.held_out_recall:.3f}")
+    print("grouping: " + ", ".join(f"{g.rule} purity {g.purity:.3f} completeness {g.completeness:.3f}"
+                                   for g in result.groupings) + f" -> {result.grouping}")
+    return 0
+
+
+def cmd_compare_encoders(args) -> int:
+    from imgsim_assets.assets.evaluation import COMPARISON_COLUMNS
+    from imgsim_assets.core import comparison
+    from imgsim_assets.core.storage import artifact_path
+    from imgsim_assets.settings import Settings
+
+    settings = Settings.from_env()
+    options = args.option or list(comparison.DEFAULT_OPTIONS)
+    for option in options:
+        comparison.parse_option(option)  # a typo fails here, before the model loads
+    config = {"options": options, "sample_size": args.sample_size, "database_size": args.database_size,
+              "seed": args.seed}
+    failed = _run_locked(settings, [("compare_encoders", {"encoder_comparison": {"config": config}})])
+    if failed:
+        print(f"imgsim compare-encoders: {failed}", file=sys.stderr)
+        return 1
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(artifact_path(settings.assets_dir, "encoder_comparison", suffix=".parquet")).to_pylist()
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    if any(r["random_weights"] for r in rows):
+        print(RANDOM_BANNER, file=sys.stderr)
+    _print_table(rows, COMPARISON_COLUMNS)
+    return 0
+
+
 def cmd_sample_data(args) -> int:
     from imgsim_assets.core.sample_data import write_sample_corpus
     from imgsim_assets.settings import Settings
@@ -232,6 +317,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-upload-mb", type=float, default=32.0, help="larger uploads are refused (413)")
     p.add_argument("--reload-interval", type=float, default=1.0, help="seconds between looks for a new index version")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("evaluate", help="how well the index finds edited copies of its own images; recalibrates "
+                       "the duplicate threshold and regroups near_duplicates")
+    p.add_argument("--sample-size", type=int, default=200, help="indexed images to copy")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", type=float, default=0.99, help="precision the duplicate threshold must reach")
+    p.add_argument("--family", dest="families", action="append", default=None,
+                   help="only this edit family (repeatable; default all)")
+    p.add_argument("--json", action="store_true", help="the whole evaluation as JSON")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("compare-encoders", help="the evaluation for several encoder options, one table")
+    p.add_argument("--option", action="append", default=None,
+                   help="POOLING@SIZE[:REDUCTION], e.g. cls@224:pca, mean@1050x700 (repeatable; default a standard set)")
+    p.add_argument("--sample-size", type=int, default=100, help="images copied per option")
+    p.add_argument("--database-size", type=int, default=1000, help="images searched per option")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_compare_encoders)
 
     p = sub.add_parser("sample-data", help="write the bundled sample corpus (two batches and queries)")
     p.add_argument("--data-dir", default=None)

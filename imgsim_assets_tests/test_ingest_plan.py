@@ -26,7 +26,8 @@ from imgsim_assets.ingest import MILVUS, execute, failed_checks, ingest, observe
 from imgsim_assets_tests.run_processes import tiny_definitions
 
 BATCHES = ["b1", "b2"]
-FULL_PLAN = ["embed b1", "embed b2", "train index", "shard b1", "shard b2", "merge index", "analyze index"]
+FULL_PLAN = ["embed b1", "embed b2", "train index", "shard b1", "shard b2", "merge index", "evaluate index",
+             "analyze index"]
 
 
 @pytest.fixture
@@ -67,7 +68,7 @@ def test_a_fresh_instance_plans_the_whole_chain_in_order(world):
     steps = plan(defs, instance)
     assert _labels(steps) == FULL_PLAN
     assert [s.job for s in steps] == ["embed_batch"] * 2 + ["train_index"] + ["index_shard"] * 2 + [
-        "merge_index", "analyze_index"]
+        "merge_index", "evaluate_index", "analyze_index"]
     assert instance.get_runs() == []  # planning runs nothing
     with_milvus = plan(defs, instance, extra=[MILVUS])
     assert _labels(with_milvus) == FULL_PLAN[:2] + ["milvus b1", "milvus b2"] + FULL_PLAN[2:]
@@ -111,7 +112,9 @@ def test_an_unreadable_folder_counts_as_changed(world):
 def test_trained_models_run_when_missing_asked_for_or_cut_short(world):
     defs, instance, images = world
     _complete_ingest(defs, instance, images)
-    everything_after_training = ["train index", "shard b1", "shard b2", "merge index", "analyze index"]
+    # Retraining re-evaluates too: the duplicate threshold belongs to a PCA.
+    everything_after_training = ["train index", "shard b1", "shard b2", "merge index", "evaluate index",
+                                 "analyze index"]
     assert _labels(plan(defs, instance, retrain=True)) == everything_after_training
 
     # New embeddings do not retrain (on_missing), they re-shard their batch.

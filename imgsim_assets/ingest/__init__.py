@@ -19,7 +19,7 @@ from dagster import DagsterInstance, Definitions
 
 from imgsim_assets.assets import folders
 from imgsim_assets.ingest.batches import discover_batches, invalid_batch_name
-from imgsim_assets.ingest.execute import execute, failed_checks, failed_checks_of, fill_report
+from imgsim_assets.ingest.execute import execute, failed_checks, failed_checks_of, fill_report, run_job
 from imgsim_assets.ingest.lock import INGEST_HOST_TAG, LOCK_FILE, IngestRunning, ingest_lock, recover_abandoned_runs
 from imgsim_assets.ingest.plan import MILVUS, Step, plan
 from imgsim_assets.partitions import image_batches
@@ -42,6 +42,7 @@ __all__ = [
     "observe_folders",
     "plan",
     "recover_abandoned_runs",
+    "run_job",
 ]
 
 

@@ -91,14 +91,20 @@ def _job_def(defs: Definitions, step: Step):
 def _run(instance: DagsterInstance, step: Step, job, log: Callable[[str], None]) -> str | None:
     """One in-process run of the step's job: None when it succeeded, else why it failed."""
     log(f"running {step.job}" + (f" for {step.partition}" if step.partition else ""))
-    result = job.execute_in_process(
-        instance=instance, partition_key=step.partition, raise_on_error=False, run_config=_QUIET, tags=_run_tags()
-    )
-    if result.success:
-        return None
-    message = _failure_message(result)
-    log(f"FAILED {step.label}: {message}")
+    message = run_job(instance, job, partition=step.partition)
+    if message is not None:
+        log(f"FAILED {step.label}: {message}")
     return message
+
+
+def run_job(instance: DagsterInstance, job, partition: str | None = None, ops_config: dict | None = None) -> str | None:
+    """One in-process run of ``job`` as ingest runs it (quiet terminal, no Dagster retries), with
+    ``ops_config`` as the ops' run config: None when it succeeded, else the first line of why not."""
+    run_config = {**_QUIET, "ops": ops_config} if ops_config else _QUIET
+    result = job.execute_in_process(
+        instance=instance, partition_key=partition, raise_on_error=False, run_config=run_config, tags=_run_tags()
+    )
+    return None if result.success else _failure_message(result)
 
 
 def _run_tags() -> dict[str, str]:

@@ -1,0 +1,123 @@
+"""The copy-detection evaluation: scoring and calibration on known vectors, then the whole
+asset on generated images, where every planted copy's source is known."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from imgsim_assets.core import copies as cp
+from imgsim_assets.core import duplicates
+from imgsim_assets.core import evaluation as ev
+from imgsim_assets.core.sample_data import write_synthetic_batch
+from imgsim_assets.ingest import ingest
+from imgsim_assets_tests.test_pipeline import _latest_metadata, pipeline  # noqa: F401  (fixture)
+
+
+def test_precision_recall_and_the_lowest_threshold_reaching_the_target():
+    positive = np.array([0.99, 0.95, 0.90, 0.80, 0.60])
+    negatives = np.array([0.92, 0.70, 0.50, 0.40])
+    t, p, r = ev.precision_recall(positive, negatives, len(positive))
+    assert t.tolist() == sorted(np.concatenate((positive, negatives)).tolist(), reverse=True)
+    assert p[:3].tolist() == [1.0, 1.0, pytest.approx(2 / 3)] and r[1] == pytest.approx(0.4)
+    strict = ev.calibrate(positive, negatives, 0.99)
+    assert strict == ev.Threshold(0.95, 1.0, 0.4, True)
+    loose = ev.calibrate(positive, negatives, 0.75)  # 4 right of 5 at or above 0.80
+    assert loose.value == 0.80 and loose.precision == pytest.approx(0.8) and loose.recall == pytest.approx(0.8)
+    # No threshold reaches it: one just above every non-copy, and the recall that leaves.
+    hopeless = ev.calibrate(np.array([0.5, 0.4]), np.array([0.9]), 0.99)
+    assert not hopeless.reached and hopeless.value > 0.9 and hopeless.recall == 0.0
+
+
+def _unit(x):
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_scores_label_sources_ties_and_the_collections_own_duplicates():
+    rng = np.random.default_rng(0)
+    base = _unit(rng.normal(size=(50, 32)))
+    ids = np.arange(100, 150)
+    # Image 101 is an exact tie of 100 (another file of the same pixels); 102 a near copy of 100.
+    base[1] = base[0]
+    base[2] = _unit(base[[0]] + 0.05 * rng.normal(size=(1, 32)))[0]
+    space = ev.FlatSpace(ids, base)
+    sources = np.array([100, 110, 120])
+    copies = np.repeat(sources, 4)
+    noise = np.array([0.05, 0.1, 0.2, 3.0] * 3)[:, None]
+    vectors = _unit(base[copies - 100] + noise * rng.normal(size=(12, 32)))
+    scores = ev.score_copies(ev.CopySet(copies, np.array(["a", "b", "c", "d"] * 3, dtype=object), vectors), space, k=10)
+    # Mild copies find their source (or its tie) first; the drowned copy (noise 3) does not.
+    assert scores.rank.tolist()[:3] == [1, 1, 1] and scores.rank[3] != 1
+    assert scores.rank.tolist()[4:7] == [1, 1, 1] and scores.rank.tolist()[8:11] == [1, 1, 1]
+    # 101 (the tie) counts as right, 102 (as close to 100 as its copies) as neither.
+    assert scores.unlabelled >= 1
+    assert np.all(scores.average_precision[[0, 1, 2]] == 1.0)
+    assert scores.positive[0] > scores.positive[3]
+
+
+def test_every_family_makes_a_decodable_jpeg_and_the_same_copy_each_time():
+    rng = np.random.default_rng(1)
+    picture = Image.fromarray(rng.integers(0, 256, (60, 80, 3), dtype=np.uint8))
+    for family in cp.FAMILIES:
+        data = cp.make_copy(picture, family, cp.copy_rng(0, 7, family))
+        assert data[:2] == b"\xff\xd8" and data == cp.make_copy(picture, family, cp.copy_rng(0, 7, family))
+        assert Image.open(__import__("io").BytesIO(data)).size[0] >= 8
+    assert cp.make_copy(picture, "flip", cp.copy_rng(0, 7, "flip")) != cp.make_copy(picture, "jpeg", cp.copy_rng(0, 7, "jpeg"))
+    with pytest.raises(ValueError, match="unknown copy family"):
+        cp.make_copy(picture, "sepia", cp.copy_rng(0, 7, "sepia"))
+
+
+def test_the_evaluation_finds_planted_copies_and_its_threshold_holds_on_held_out_pairs(pipeline):  # noqa: F811
+    settings, defs, instance = pipeline
+    write_synthetic_batch(settings.images_dir / "b1", 48, seed=5)
+    report = ingest(defs, instance, settings.images_dir, log=lambda m: None)
+    assert report.ok, report.failed
+    assert report.evaluated and report.analyzed
+
+    stored = json.loads((settings.assets_dir / "retrieval_eval.json").read_text())
+    result = ev.Evaluation.from_dict(stored)
+    assert result.sources == 48 and result.overall.copies == 48 * len(cp.FAMILIES) and not result.skipped
+    by_family = {f.family: f for f in result.families}
+    assert set(by_family) == set(cp.FAMILIES)
+    # Pixel-preserving edits are found first, and overall far above chance (1/48).
+    for family in ("jpeg", "resize", "blur"):
+        assert by_family[family].recall_at_1 >= 0.9, by_family[family]
+    assert result.overall.recall_at_10 >= 0.6 and result.overall.mean_average_precision >= 0.5
+    # The threshold reaches the target on these pairs and close to it on sources it never saw.
+    assert result.threshold.reached and result.threshold.precision >= result.target_precision
+    assert result.held_out_precision >= 0.95 and result.held_out_recall > 0.2
+    assert result.random_weights
+
+    meta = _latest_metadata(instance, "retrieval_eval").asset_materialization.metadata
+    assert meta["weights"].value.startswith("RANDOM WEIGHTS") and meta["duplicate_threshold"].value == result.threshold.value
+    assert "family" in meta["table"].value and meta["by_family"].value.startswith("![by family](data:image/png")
+    # The copies never entered the index, and their folder is gone.
+    assert _latest_metadata(instance, "faiss_index").asset_materialization.metadata["num_vectors"].value == 48
+    assert not [p for p in (settings.assets_dir / ".staging").iterdir() if "copies" in p.name]
+
+    dups = _latest_metadata(instance, "near_duplicates").asset_materialization.metadata
+    assert dups["threshold"].value == result.threshold.value
+    assert dups["threshold_reason"].value.startswith("calibrated by retrieval_eval (RANDOM WEIGHTS): precision")
+    assert dups["grouping"].value == result.grouping and "B-cubed" in dups["grouping_reason"].value
+
+    # A batch of mild copies of twelve of them: near_duplicates recovers those groups, pure.
+    originals = sorted((settings.images_dir / "b1").glob("*.png"))[:12]
+    copies = settings.images_dir / "b2"
+    copies.mkdir()
+    for path in originals:
+        for family in ("jpeg", "resize", "blur"):
+            data = cp.make_copy(Image.open(path), family, cp.copy_rng(1, 0, path.stem + family))
+            (copies / f"{path.stem}_{family}.jpg").write_bytes(data)
+    report = ingest(defs, instance, settings.images_dir, log=lambda m: None)
+    assert report.ok and report.analyzed and not report.evaluated  # the PCA stands: so does the threshold
+    table = pq.read_table(settings.assets_dir / "near_duplicates.parquet")
+    group_of = {row[f"path_{side}"]: row["group"] for row in table.to_pylist() for side in "ab"}
+    files = sorted(p.relative_to(settings.images_dir).as_posix() for p in settings.images_dir.rglob("*.*")
+                   if p.suffix in (".png", ".jpg"))
+    truth = [Path(f).stem.rsplit("_", 1)[0] if f.startswith("b2/") else Path(f).stem for f in files]
+    predicted = duplicates.group_labels(np.arange(len(files)), {i: group_of[f] for i, f in enumerate(files) if f in group_of})
+    purity, completeness = duplicates.bcubed(predicted, np.unique(truth, return_inverse=True)[1])
+    assert purity >= 0.95 and completeness >= 0.8, (purity, completeness)
