@@ -186,7 +186,8 @@ def cmd_serve(args) -> int:
     return 0
 
 
-def _print_table(rows: list[dict], columns: list[str]) -> None:
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    """``rows`` as an aligned text table of ``columns``, numbers right-aligned."""
     def cell(v):
         return f"{v:.3f}" if isinstance(v, float) else str(v)
 
@@ -233,7 +234,7 @@ def cmd_evaluate(args) -> int:
     if result.random_weights:
         print(RANDOM_BANNER, file=sys.stderr)
     print(f"{result.overall.copies} edited copies of {result.sources} indexed images, searched in faiss_index:")
-    _print_table(result.table(), EVAL_COLUMNS)
+    print_table(result.table(), EVAL_COLUMNS)
     t = result.threshold
     print(f"duplicate threshold {t.value:.4f}: precision {t.precision:.3f} (target {result.target_precision}"
           f"{'' if t.reached else ', not reached'}), recall {t.recall:.3f}; on held-out images "
@@ -267,7 +268,7 @@ def cmd_compare_encoders(args) -> int:
         return 0
     if any(r["random_weights"] for r in rows):
         print(RANDOM_BANNER, file=sys.stderr)
-    _print_table(rows, COMPARISON_COLUMNS)
+    print_table(rows, COMPARISON_COLUMNS)
     return 0
 
 

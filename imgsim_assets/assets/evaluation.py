@@ -3,14 +3,12 @@ sample, searched in the published index; the calibrated duplicate threshold) and
 ``encoder_comparison`` (the same benchmark for other poolings, resolutions and reductions)."""
 
 
-from pathlib import Path
-
 import numpy as np
 import pyarrow as pa
 from dagster import AssetExecutionContext, AssetIn, Config, MetadataValue, asset
 from pydantic import Field
 
-from imgsim_assets.core import comparison, images, plots
+from imgsim_assets.core import comparison, plots
 from imgsim_assets.core import copies as cp
 from imgsim_assets.core import evaluation as ev
 from imgsim_assets.core.search import FaissSearcher, ImageIndex, embed_files
@@ -27,18 +25,6 @@ class RetrievalEvalConfig(Config):
     duplicate_precision: float = Field(default=0.99, description="precision the duplicate threshold must reach "
                                        "for 'copy of the same image'")
     k: int = Field(default=100, description="results per copy; non-copies are counted among these")
-
-
-def sources_of(index: ImageIndex, images_dir: Path, ids: np.ndarray) -> "list[ev.Source]":
-    """The indexed files of ``ids`` (one per image), inside ``images_dir`` only."""
-    found = []
-    for image_id in ids.tolist():
-        path = index.describe(int(image_id))[0]
-        try:
-            found.append(ev.Source(int(image_id), images.source_path(images_dir, path)))
-        except ValueError:
-            continue  # a path that would lead outside the images folder
-    return found
 
 
 def searcher_for(index: ImageIndex, storage: StorageResource, encoder: EncoderResource,
@@ -85,7 +71,7 @@ def retrieval_eval(
     Evaluated when missing and when the PCA is retrained (``imgsim evaluate`` at any time)."""
     searcher = searcher_for(faiss_index, storage, encoder, preprocessing)
     ids = ev.sample_sources(faiss_index.catalog.column("image_id").to_numpy(), config.sample_size, config.seed)
-    sources = sources_of(faiss_index, storage.images_dir, ids)
+    sources = ev.indexed_sources(faiss_index, storage.images_dir, ids)
     model, pre = searcher.encoder, searcher.preprocess
 
     def embed(paths, root):
@@ -165,12 +151,8 @@ def encoder_comparison(
     per vector, one row per option. Run it with the compare_encoders job; nothing else depends on it."""
     options = [comparison.parse_option(o) for o in config.options]
     searcher = searcher_for(faiss_index, storage, encoder, preprocessing)
-    all_ids = faiss_index.catalog.column("image_id").to_numpy()
-    database_ids = ev.sample_sources(all_ids, config.database_size, config.seed)
-    source_ids = ev.sample_sources(database_ids, config.sample_size, config.seed + 1)
-    database = sources_of(faiss_index, storage.images_dir, database_ids)
-    in_database = {s.image_id for s in database}
-    sources = [s for s in sources_of(faiss_index, storage.images_dir, source_ids) if s.image_id in in_database]
+    sources, database = comparison.sample(faiss_index, storage.images_dir, config.sample_size, config.database_size,
+                                          config.seed)
     rows = comparison.compare(options, sources, database, searcher.encoder, config.families, config.seed,
                               config.duplicate_precision, config.pca_dim, workers=searcher.workers,
                               scratch=storage.scratch_dir(), log=context.log.info)

@@ -66,6 +66,14 @@ def parse_option(text: str, base: Preprocess = Preprocess()) -> Option:
     return Option(text.strip(), pooling, pre, reduction)
 
 
+def sample(index, images_dir, sample_size: int, database_size: int, seed: int) -> tuple[list[ev.Source], list[ev.Source]]:
+    """(sources, database): ``database_size`` indexed images, and ``sample_size`` of them to copy."""
+    database_ids = ev.sample_sources(index.catalog.column("image_id").to_numpy(), database_size, seed)
+    database = ev.indexed_sources(index, images_dir, database_ids)
+    source_ids = ev.sample_sources(np.array([s.image_id for s in database], dtype=np.int64), sample_size, seed + 1)
+    return ev.indexed_sources(index, images_dir, source_ids), database
+
+
 @dataclass
 class OptionResult:
     option: str

@@ -110,6 +110,20 @@ def sample_sources(ids: np.ndarray, n: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(ids, size=n, replace=False))
 
 
+def indexed_sources(index, images_dir: str | os.PathLike, ids: np.ndarray) -> list[Source]:
+    """The indexed file of each of ``ids`` (its first path in ``index``'s catalog), inside
+    ``images_dir`` only."""
+    from imgsim_assets.core.images import source_path
+
+    found = []
+    for image_id in np.asarray(ids).tolist():
+        try:
+            found.append(Source(int(image_id), source_path(images_dir, index.describe(int(image_id))[0])))
+        except ValueError:
+            continue  # a path that would lead outside the images folder
+    return found
+
+
 def open_picture(path: Path) -> Image.Image:
     """The picture as a person sees it (EXIF orientation applied), RGB, at most MAX_SIDE."""
     with Image.open(io.BytesIO(path.read_bytes())) as im:
