@@ -34,12 +34,14 @@ def main() -> None:
     parser.add_argument("--database-size", type=int, default=1000)
     parser.add_argument("--eval-sample-size", type=int, default=200)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto", help="auto: bf16 on a GPU, fp32 on CPU")
+    parser.add_argument("--eval-only", action="store_true", help="only retrieval_eval's path, no option comparison")
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
 
     data = Path(args.data_dir)
-    searcher = FaissSearcher.open(data / "assets", device=args.device, workers=args.workers)
+    searcher = FaissSearcher.open(data / "assets", device=args.device, dtype=args.dtype, workers=args.workers)
     encoder = searcher.encoder
     device = torch.cuda.get_device_name(0) if encoder.device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"{searcher.num_vectors} indexed images; {encoder.spec.model} "
@@ -57,7 +59,12 @@ def main() -> None:
           f"({1000 * seconds / result.overall.copies:.1f} ms per copy, embedding {result.embed_ms_per_copy:.1f}); "
           f"recall@1 {result.overall.recall_at_1:.3f}, mAP {result.overall.mean_average_precision:.3f}, "
           f"threshold {result.threshold.value:.4f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": device, "evaluation": result.to_dict(),
+                                               "evaluation_seconds": seconds}, indent=1))
 
+    if args.eval_only:
+        return
     options = [comparison.parse_option(o) for o in (args.option or comparison.DEFAULT_OPTIONS)]
     sources, database = comparison.sample(searcher.index, data / "images", args.sample_size, args.database_size, 0)
     began = time.perf_counter()

@@ -18,7 +18,7 @@ from dagster import instance_for_test
 
 from imgsim_assets.core.sample_data import write_sample_corpus
 from imgsim_assets.definitions import build_definitions
-from imgsim_assets.ingest import ingest
+from imgsim_assets.ingest import ingest, run_job
 from imgsim_assets.resources import EncoderResource, PreprocessResource
 from imgsim_assets.serve.app import ServeConfig, create_app
 from imgsim_assets.settings import Settings
@@ -44,6 +44,10 @@ def sample_collection(root: Path):
     with instance_for_test(temp_dir=str(root / "dagster_home")) as instance:
         report = ingest(defs, instance, settings.images_dir, log=lambda m: None)
         assert report.ok, report.failed
+        # Random weights calibrate to "no pair is surely a copy" (no groups); the pages under
+        # test need groups, so these are made at a fixed threshold, connected.
+        assert run_job(instance, defs.resolve_job_def("analyze_index"),
+                       ops_config={"near_duplicates": {"config": {"threshold": 0.95, "grouping": "connected"}}}) is None
         yield settings, defs, instance
 
 

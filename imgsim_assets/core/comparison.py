@@ -130,7 +130,7 @@ def compare(
         space = ev.FlatSpace(db_ids, raw, transform)
         usable = [s for s in sources if s.image_id in set(db_ids.tolist())]
         copyset = ev.embed_copies(usable, families, seed, embed, scratch)
-        scores = ev.score_copies(copyset, space)
+        scores = ev.score_copies(copyset, space, seed=seed)
         summary = ev.summarize(scores, target_precision, seed, {}, random_weights=pooled.random_weights)
         seconds = db_seconds + copyset.embed_seconds
         dim = space.stored.shape[1]

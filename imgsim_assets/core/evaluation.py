@@ -6,7 +6,10 @@ copies are embedded like any query and searched. Each copy has one right answer,
 (and any image whose vector is identical to it). Images of the collection at least as close
 to the source as its median copy are *unlabelled*: they may be duplicates the collection
 already holds, or may not, so they count neither way (as the revisited Oxford and Paris
-benchmarks treat their "junk" images). Everything else returned is a non-copy.
+benchmarks treat their "junk" images). That holds only where the median copy is closer to its
+source than 90 % of the collection is; where it is not, the encoder cannot tell copies from the
+rest: nothing is left out, and only the source itself is right. Everything else returned is a
+non-copy.
 
 From the scores this gives recall@1, recall@10 and mAP per family, the scores of true copies
 against the nearest non-copy, the precision–recall curve of "score ≥ t means same image", the
@@ -39,6 +42,7 @@ from imgsim_assets.core.recall import TIE_EPSILON, set_parallel_mode
 MAX_SIDE = 2048  # copies are made from the picture scaled down to this (more changes nothing at model resolution)
 CHUNK_SOURCES = 32  # sources whose copies are on disk at once
 SCORE_ROWS = 256  # copies scored at once (k candidate vectors each)
+NULL_QUANTILE = 0.9  # a source's median copy must be closer than this share of the collection (see score_copies)
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,9 @@ class Space(Protocol):
     def search(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(scores, ids) of the ``k`` best, best first; ids -1 where fewer exist."""
 
+    def ids(self) -> np.ndarray:
+        """Every id stored."""
+
 
 class IndexSpace:
     """The published index as queries meet it: its PCA, its codes, its nprobe."""
@@ -80,17 +87,20 @@ class IndexSpace:
         set_parallel_mode(self.index.index, len(x))
         return self.index.ivf.search(x, min(k, max(self.index.num_vectors, 1)))
 
+    def ids(self):
+        return np.unique(self.index.catalog.column("image_id").to_numpy())
+
 
 class FlatSpace:
     """Exact search over given vectors, after an optional transform (a PCA, say)."""
 
     def __init__(self, ids: np.ndarray, raw: np.ndarray, transform: Callable[[np.ndarray], np.ndarray] | None = None):
         self._transform = transform or (lambda x: x)
-        self.ids = np.asarray(ids, dtype=np.int64)
+        self._ids = np.asarray(ids, dtype=np.int64)
         self.stored = np.ascontiguousarray(self.transform(raw), dtype=np.float32)
         self.flat = faiss.IndexIDMap(faiss.IndexFlatIP(self.stored.shape[1]))
-        self.flat.add_with_ids(self.stored, self.ids)
-        self._row = {int(i): r for r, i in enumerate(self.ids)}
+        self.flat.add_with_ids(self.stored, self._ids)
+        self._row = {int(i): r for r, i in enumerate(self._ids)}
 
     def transform(self, raw):
         return np.ascontiguousarray(self._transform(np.asarray(raw, dtype=np.float32)), dtype=np.float32)
@@ -99,7 +109,10 @@ class FlatSpace:
         return self.stored[[self._row[int(i)] for i in ids]]
 
     def search(self, x, k):
-        return self.flat.search(np.ascontiguousarray(x, dtype=np.float32), min(k, len(self.ids)))
+        return self.flat.search(np.ascontiguousarray(x, dtype=np.float32), min(k, len(self._ids)))
+
+    def ids(self):
+        return self._ids
 
 
 def sample_sources(ids: np.ndarray, n: int, seed: int) -> np.ndarray:
@@ -215,7 +228,16 @@ class CopyScores:
     source_median: np.ndarray  # per distinct source: its copies' median score
 
 
-def score_copies(copyset: CopySet, space: Space, k: int = 100) -> CopyScores:
+def _collection_quantile(space: Space, source_ids: np.ndarray, src: np.ndarray, quantile: float, seed: int,
+                         sample: int = 1000) -> np.ndarray:
+    """Per source, the ``quantile`` of its scores with a seeded sample of the collection's images."""
+    others = np.random.default_rng(seed).permutation(space.ids())[: sample + len(source_ids)]
+    scores = src @ space.vectors(others).T if len(others) else np.zeros((len(src), 0), np.float32)
+    scores[others[None, :] == source_ids[:, None]] = np.nan  # not with itself
+    return np.nan_to_num(np.nanquantile(scores, quantile, axis=1), nan=-1.0) if scores.shape[1] else np.full(len(src), -1.0)
+
+
+def score_copies(copyset: CopySet, space: Space, k: int = 100, seed: int = 0) -> CopyScores:
     """Search every copy and label what came back (see the module's description)."""
     q = space.transform(copyset.vectors)
     source_ids = np.unique(copyset.source)
@@ -224,6 +246,11 @@ def score_copies(copyset: CopySet, space: Space, k: int = 100) -> CopyScores:
     positive = np.einsum("ij,ij->i", q, src[row_of]) if len(q) else np.zeros(0, np.float32)
     median = np.array([np.median(positive[row_of == r]) for r in range(len(source_ids))], dtype=np.float32)
     self_score = np.einsum("ij,ij->i", src, src)
+    # Only where a source's median copy is closer to it than most of the collection can an image
+    # at least that close be taken for a copy, or one within TIE_EPSILON for the same picture;
+    # otherwise the encoder cannot tell, and only the source is right (a model that scores
+    # everything alike would else find every source first).
+    distinct = median > _collection_quantile(space, source_ids, src, NULL_QUANTILE, seed)
 
     n = len(q)
     rank = np.zeros(n, np.int64)
@@ -245,8 +272,8 @@ def score_copies(copyset: CopySet, space: Space, k: int = 100) -> CopyScores:
             if len(scores_i) == k:
                 kth[row] = scores_i[-1]
             to_source = cand_vectors[np.searchsorted(candidates, ids_i)] @ src[r]
-            right = (ids_i == source_ids[r]) | (to_source >= self_score[r] - TIE_EPSILON)
-            junk = ~right & (to_source >= median[r])
+            right = (ids_i == source_ids[r]) | ((to_source >= self_score[r] - TIE_EPSILON) & distinct[r])
+            junk = ~right & (to_source >= median[r]) & distinct[r]
             unlabelled += int(junk.sum())
             labelled_right, labelled_scores = right[~junk], scores_i[~junk]
             hits = np.flatnonzero(labelled_right)
@@ -439,7 +466,9 @@ def _family_result(name: str, scores: CopyScores, rows: np.ndarray) -> FamilyRes
 
 
 def _thin(t: np.ndarray, p: np.ndarray, r: np.ndarray, points: int = 200) -> dict:
-    keep = np.unique(np.linspace(0, len(t) - 1, min(points, len(t))).round().astype(int)) if len(t) else []
+    """At most ``points`` points of the curve, evenly spaced in recall (where it changes)."""
+    steps = np.searchsorted(r, np.linspace(0, r[-1], points)) if len(t) else np.zeros(0, int)
+    keep = np.unique(np.minimum(steps, len(t) - 1)) if len(t) else []
     return {"threshold": t[keep].round(6).tolist(), "precision": p[keep].round(6).tolist(),
             "recall": r[keep].round(6).tolist()}
 
@@ -476,6 +505,6 @@ def evaluate(sources: Sequence[Source], embed: Embed, space: Space, families: Se
     if not len(copyset.source):
         raise ValueError("no copy could be made and embedded: "
                          + ("; ".join(r for _, r in copyset.skipped[:3]) or "no sources"))
-    scores = score_copies(copyset, space, k)
+    scores = score_copies(copyset, space, k, seed)
     settings = {"families": list(families), "seed": seed, "k": k, "sample_size": len(sources)}
     return summarize(scores, target_precision, seed, settings, copyset.skipped, copyset.embed_seconds, random_weights)
