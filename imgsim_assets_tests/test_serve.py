@@ -1,4 +1,5 @@
-"""`imgsim serve` over HTTP: answers, bad input, limits, the token, micro-batching, hot reload."""
+"""`imgsim serve` over HTTP: answers, bad input, limits, the token, micro-batching, hot reload,
+the analysis and evaluation reports."""
 
 import io
 import json
@@ -12,6 +13,7 @@ import pytest
 from PIL import Image
 
 from imgsim_assets.core.sample_data import write_synthetic_batch
+from imgsim_assets.core.storage import artifact_path
 from imgsim_assets.ingest import ingest
 from imgsim_assets.serve.app import ServeConfig, create_app
 from imgsim_assets_tests.serving import get, post_image, running_server, sample_collection
@@ -63,6 +65,7 @@ def test_search_by_upload_by_id_and_within_batches(collection, server):
 
     status, spec, _ = get(base + "/openapi.json")
     assert status == 200 and {"get", "post"} <= set(spec["paths"]["/search"])
+    assert "404" in spec["paths"]["/evaluation"]["get"]["responses"]
 
 
 def test_bad_input_is_a_clear_4xx_and_the_server_keeps_serving(collection, server, tmp_path):
@@ -134,6 +137,7 @@ def test_a_token_guards_every_request_and_is_required_beyond_loopback(collection
         assert get(base + "/healthz", token="wrong")[0] == 401
         assert get(base + "/healthz", token="s3cret")[0] == 200
         assert get(base + "/healthz?token=s3cret")[0] == 200
+        assert get(base + "/evaluation")[0] == 401 and get(base + "/evaluation", token="s3cret")[0] == 200
         assert get(base + "/")[0] == 200  # the page itself holds no data; it sends the token on
         env = {**os.environ, "IMGSIM_SERVE_TOKEN": "s3cret"}
         query = str(settings.images_dir / "batch-0001" / "chelsea.png")
@@ -191,6 +195,36 @@ def test_duplicates_and_clusters_pages(server):
     assert status == 200 and clusters["total_clusters"] >= 1
     assert sum(c["size"] for c in get(base + "/clusters?per_page=200")[1]["clusters"]) == 92
     assert all(len(c["samples"]) <= 3 for c in clusters["clusters"])
+
+
+def test_evaluation_report_and_not_evaluated(collection, server):
+    settings, _, _ = collection
+    base, _ = server
+    status, report, _ = get(base + "/evaluation")
+    assert status == 200, report
+    table = report["table"]
+    assert len(table) == 12 and [r["family"] == "all" for r in table] == [False] * 11 + [True]  # 11 edit families
+    assert table[-1]["copies"] == sum(r["copies"] for r in table[:-1]) > 0
+    assert isinstance(report["threshold"]["value"], float) and isinstance(report["threshold"]["reached"], bool)
+    assert report["random_weights"] is True and "histograms" not in report
+    assert report["grouping"] in {g["rule"] for g in report["groupings"]} and report["sources"] > 0
+
+    # Never evaluated (or removed): a 404 that says what to run. A new version of the file (a
+    # new mtime) is read again, not answered from the cache.
+    stored = artifact_path(settings.assets_dir, "retrieval_eval", suffix=".json")
+    aside = stored.with_name("retrieval_eval.aside")
+    stored.rename(aside)
+    try:
+        status, body, _ = get(base + "/evaluation")
+        assert (status, body["error"]) == (404, "not_evaluated") and "imgsim evaluate" in body["detail"]
+        changed = {**json.loads(aside.read_text()), "target_precision": 0.5}
+        stored.write_text(json.dumps(changed))
+        assert get(base + "/evaluation")[1]["target_precision"] == 0.5
+    finally:
+        aside.replace(stored)
+    assert get(base + "/evaluation")[1] == report
+    metrics = get(base + "/metrics")[1].decode()
+    assert 'imgsim_requests_total{endpoint="/evaluation",status="404"}' in metrics
 
 
 def test_a_new_index_version_is_swapped_in_without_failing_a_request(collection, server):

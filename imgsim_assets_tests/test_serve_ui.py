@@ -1,7 +1,10 @@
 """`imgsim serve`'s web page in a real browser: the sample corpus ingested with a tiny encoder,
 the app on loopback, Debian's Chromium driven by Playwright. Searching by a chosen file, by a
-clicked hit, within a batch, an upload the API refuses, and the duplicates and clusters views,
-each checked on what the page displays; screenshots go to test-artifacts/serve-*.png."""
+clicked hit, within a batch, an upload the API refuses, and the duplicates, clusters and quality
+views, each checked on what the page displays; screenshots go to test-artifacts/serve-*.png."""
+
+import json
+import re
 
 import pytest
 
@@ -130,7 +133,7 @@ def test_search_page(served, page):
     expect(error).to_be_hidden()
 
 
-def test_duplicates_and_clusters_pages(served, page):
+def test_duplicates_clusters_and_quality_pages(served, page):
     from playwright.sync_api import expect
 
     base, _settings = served
@@ -164,3 +167,46 @@ def test_duplicates_and_clusters_pages(served, page):
     expect(page.locator("#error")).to_be_hidden()
     _assert_fits_width(page)
     page.screenshot(path=str(ARTIFACTS / "serve-clusters.png"), full_page=True)
+
+    # 6c. The quality report (/evaluation): the table by edit family with `all` last and set
+    # apart, the duplicate threshold, the grouping rules with the chosen one, RANDOM WEIGHTS.
+    status, report, _ = get(f"{base}/evaluation")
+    assert status == 200 and report["random_weights"] is True
+    page.locator("#tab-quality").click()
+    expect(page.locator("#view-quality")).to_be_visible()
+    expect(page.locator("#tab-quality")).to_have_attribute("aria-current", "page")
+    rows = page.locator("#quality table.families tbody tr")
+    expect(rows).to_have_count(len(report["table"]))
+    assert rows.evaluate_all("rs => rs.map(r => r.dataset.family)") == [r["family"] for r in report["table"]]
+    expect(rows.first.locator("th")).to_have_text(report["table"][0]["family"])
+    expect(rows.first.locator("td").first).to_have_text(str(report["table"][0]["copies"]))
+    expect(rows.last).to_have_class(re.compile(r"\btotal\b"))
+    assert rows.last.locator("th").evaluate("th => Number(getComputedStyle(th).fontWeight)") >= 700
+    total = report["table"][-1]
+    expect(page.locator("#quality-summary")).to_contain_text(
+        f"{total['copies']} edited copies of {report['sources']} images")
+    expect(page.locator("#quality-random")).to_be_visible()
+    expect(page.locator("#quality-random")).to_contain_text("RANDOM WEIGHTS")
+    expect(page.locator("#quality .threshold")).to_contain_text(f"{report['threshold']['value']:.3f}")
+    reached = "reached" if report["threshold"]["reached"] else "not reached"
+    expect(page.locator("#quality .threshold .facts")).to_contain_text(f"{report['target_precision']:.3f} {reached}")
+    expect(page.locator("#quality tr.chosen")).to_have_attribute("data-rule", report["grouping"])
+    expect(page.locator("#quality table.groupings tbody tr")).to_have_count(len(report["groupings"]))
+    expect(page.locator("#error")).to_be_hidden()
+    _assert_fits_width(page)
+    page.screenshot(path=str(ARTIFACTS / "serve-quality.png"), full_page=True)
+
+    # A narrow window: the table scrolls inside its box, the page keeps the window's width.
+    page.set_viewport_size({"width": 400, "height": 900})
+    _assert_fits_width(page)
+    assert page.locator("#quality .table-scroll").first.evaluate("b => b.scrollWidth > b.clientWidth")
+    page.screenshot(path=str(ARTIFACTS / "serve-quality-narrow.png"), full_page=True)
+
+    # Not evaluated yet (the API's 404, stood in for): a note saying what to run, not an error.
+    refusal = json.dumps({"error": "not_evaluated", "detail": "not evaluated yet: run `imgsim evaluate`"})
+    page.route("**/evaluation", lambda route: route.fulfill(status=404, content_type="application/json", body=refusal))
+    page.reload()
+    expect(page.locator("#quality .not-evaluated")).to_contain_text("Not evaluated yet: run imgsim evaluate")
+    expect(page.locator("#quality-random")).to_be_hidden()
+    expect(page.locator("#quality table")).to_have_count(0)
+    expect(page.locator("#error")).to_be_hidden()

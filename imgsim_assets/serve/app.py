@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import hmac
 import ipaddress
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from imgsim_assets.core.evaluation import Evaluation
 from imgsim_assets.core.search import UnknownImage
 from imgsim_assets.serve import thumbnails
 from imgsim_assets.serve.openapi import SPEC
@@ -236,6 +238,14 @@ class Service:
                  for c in clusters[(page - 1) * per_page : page * per_page]]
         return JSONResponse({"clusters": shown, "page": page, "per_page": per_page, "total_clusters": len(clusters)})
 
+    async def evaluation(self, request: Request) -> JSONResponse:
+        """How well the index finds edited copies (``retrieval_eval``): GET /evaluation."""
+        found = await asyncio.to_thread(self.live.document, "retrieval_eval", _evaluation)
+        if found is None:
+            raise ApiError(404, "not_evaluated", "the index has not been evaluated yet: run `imgsim evaluate` "
+                           "(or `imgsim ingest`, which evaluates a new index)")
+        return JSONResponse(found)
+
 
 def _int_param(request: Request, name: str, default, low: int, high: int):
     raw = request.query_params.get(name)
@@ -279,6 +289,33 @@ def _clusters(table) -> list[dict]:
     clusters = [{"cluster": c, "size": len(rows), "members": [i for _, i in sorted(rows, reverse=True)]}
                 for c, rows in by_cluster.items()]
     return sorted(clusters, key=lambda c: (-c["size"], c["cluster"]))
+
+
+def _evaluation(stored: dict | None) -> dict | None:
+    """``retrieval_eval``'s JSON → the answer of /evaluation: everything but the score histograms,
+    with the per-family table (``all`` last); NaN (no non-copy found, say) as null."""
+    if stored is None:
+        return None
+    try:
+        evaluation = Evaluation.from_dict(stored)
+    except (KeyError, TypeError, ValueError) as e:  # written by another version of imgsim
+        raise ApiError(500, "unreadable_evaluation", f"retrieval_eval.json cannot be read ({type(e).__name__}: {e}); "
+                       "run `imgsim evaluate` again") from None
+    answer = evaluation.to_dict()
+    del answer["histograms"]
+    answer["table"] = evaluation.table()
+    return _finite(answer)
+
+
+def _finite(value):
+    """``value`` with every NaN or infinite float replaced by None (JSON has neither)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 class _Guard:
@@ -333,7 +370,7 @@ def _endpoint(path: str) -> str:
     if path.startswith("/static/"):
         return "/static"
     return path if path in {"/", "/search", "/healthz", "/metrics", "/batches", "/duplicates", "/clusters",
-                            "/openapi.json"} else "other"
+                            "/evaluation", "/openapi.json"} else "other"
 
 
 def create_app(config: ServeConfig, live: LiveIndex | None = None) -> Starlette:
@@ -371,6 +408,7 @@ def create_app(config: ServeConfig, live: LiveIndex | None = None) -> Starlette:
         Route("/batches", service.batches),
         Route("/duplicates", service.duplicates),
         Route("/clusters", service.clusters),
+        Route("/evaluation", service.evaluation),
         Route("/openapi.json", openapi),
         Mount("/static", StaticFiles(directory=STATIC, check_dir=False), name="static"),
     ]

@@ -9,6 +9,7 @@ and finishes on it, so requests in flight never see half of a swap.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -55,7 +56,7 @@ class LiveIndex:
         self.reloads = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._tables: dict[str, tuple[int, object]] = {}
+        self._derived_cache: dict[Path, tuple[int, object]] = {}  # artifact → (mtime, derived)
 
     def _load(self, previous: Loaded | None) -> Loaded:
         version = index_version(self.link)
@@ -94,13 +95,25 @@ class LiveIndex:
     def table(self, asset: str, derive: Callable[[pa.Table | None], object]):
         """``derive`` of an analysis table (``near_duplicates``, ``image_clusters``; None when never
         materialized), computed once per version of the file, not per request."""
-        path = artifact_path(self.assets_dir, asset, suffix=".parquet")
+        return self._derived(asset, ".parquet", pq.read_table, derive)
+
+    def document(self, asset: str, derive: Callable[[dict | None], object]):
+        """``derive`` of a JSON artifact (``retrieval_eval``; None when never materialized), computed
+        once per version of the file, as :meth:`table`."""
+        return self._derived(asset, ".json", lambda path: json.loads(path.read_bytes()), derive)
+
+    def _derived(self, asset: str, suffix: str, read: Callable[[Path], object], derive: Callable[[object], object]):
+        """``derive(read(file))`` of ``asset``'s artifact, cached by the file's mtime (the IO
+        managers replace a file in one rename, so a new version is a new mtime)."""
+        path = artifact_path(self.assets_dir, asset, suffix=suffix)
+        cached = self._derived_cache.get(path)
         try:
             mtime = path.stat().st_mtime_ns
-        except FileNotFoundError:
+            fresh = cached is None or cached[0] != mtime
+            data = read(path) if fresh else None
+        except FileNotFoundError:  # never materialized, or removed since
             return derive(None)
-        cached = self._tables.get(asset)
-        if cached is None or cached[0] != mtime:
-            cached = (mtime, derive(pq.read_table(path)))
-            self._tables[asset] = cached
+        if fresh:
+            cached = (mtime, derive(data))
+            self._derived_cache[path] = cached
         return cached[1]

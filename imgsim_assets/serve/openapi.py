@@ -17,6 +17,38 @@ _ANSWER = {
                    "index_version": {"type": "string"}, "took_ms": {"type": "number"}, "query": {"type": "object"}},
 }
 _ERROR = {"type": "object", "properties": {"error": {"type": "string"}, "detail": {"type": "string"}}}
+_SCORE = {"type": "number", "nullable": True,
+          "description": "cosine similarity in the index's space (null: none found)"}
+_FAMILY = {
+    "type": "object",
+    "properties": {
+        "family": {"type": "string", "description": "edit family, or `all`"}, "copies": {"type": "integer"},
+        "recall_at_1": {"type": "number"}, "recall_at_10": {"type": "number"},
+        "mean_average_precision": {"type": "number"}, "median_copy_score": _SCORE, "median_nearest_non_copy": _SCORE,
+    },
+}
+_EVALUATION = {
+    "type": "object",
+    "description": "retrieval_eval: edited copies of a seeded sample of indexed images, searched in the index",
+    "properties": {
+        "table": {"type": "array", "items": _FAMILY, "description": "one row per edit family, then `all`"},
+        "families": {"type": "array", "items": _FAMILY}, "overall": _FAMILY,
+        "threshold": {"type": "object", "description": "the duplicate threshold near_duplicates uses", "properties": {
+            "value": {"type": "number"}, "precision": {"type": "number"}, "recall": {"type": "number"},
+            "reached": {"type": "boolean", "description": "false: no threshold reaches target_precision"}}},
+        "target_precision": {"type": "number"}, "held_out_precision": {"type": "number"},
+        "held_out_recall": {"type": "number"},
+        "groupings": {"type": "array", "items": {"type": "object", "properties": {
+            "rule": {"type": "string"}, "purity": {"type": "number"}, "completeness": {"type": "number"},
+            "f1": {"type": "number"}}}},
+        "grouping": {"type": "string", "description": "the rule with the best F1"},
+        "curve": {"type": "object", "description": "precision and recall by threshold (arrays)"},
+        "sources": {"type": "integer", "description": "images copied"}, "unlabelled": {"type": "integer"},
+        "complete_above": {"type": "number", "description": "every non-copy scoring above this was counted"},
+        "skipped": {"type": "array", "items": {"type": "array"}}, "embed_ms_per_copy": {"type": "number"},
+        "settings": {"type": "object"}, "random_weights": {"type": "boolean"},
+    },
+}
 
 
 def _param(name: str, description: str, kind: str = "integer", required: bool = False, many: bool = False) -> dict:
@@ -68,6 +100,11 @@ SPEC = {
         "/clusters": {"get": {"summary": "k-means clusters, largest first, with sample images",
                               "parameters": [*_PAGE, _param("samples", "images per cluster (at most 64)")],
                               "responses": {"200": _json({"type": "object"})}}},
+        "/evaluation": {"get": {
+            "summary": "How well the index finds edited copies: recall and mAP per edit family, the duplicate "
+                       "threshold, the grouping rules",
+            "responses": {"200": _json(_EVALUATION), **_errors(401),
+                          "404": _json(_ERROR, "not_evaluated: run `imgsim evaluate` (or `imgsim ingest`)")}}},
         "/healthz": {"get": {"summary": "Status, index version and size, encoder, random-weights flag",
                              "responses": {"200": _json({"type": "object"})}}},
         "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "text"}}}},

@@ -1,7 +1,7 @@
 /* imgsim search page: plain JavaScript, no framework, no build step.
  *
  * Talks to the same-origin JSON API (/healthz, /search, /images/{id}, /batches,
- * /duplicates, /clusters). If the page was opened as /?token=…, every fetch
+ * /duplicates, /clusters, /evaluation). If the page was opened as /?token=…, every fetch
  * carries "Authorization: Bearer …" and every <img src> carries ?token=….
  * All API data goes into the DOM through textContent / attributes, never HTML.
  */
@@ -9,7 +9,7 @@
   'use strict';
 
   // ---------------------------------------------------------------- settings
-  const VIEWS = ['search', 'duplicates', 'clusters'];
+  const VIEWS = ['search', 'duplicates', 'clusters', 'quality'];
   const THUMB = 256;             // thumbnail box for results and previews
   const STRIP_THUMB = 160;       // thumbnail box requested for group/cluster rows
   const DUP_PER_PAGE = 20;
@@ -41,6 +41,9 @@
     resultsEmpty: $('results-empty'),
     duplicates: $('duplicates'),
     clusters: $('clusters'),
+    quality: $('quality'),
+    qualityRandom: $('quality-random'),
+    qualitySummary: $('quality-summary'),
   };
 
   // ------------------------------------------------------------------- state
@@ -53,6 +56,7 @@
       duplicates: makePager('duplicates', DUP_PER_PAGE, loadDuplicates),
       clusters: makePager('clusters', CLU_PER_PAGE, loadClusters),
     },
+    quality: { seq: 0, loaded: false, loader: loadQuality },
   };
 
   // --------------------------------------------------------------- utilities
@@ -605,34 +609,44 @@
     return li;
   }
 
+  // One request of a view that loads from the API (v: {seq, loaded}): its container busy
+  // meanwhile. Resolves to {data} or {err}, or to null when a newer request for the same view
+  // has started since (its answer is dropped).
+  async function viewRequest(v, container, path, params) {
+    const seq = ++v.seq;
+    clearError();
+    container.setAttribute('aria-busy', 'true');
+    let result;
+    try {
+      result = { data: await api(path, params) };
+    } catch (err) {
+      result = { err: err };
+    }
+    if (seq !== v.seq) return null;
+    container.setAttribute('aria-busy', 'false');
+    if (!result.err) v.loaded = true;
+    return result;
+  }
+
   // One page of a paged view: its pager disabled while it loads, restored on an error; null
   // when it failed or a newer request for the same view has started since.
   async function loadPage(p, container, path, params, page, totalKey, noun, what) {
-    const seq = ++p.seq;
     if (page !== null && page !== undefined) params.set('page', String(page));
     params.set('per_page', String(p.perPage));
-    clearError();
-    container.setAttribute('aria-busy', 'true');
     p.prev.disabled = true;
     p.next.disabled = true;
-    let data;
-    try {
-      data = await api(path, params);
-    } catch (err) {
-      if (seq !== p.seq) return null;
-      container.setAttribute('aria-busy', 'false');
+    const result = await viewRequest(p, container, path, params);
+    if (result === null) return null;
+    if (result.err) {
       if (p.page !== null) {
         p.prev.disabled = p.page - p.first <= 0;
         p.next.disabled = (p.page - p.first + 1) * p.perPage >= p.total;
       }
-      showError(describeError(err, 'Loading ' + what));
+      showError(describeError(result.err, 'Loading ' + what));
       return null;
     }
-    if (seq !== p.seq) return null;
-    p.loaded = true;
-    container.setAttribute('aria-busy', 'false');
-    updatePager(p, data, totalKey, noun);
-    return data;
+    updatePager(p, result.data, totalKey, noun);
+    return result.data;
   }
 
   async function loadDuplicates(page) {
@@ -700,6 +714,145 @@
     }));
   }
 
+  // ----------------------------------------------------------------- quality
+  const QUALITY_COLUMNS = [
+    ['family', 'Edit family'],
+    ['copies', 'Copies'],
+    ['recall_at_1', 'Recall@1'],
+    ['recall_at_10', 'Recall@10'],
+    ['mean_average_precision', 'mAP'],
+    ['median_copy_score', 'Median copy score'],
+    ['median_nearest_non_copy', 'Median nearest non-copy'],
+  ];
+
+  function plural(n, one, many) {
+    return n + ' ' + (Number(n) === 1 ? one : many);
+  }
+
+  // A table inside a box that scrolls sideways, so a narrow window keeps its width.
+  function scrollingTable(className, label, columns, rows, rowElement) {
+    const table = node('table', 'data-table ' + className);
+    const headRow = node('tr');
+    headRow.append(...columns.map(([key, title]) => {
+      const th = node('th', key === columns[0][0] ? null : 'num', title);
+      th.scope = 'col';
+      return th;
+    }));
+    const head = node('thead');
+    head.append(headRow);
+    const body = node('tbody');
+    body.append(...rows.map(rowElement));
+    table.append(head, body);
+    const box = node('div', 'table-scroll');
+    box.setAttribute('role', 'region');
+    box.setAttribute('aria-label', label);
+    box.tabIndex = 0;  // scrollable by keyboard
+    box.append(table);
+    return box;
+  }
+
+  function tableRow(first, cells) {
+    const tr = node('tr');
+    const th = node('th', null, first);
+    th.scope = 'row';
+    tr.append(th, ...cells.map((c) => node('td', 'num', c)));
+    return tr;
+  }
+
+  function fact(term, value, note) {
+    const div = node('div');
+    const dd = node('dd', null, value);
+    if (note) dd.append(' ', node('span', 'hint', note));
+    div.append(node('dt', null, term), dd);
+    return div;
+  }
+
+  async function loadQuality() {
+    const result = await viewRequest(state.quality, el.quality, '/evaluation');
+    if (result === null) return;
+    if (result.err) {
+      el.qualityRandom.hidden = true;
+      el.qualitySummary.textContent = '';
+      if (result.err.status === 404 && result.err.code === 'not_evaluated') {
+        const p = node('p', 'note not-evaluated', 'Not evaluated yet: run ');
+        p.append(node('code', null, 'imgsim evaluate'), ' (or ', node('code', null, 'imgsim ingest'),
+          ', which evaluates a new index).');
+        el.quality.replaceChildren(p);
+      } else {
+        el.quality.replaceChildren();
+        showError(describeError(result.err, 'Loading the evaluation'));
+      }
+      return;
+    }
+    renderQuality(result.data);
+  }
+
+  function renderQuality(d) {
+    const rows = Array.isArray(d.table) ? d.table : [];
+    const all = rows.find((r) => r.family === 'all') || {};
+    el.qualityRandom.hidden = d.random_weights !== true;
+    el.qualitySummary.textContent = plural(all.copies, 'edited copy', 'edited copies') + ' of ' +
+      plural(d.sources, 'image', 'images') + ' searched · ' +
+      plural(rows.filter((r) => r.family !== 'all').length, 'edit family', 'edit families');
+
+    const families = scrollingTable('families', 'Results by edit family', QUALITY_COLUMNS, rows, (r) => {
+      const tr = tableRow(r.family, QUALITY_COLUMNS.slice(1).map(([key]) =>
+        key === 'copies' ? String(r.copies) : fmtScore(r[key])));
+      tr.dataset.family = String(r.family);
+      if (r.family === 'all') tr.className = 'total';
+      return tr;
+    });
+
+    const t = d.threshold || {};
+    const threshold = node('section', 'quality-card threshold');
+    const facts = node('dl', 'facts');
+    const target = fact('Target precision', fmtScore(d.target_precision),
+      t.reached === true ? 'reached' : 'not reached: the threshold is just above the best non-copy');
+    target.className = t.reached === true ? 'reached' : 'not-reached';
+    const value = fact('Similarity ≥', fmtScore(t.value), '(inner product in the index)');
+    value.lastChild.title = String(t.value);  // three decimals may round it to 1.000
+    facts.append(
+      value,
+      fact('Precision', fmtScore(t.precision)),
+      fact('Recall', fmtScore(t.recall)),
+      target,
+      fact('Held-out precision', fmtScore(d.held_out_precision), '(calibrated on the other half of the images)'),
+      fact('Held-out recall', fmtScore(d.held_out_recall)),
+    );
+    threshold.append(node('h3', 'row-title', 'Duplicate threshold'), facts);
+
+    const groupings = Array.isArray(d.groupings) ? d.groupings : [];
+    const grouping = node('section', 'quality-card grouping');
+    grouping.append(
+      node('h3', 'row-title', 'Grouping rule'),
+      node('p', 'hint', 'Copies and their originals grouped at the threshold, scored against the planted groups ' +
+        '(B-cubed). The best F1 is chosen for near-duplicate groups.'),
+      scrollingTable('groupings', 'Grouping rules',
+        [['rule', 'Rule'], ['purity', 'Purity'], ['completeness', 'Completeness'], ['f1', 'F1']], groupings, (g) => {
+          const chosen = g.rule === d.grouping;
+          const tr = tableRow(g.rule, [fmtScore(g.purity), fmtScore(g.completeness), fmtScore(g.f1)]);
+          tr.dataset.rule = String(g.rule);
+          if (chosen) {
+            tr.className = 'chosen';
+            tr.firstChild.append(' ', node('span', 'badge', 'chosen'));
+          }
+          return tr;
+        }),
+    );
+
+    const settings = d.settings || {};
+    const skipped = Array.isArray(d.skipped) ? d.skipped.length : 0;
+    const notes = node('p', 'hint', [
+      'seed ' + (settings.seed !== undefined ? settings.seed : '?'),
+      'top ' + (settings.k !== undefined ? settings.k : '?') + ' results per copy',
+      plural(d.unlabelled || 0, 'result', 'results') + ' left unlabelled (possible duplicates already held)',
+      skipped + ' skipped (unreadable or rejected)',
+      fmtMs(d.embed_ms_per_copy) + ' ms to embed a copy',
+    ].join(' · '));
+
+    el.quality.replaceChildren(families, threshold, grouping, notes);
+  }
+
   // ----------------------------------------------------------------- routing
   function viewFromHash() {
     const raw = window.location.hash.replace(/^#/, '').split(/[/?&]/)[0].toLowerCase();
@@ -726,8 +879,8 @@
     document.body.dataset.view = view;
     document.title = 'imgsim — ' + view;
     if (changed) clearError();
-    const pager = state.pagers[view];
-    if (pager && !pager.loaded) pager.loader(null);
+    const lazy = state.pagers[view] || (view === 'quality' ? state.quality : null);
+    if (lazy && !lazy.loaded) lazy.loader(null);
     if (moveFocus) {
       const heading = document.getElementById(view + '-heading');
       if (heading) {
