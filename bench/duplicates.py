@@ -98,7 +98,8 @@ def main() -> None:
     t = evaluation["threshold"]
     print(f"{args.corpus} corpus, {len(files)} images, {'ViT-S/14 224' if args.full_model else '2-block ViT 112'}, "
           f"RANDOM WEIGHTS; calibrated threshold {t['value']:.4f} (precision {t['precision']:.3f}, recall "
-          f"{t['recall']:.3f}, target {'reached' if t['reached'] else 'not reached'}); evaluation chose "
+          f"{t['recall']:.3f}, target {'reached' if t['reached'] else 'not reached'}; held out: precision "
+          f"{evaluation['held_out_precision']:.3f}, recall {evaluation['held_out_recall']:.3f}); evaluation chose "
           f"{evaluation['grouping']}")
     print_table(rows, ["rule", "threshold", "purity", "completeness", "f1", "groups", "images_in_groups"])
 
