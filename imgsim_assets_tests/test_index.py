@@ -265,3 +265,31 @@ def test_tuning_stops_at_the_first_round_that_reaches_the_target():
     full = recall.tune(index, x[queries], ids[queries], lambda: [(ids, x)], target=1.01, per_round=2)
     assert [p.nprobe for p in full.curve] == [1, 2, 4, 8, 16, 32]  # never reached: the whole ladder
     assert full.cheapest(1.01).nprobe == max(full.curve, key=lambda p: p.recall_at_10).nprobe
+
+
+def test_merge_skips_ids_an_earlier_shard_holds_across_many_shards():
+    x = ix.fit_pca(_clustered(n=300), dim=16).transform(_clustered(n=300))
+    template = ix.train_template(ix.train_centroids(x, 4), "Flat", x)
+    ids = np.arange(300)
+    # Five shards overlapping their neighbours by 20 ids: the first holder of each id keeps it.
+    shards = [(f"s{i}", ix.build_shard(template, ids[i * 50 : i * 50 + 70], x[i * 50 : i * 50 + 70])) for i in range(5)]
+    merged, skipped = ix.merge_shards(template, shards)
+    assert skipped == 4 * 20 and merged.ntotal == 270
+    assert np.array_equal(np.sort(ix.ivf_ids(merged)), np.arange(270))
+
+
+def test_catalog_lists_every_ok_file_of_indexed_images_in_batch_order():
+    from imgsim_assets.assets.index import _catalog
+
+    manifests = {
+        "b2": pa.table({"image_id": [5, 6, 7], "path": ["b2/x.jpg", "b2/bad.jpg", "b2/copy.jpg"],
+                        "status": ["ok", "rejected", "ok"]}),
+        "b1": pa.table({"image_id": [7, 8], "path": ["b1/a.jpg", "b1/gone.jpg"], "status": ["ok", "ok"]}),
+    }
+    catalog = _catalog(manifests, np.array([5, 7]))  # 8 is not in the index, 6 was rejected
+    assert catalog.to_pylist() == [
+        {"image_id": 7, "batch": "b1", "path": "b1/a.jpg"},
+        {"image_id": 5, "batch": "b2", "path": "b2/x.jpg"},
+        {"image_id": 7, "batch": "b2", "path": "b2/copy.jpg"},
+    ]
+    assert _catalog({}, np.array([], np.int64)).num_rows == 0

@@ -8,6 +8,7 @@ from typing import Optional
 import faiss
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from dagster import (
     AssetCheckResult,
@@ -437,12 +438,15 @@ def retraining_due(faiss_index: ImageIndex) -> AssetCheckResult:
 
 def _catalog(manifests: dict[str, pa.Table], indexed_ids: np.ndarray) -> pa.Table:
     """Every ok file whose image is in the index: image_id, batch, path."""
-    ids, batches, paths = [], [], []
-    indexed = set(indexed_ids.tolist())
+    indexed = pa.array(np.unique(indexed_ids), pa.int64())
+    parts = []
     for batch, manifest in sorted(manifests.items()):
-        for image_id, path, status in zip(*(manifest.column(c).to_pylist() for c in ("image_id", "path", "status"))):
-            if status == "ok" and image_id in indexed:
-                ids.append(image_id)
-                batches.append(batch)
-                paths.append(path)
-    return pa.table({"image_id": pa.array(ids, pa.int64()), "batch": batches, "path": paths})
+        rows = manifest.select(["image_id", "path", "status"])
+        rows = rows.filter(pc.and_(pc.equal(rows["status"], "ok"), pc.is_in(rows["image_id"], value_set=indexed)))
+        parts.append(pa.table({"image_id": rows["image_id"].cast(pa.int64()),
+                               "batch": pa.array([batch] * rows.num_rows, pa.string()),
+                               "path": rows["path"].cast(pa.string())}))
+    if not parts:
+        return pa.table({"image_id": pa.array([], pa.int64()), "batch": pa.array([], pa.string()),
+                         "path": pa.array([], pa.string())})
+    return pa.concat_tables(parts).combine_chunks()

@@ -419,22 +419,27 @@ def merge_shards(template: faiss.IndexIVF, shards) -> tuple[faiss.IndexIVF, int]
     """
     merged = faiss.clone_index(template)
     expected = layout_fingerprint(merged)
-    seen = np.zeros(0, dtype=np.int64)
-    skipped = 0
-    for name, shard in shards:
-        ivf = faiss.extract_index_ivf(shard)
+    shards = list(shards)  # the callers' index objects stay referenced: the IVFs below live inside them
+    ivfs = [(name, faiss.extract_index_ivf(shard)) for name, shard in shards]
+    for name, ivf in ivfs:
         if layout_fingerprint(ivf) != expected:
             raise ValueError(
                 f"shard {name!r} was built with another trained index ({type(ivf).__name__}, d={ivf.d}, "
                 f"nlist={ivf.nlist}) than the current one ({type(merged).__name__}, d={merged.d}, nlist={merged.nlist}); "
                 "rebuild it with the current pca_model and cluster_centroids"
             )
-        shard_ids = ivf_ids(ivf)
-        dup = np.intersect1d(shard_ids, seen)
+    # Which ids an earlier shard already holds: one sort over all of them, not one per shard.
+    ids = [ivf_ids(ivf) for _, ivf in ivfs]
+    every = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+    first = np.zeros(len(every), bool)
+    first[np.unique(every, return_index=True)[1]] = True
+    skipped, start = 0, 0
+    for (_, ivf), shard_ids in zip(ivfs, ids):
+        dup = shard_ids[~first[start : start + len(shard_ids)]]
+        start += len(shard_ids)
         if len(dup):
             ivf.remove_ids(faiss.IDSelectorBatch(dup))
             skipped += len(dup)
-        seen = np.union1d(seen, shard_ids)
         merged.merge_from(ivf, 0)
     return merged, skipped
 
