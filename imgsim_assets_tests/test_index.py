@@ -293,3 +293,22 @@ def test_catalog_lists_every_ok_file_of_indexed_images_in_batch_order():
         {"image_id": 7, "batch": "b2", "path": "b2/copy.jpg"},
     ]
     assert _catalog({}, np.array([], np.int64)).num_rows == 0
+
+
+def test_recall_within_a_fixed_sample_of_the_database():
+    x = ix.normalize_rows(_clustered(n=6000))
+    ids = np.arange(len(x)) * 7919 + 11  # spread ids, as hashes are
+    index = _flat(x, ids, nlist=32)
+    queries = ix.sample_indices(len(x), 200)
+    ladder = recall.nprobe_ladder(index.nlist)
+    full = recall.evaluate(index, x[queries], ids[queries], lambda: [(ids, x)], nprobes=ladder)
+    sampled = recall.evaluate(index, x[queries], ids[queries], lambda: [(ids, x)], nprobes=ladder, max_database=1500)
+    assert full.database_fraction == 1.0 and sampled.database_fraction == pytest.approx(0.25)
+    assert 0.2 < recall.in_sample(ids, sampled.database_fraction).mean() < 0.3
+    assert sampled.curve[-1].recall_at_10 == pytest.approx(1.0)  # every list probed: exact within the sample
+    recalls = [p.recall_at_10 for p in sampled.curve]
+    assert recalls == sorted(recalls) and recalls[0] < 1.0
+    # Neighbours within a sample are farther away, never easier to find than within everything.
+    for a, b in zip(sampled.curve, full.curve):
+        assert a.recall_at_10 <= b.recall_at_10 + 0.05
+    assert sampled.metadata()["recall_database_fraction"] == pytest.approx(0.25)

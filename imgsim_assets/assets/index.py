@@ -62,6 +62,8 @@ class IndexConfig(Config):
     max_pca_loss: float = Field(default=0.05, description="the pca_loss check warns when exact search after "
                                 "PCA finds less than 1 - this of the raw embeddings' top 10")
     recall_queries: int = Field(default=1000, description="held-out queries sampled from the collection")
+    recall_database: int = Field(default=100_000, description="recall is measured within a fixed sample of about "
+                                 "this many indexed vectors (exact truth costs queries × this); 0: all of them")
     drift_threshold: float = Field(default=1.25, description="a batch whose PCA residual exceeds the training "
                                    "sample's by this factor asks for retraining")
     seed: int = 0
@@ -268,18 +270,20 @@ def indexed_embeddings(index: ImageIndex, files: dict[str, pq.ParquetFile]) -> d
 
 
 def evaluate_recall(index: faiss.Index, transform, image_embeddings: dict[str, pq.ParquetFile], n_queries: int,
-                    seed: int, nprobes=None, target: float | None = None) -> recall.Evaluation:
+                    seed: int, nprobes=None, target: float | None = None,
+                    max_database: int | None = None) -> recall.Evaluation:
     """Tie-aware recall of ``index`` (and the PCA loss) on queries sampled from its own
-    embeddings, each searched with itself left out, against exact search over all of them;
-    with a ``target``, nprobe is tuned (:func:`recall.tune`) instead of measured as set."""
+    embeddings, each searched with itself left out, against exact search over all of them (or
+    a fixed sample of about ``max_database``); with a ``target``, nprobe is tuned
+    (:func:`recall.tune`) instead of measured as set."""
     indexed = ix.ivf_ids(index)
     query_ids, raw = tables.sample_embeddings(image_embeddings, n_queries, seed)
     keep = np.isin(query_ids, indexed)
     files = [f for _, f in sorted(image_embeddings.items())]
     args = (index, raw[keep], query_ids[keep], lambda: tables.iter_embeddings(files), transform)
     if target is not None:
-        return recall.tune(*args, target=target, nprobes=nprobes)
-    return recall.evaluate(*args, nprobes=nprobes)
+        return recall.tune(*args, target=target, nprobes=nprobes, max_database=max_database)
+    return recall.evaluate(*args, nprobes=nprobes, max_database=max_database)
 
 
 @asset(
@@ -323,7 +327,8 @@ def faiss_index(
     embedded = {b: f for b, f in image_embeddings.items() if b in faiss_index_shards}
     evaluation = evaluate_recall(merged, pca_model.transform, embedded, config.recall_queries, config.seed,
                                  nprobes=[config.nprobe] if config.nprobe else None,
-                                 target=None if config.nprobe else config.recall_target)
+                                 target=None if config.nprobe else config.recall_target,
+                                 max_database=config.recall_database or None)
     chosen = evaluation.cheapest(config.recall_target) if evaluation.curve else recall.RecallPoint(1, 1.0, 1.0, 0.0)
     merged.nprobe = chosen.nprobe
     info = {
@@ -334,6 +339,7 @@ def faiss_index(
         "num_vectors": int(merged.ntotal),
         "batches": batches,
         "recall_target": config.recall_target,
+        "recall_database": config.recall_database,
         "recall_at_10": chosen.recall_at_10,
         "one_recall_at_1": chosen.one_recall_at_1,
         "pca_recall_at_10": evaluation.pca_recall_at_10,
@@ -399,7 +405,7 @@ def recall_checks(faiss_index: ImageIndex, image_embeddings: dict[str, pq.Parque
     max_loss = float(info.get("max_pca_loss", 0.05))
     ivf = faiss_index.ivf
     evaluation = evaluate_recall(ivf, faiss_index.to_index_space, indexed_embeddings(faiss_index, image_embeddings),
-                                 1000, seed=1)
+                                 1000, seed=1, max_database=int(info.get("recall_database", 0)) or None)
     point = evaluation.curve[0]
     figures = {"recall_at_10": point.recall_at_10, "one_recall_at_1": point.one_recall_at_1, "target": target,
                "nprobe": int(ivf.nprobe), "queries": evaluation.num_queries, "tie_epsilon": evaluation.epsilon}

@@ -22,7 +22,7 @@ from typing import Callable, Iterable, Sequence
 import faiss
 import numpy as np
 
-from imgsim_assets.core.index import distinct_chunks
+from imgsim_assets.core.index import distinct_chunks, ivf_ids
 
 TIE_EPSILON = 1e-4  # on unit vectors: well above float32 rounding, far below any real gap
 BLOCK_ROWS = 8192  # database rows scored at once: queries × BLOCK_ROWS floats in memory
@@ -47,6 +47,7 @@ class Evaluation:
     pca_one_recall_at_1: float = 1.0
     num_queries: int = 0
     epsilon: float = TIE_EPSILON
+    database_fraction: float = 1.0  # of the indexed vectors the truth and the answers were limited to
 
     def cheapest(self, target: float) -> RecallPoint:
         """The cheapest point reaching ``target`` recall@10, else the best one."""
@@ -54,7 +55,8 @@ class Evaluation:
 
     def metadata(self) -> dict:
         return {"pca_recall_at_10": self.pca_recall_at_10, "pca_one_recall_at_1": self.pca_one_recall_at_1,
-                "recall_queries": self.num_queries, "tie_epsilon": self.epsilon}
+                "recall_queries": self.num_queries, "tie_epsilon": self.epsilon,
+                "recall_database_fraction": round(self.database_fraction, 6)}
 
 
 @dataclass
@@ -101,9 +103,18 @@ def tie_aware_recall(found_scores: np.ndarray, truth_scores: np.ndarray, epsilon
     return float(np.mean(hits / m)), float(np.mean(first))
 
 
-def search_excluding_self(index: faiss.Index, queries: np.ndarray, query_ids: np.ndarray, k: int) -> np.ndarray:
+SAMPLE_MODULUS = 1_000_003  # ids are hashes: id mod a prime is uniform
+
+
+def in_sample(ids: np.ndarray, fraction: float) -> np.ndarray:
+    """Which ``ids`` belong to the fixed ``fraction`` sample (the same ids every time)."""
+    return (np.asarray(ids, dtype=np.int64) % SAMPLE_MODULUS) < round(fraction * SAMPLE_MODULUS)
+
+
+def search_excluding_self(index: faiss.Index, queries: np.ndarray, query_ids: np.ndarray, k: int,
+                          params: faiss.SearchParameters | None = None) -> np.ndarray:
     """Top-``k`` ids from ``index`` with each query's own id removed (-1 where fewer)."""
-    _, found = index.search(np.ascontiguousarray(queries, dtype=np.float32), k + 1)
+    _, found = index.search(np.ascontiguousarray(queries, dtype=np.float32), k + 1, params=params)
     out = np.full((len(queries), k), -1, dtype=np.int64)
     for row, (ids, own) in enumerate(zip(found, query_ids)):
         ids = ids[(ids != own) & (ids >= 0)][:k]
@@ -157,9 +168,15 @@ def evaluate(
     k: int = 10,
     latency_queries: int = 200,
     pca_loss: bool = True,
+    max_database: int | None = None,
 ) -> Evaluation:
     """Tie-aware recall of ``index`` at each of ``nprobes`` (default: as it is set) on held-out
     queries, and the PCA loss when ``transform`` maps raw vectors into the index's space.
+
+    With ``max_database`` below the index's size, answers and truth are both limited to a fixed
+    sample of about that many database ids (:func:`in_sample`): the cost of the exact pass no
+    longer grows with the collection, and the recall is that of finding neighbours within the
+    sample, which is no easier than within everything.
 
     ``queries`` and the chunks of ``database()`` (``(ids, vectors)``, streamed once, an id met
     twice counted once, as in the index) are raw vectors; a query's own id is left out of
@@ -174,13 +191,21 @@ def evaluate(
     ivf = _ivf_or_none(index)
     settings = list(nprobes) if nprobes else [int(ivf.nprobe) if ivf is not None else 0]
 
+    fraction = 1.0
+    selector = None
+    if max_database and ivf is not None and ivf.ntotal > max_database:
+        fraction = max_database / ivf.ntotal
+        sampled = ivf_ids(ivf)
+        selector = faiss.IDSelectorBatch(sampled[in_sample(sampled, fraction)])
+
     answers, latency = [], []
     saved = ivf.nprobe if ivf is not None else None
     for nprobe in settings:
         if ivf is not None and nprobe:
             ivf.nprobe = nprobe
         set_parallel_mode(index, nq)
-        answers.append(search_excluding_self(index, q, query_ids, k))
+        params = faiss.SearchParametersIVF(sel=selector, nprobe=int(ivf.nprobe)) if selector is not None else None
+        answers.append(search_excluding_self(index, q, query_ids, k, params))
         latency.append(single_query_ms(index, q, k, n=latency_queries))
     if ivf is not None:
         ivf.nprobe = saved
@@ -190,6 +215,9 @@ def evaluate(
     found_scores = [np.full((nq, k), -np.inf, np.float32) for _ in settings]
     wanted = [np.where(a >= 0, a, np.iinfo(np.int64).min) for a in answers]
     for ids, vectors in distinct_chunks(database()):
+        if fraction < 1.0:
+            keep = in_sample(ids, fraction)
+            ids, vectors = ids[keep], vectors[keep]
         for start in range(0, len(ids), BLOCK_ROWS):
             block_ids = ids[start : start + BLOCK_ROWS]
             block = np.ascontiguousarray(vectors[start : start + BLOCK_ROWS], dtype=np.float32)
@@ -215,7 +243,7 @@ def evaluate(
         curve.append(RecallPoint(int(nprobe), recall, one, ms))
     measured = transform is not None and pca_loss
     pca_recall, pca_one = tie_aware_recall(in_space.payload, raw.scores) if measured else (1.0, 1.0)
-    return Evaluation(curve, pca_recall, pca_one, nq)
+    return Evaluation(curve, pca_recall, pca_one, nq, database_fraction=fraction)
 
 
 def tune(
@@ -227,6 +255,7 @@ def tune(
     target: float = 0.95,
     nprobes: Sequence[int] | None = None,
     per_round: int = 4,
+    max_database: int | None = None,
 ) -> Evaluation:
     """:func:`evaluate` along the nprobe ladder a few points at a time, cheapest first, until a
     round reaches ``target``: one more exact pass per round costs far less than probing
@@ -236,7 +265,7 @@ def tune(
     result: Evaluation | None = None
     for start in range(0, len(ladder), per_round):
         part = evaluate(index, queries, query_ids, database, transform, ladder[start : start + per_round],
-                        pca_loss=result is None)
+                        pca_loss=result is None, max_database=max_database)
         if result is None:
             result = part
         else:
