@@ -59,7 +59,7 @@ def true_group(path: str, kind: str) -> str:
 
 
 def score(table, files: list[str], kind: str) -> dict:
-    group_of = {row[f"path_{side}"]: row["group"] for row in table.to_pylist() for side in "ab"}
+    group_of = {row[f"path_{side}"]: row["group"] for row in table.to_pylist() for side in "ab" if row["group"] >= 0}
     predicted = duplicates.group_labels(np.arange(len(files)), {i: group_of[f] for i, f in enumerate(files) if f in group_of})
     truth = np.unique([true_group(f, kind) for f in files], return_inverse=True)[1]
     purity, completeness = duplicates.bcubed(predicted, truth)

@@ -13,7 +13,7 @@ from imgsim_assets.core import copies as cp
 from imgsim_assets.core import duplicates
 from imgsim_assets.core import evaluation as ev
 from imgsim_assets.core.sample_data import write_synthetic_batch
-from imgsim_assets.ingest import ingest
+from imgsim_assets.ingest import ingest, run_job
 from imgsim_assets_tests.test_pipeline import _latest_metadata, pipeline  # noqa: F401  (fixture)
 
 
@@ -114,10 +114,19 @@ def test_the_evaluation_finds_planted_copies_and_its_threshold_holds_on_held_out
     report = ingest(defs, instance, settings.images_dir, log=lambda m: None)
     assert report.ok and report.analyzed and not report.evaluated  # the PCA stands: so does the threshold
     table = pq.read_table(settings.assets_dir / "near_duplicates.parquet")
-    group_of = {row[f"path_{side}"]: row["group"] for row in table.to_pylist() for side in "ab"}
+    group_of = {row[f"path_{side}"]: row["group"] for row in table.to_pylist() for side in "ab" if row["group"] >= 0}
     files = sorted(p.relative_to(settings.images_dir).as_posix() for p in settings.images_dir.rglob("*.*")
                    if p.suffix in (".png", ".jpg"))
     truth = [Path(f).stem.rsplit("_", 1)[0] if f.startswith("b2/") else Path(f).stem for f in files]
     predicted = duplicates.group_labels(np.arange(len(files)), {i: group_of[f] for i, f in enumerate(files) if f in group_of})
     purity, completeness = duplicates.bcubed(predicted, np.unique(truth, return_inverse=True)[1])
     assert purity >= 0.95 and completeness >= 0.8, (purity, completeness)
+
+    # Only the new batch was searched; a full search finds exactly the same pairs and groups.
+    dups = _latest_metadata(instance, "near_duplicates").asset_materialization.metadata
+    assert (dups["batches_searched"].value, dups["batches_reused"].value) == (1, 1)
+    assert run_job(instance, defs.resolve_job_def("analyze_index"),
+                   ops_config={"near_duplicates": {"config": {"incremental": False}}}) is None
+    assert _latest_metadata(instance, "near_duplicates").asset_materialization.metadata["batches_searched"].value == 2
+    full = pq.read_table(settings.assets_dir / "near_duplicates.parquet")
+    assert full.to_pylist() == table.to_pylist() and table.num_rows > 0

@@ -1,5 +1,6 @@
 """What the index says about the collection: near-duplicate groups and cluster membership."""
 
+import json
 from typing import Optional
 
 import numpy as np
@@ -11,8 +12,8 @@ from pydantic import Field
 from imgsim_assets.core import duplicates, plots, tables
 from imgsim_assets.core import evaluation as ev
 from imgsim_assets.core import index as ix
-from imgsim_assets.assets.index import indexed_embeddings
 from imgsim_assets.core.search import ImageIndex
+from imgsim_assets.core.storage import artifact_path
 from imgsim_assets.resources import StorageResource
 
 
@@ -24,6 +25,8 @@ class NearDuplicatesConfig(Config):
                           "representative), connected (connected components) or auto (the one retrieval_eval "
                           "measured best)")
     groups_shown: int = Field(default=4, description="groups drawn as thumbnails in the metadata")
+    incremental: bool = Field(default=True, description="search only batches the last materialization did not, "
+                              "when its threshold and trained index are the current ones")
 
 
 def choose_threshold(config: NearDuplicatesConfig, evaluation: ev.Evaluation) -> tuple[float, str]:
@@ -58,8 +61,52 @@ def _concat(parts: list[np.ndarray], dtype) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, dtype)
 
 
+STATE_KEY = "imgsim.near_duplicates"  # Parquet metadata: what the pairs were searched with, and in which batches
+
+
+def _previous_pairs(path, state: dict):
+    """``(a, b, sims, searched batches)`` of the last materialization, when it searched with the
+    same threshold, trained index and nprobe (its pairs still hold); else None."""
+    try:
+        table = pq.read_table(path)
+        before = json.loads((table.schema.metadata or {}).get(STATE_KEY.encode(), b"null"))
+    except (FileNotFoundError, pa.ArrowInvalid, ValueError):
+        return None
+    if not before or any(before.get(k) != v for k, v in state.items()):
+        return None
+    return (table.column("image_id_a").to_numpy(), table.column("image_id_b").to_numpy(),
+            table.column("similarity").to_numpy(), set(before.get("searched", [])))
+
+
+def _range_pairs(faiss_index: ImageIndex, batches: set[str], threshold: float, chunk: int = 8192):
+    """Every pair of distinct images at least ``threshold`` similar with one side in ``batches``,
+    as (smaller id, larger id, similarity): a range search on faiss_index at its nprobe with the
+    vectors it holds, so a pair scores the same whichever side finds it."""
+    ids = faiss_index.ids_in_batches(sorted(batches)) if batches else np.zeros(0, np.int64)
+    a, b, sims = [], [], []
+    for start in range(0, len(ids), chunk):
+        query_ids = ids[start : start + chunk]
+        lims, scores, found = faiss_index.ivf.range_search(faiss_index.stored_vectors(query_ids), threshold)
+        query = np.repeat(query_ids, np.diff(lims.astype(np.int64)))
+        other = query != found  # never an image with itself
+        a.append(np.minimum(query, found)[other])
+        b.append(np.maximum(query, found)[other])
+        sims.append(scores[other])
+    return _concat(a, np.int64), _concat(b, np.int64), _concat(sims, np.float32)
+
+
+def _distinct_pairs(a: np.ndarray, b: np.ndarray, sims: np.ndarray, indexed: np.ndarray):
+    """Each pair once (its highest similarity, when both sides found it), both images indexed."""
+    keep = np.isin(a, indexed) & np.isin(b, indexed)
+    a, b, sims = a[keep], b[keep], sims[keep]
+    order = np.lexsort((-sims, b, a))
+    a, b, sims = a[order], b[order], sims[order]
+    first = np.r_[True, (a[1:] != a[:-1]) | (b[1:] != b[:-1])] if len(a) else np.zeros(0, bool)
+    return a[first], b[first], sims[first]
+
+
 @asset(
-    ins={"faiss_index": AssetIn(), "image_embeddings": AssetIn(), "retrieval_eval": AssetIn()},
+    ins={"faiss_index": AssetIn(), "retrieval_eval": AssetIn()},
     io_manager_key="parquet_io_manager",
     group_name="downstream",
     kinds={"faiss", "parquet"},
@@ -69,34 +116,35 @@ def near_duplicates(
     context: AssetExecutionContext,
     config: NearDuplicatesConfig,
     faiss_index: ImageIndex,
-    image_embeddings: dict[str, pq.ParquetFile],
     retrieval_eval: ev.Evaluation,
     storage: StorageResource,
 ) -> pa.Table:
     """Groups of near-duplicate images: pairs of distinct images at least ``threshold`` similar
     (range search on faiss_index at its nprobe), grouped by the rule retrieval_eval measured
-    best, at the threshold it calibrated (config overrides either). One row per pair inside a
-    group: image_id_a < image_id_b, similarity, group (0 = largest), and the first path of each."""
+    best, at the threshold it calibrated (config overrides either). One row per pair:
+    image_id_a < image_id_b, similarity, group (0 = largest; -1 for a pair whose images the rule
+    put apart), and the first path of each. Only batches not searched before are searched, while
+    the threshold and the trained index stay the same (``incremental``); pairs of images no longer
+    indexed are dropped."""
     threshold, threshold_reason = choose_threshold(config, retrieval_eval)
     rule, rule_reason = choose_grouping(config, retrieval_eval)
-    ivf = faiss_index.ivf
-    a, b, sims = [], [], []
-    for ids, vectors in _distinct_embeddings(indexed_embeddings(faiss_index, image_embeddings)):
-        if not len(ids):
-            continue
-        lims, scores, found = ivf.range_search(faiss_index.to_index_space(vectors), threshold)
-        query = np.repeat(ids, np.diff(lims.astype(np.int64)))
-        keep = query < found  # each pair once, never an image with itself
-        a.append(query[keep])
-        b.append(found[keep])
-        sims.append(scores[keep])
-    a, b, sims = _concat(a, np.int64), _concat(b, np.int64), _concat(sims, np.float32)
+    state = {"threshold": float(threshold), "layout": ix.layout_fingerprint(faiss_index.ivf),
+             "nprobe": int(faiss_index.ivf.nprobe), "factory": faiss_index.info.get("factory")}
+    indexed_batches = set(faiss_index.info.get("batches", []))
+    previous = _previous_pairs(artifact_path(storage.assets_dir, "near_duplicates", suffix=".parquet"), state)
+    if previous is not None and config.incremental:
+        a, b, sims, searched = previous
+        searched &= indexed_batches
+    else:
+        a, b, sims, searched = np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32), set()
+    todo = indexed_batches - searched
+    found = _range_pairs(faiss_index, todo, threshold)
+    a, b, sims = _distinct_pairs(np.concatenate((a, found[0])), np.concatenate((b, found[1])),
+                                 np.concatenate((sims, found[2])), np.unique(faiss_index.catalog.column("image_id").to_numpy()))
     groups = duplicates.RULES[rule](a, b, sims)
     group_a = np.array([groups.get(i, -1) for i in a.tolist()], dtype=np.int64)
     group_b = np.array([groups.get(i, -2) for i in b.tolist()], dtype=np.int64)
-    inside = group_a == group_b  # pairs across groups (or with an ungrouped image) are not kept
-    pairs_found = len(a)
-    a, b, sims, group = a[inside], b[inside], sims[inside], group_a[inside]
+    group = np.where(group_a == group_b, group_a, -1)  # -1: a pair across groups, or with an ungrouped image
     describe = faiss_index.describe
     table = pa.table(
         {
@@ -104,17 +152,20 @@ def near_duplicates(
             "image_id_b": pa.array(b, pa.int64()),
             "similarity": pa.array(sims, pa.float32()),
             "group": pa.array(group, pa.int64()),
-            "path_a": [describe(int(i))[0] for i in a],
-            "path_b": [describe(int(i))[0] for i in b],
+            "path_a": pa.array([describe(int(i))[0] for i in a], pa.string()),
+            "path_b": pa.array([describe(int(i))[0] for i in b], pa.string()),
         }
-    ).sort_by([("group", "ascending"), ("similarity", "descending")])
+    ).sort_by([("group", "ascending"), ("similarity", "descending"), ("image_id_a", "ascending"),
+               ("image_id_b", "ascending")])
+    state["searched"] = sorted(searched | set(todo))
+    table = table.replace_schema_metadata({STATE_KEY: json.dumps(state)})
     members: dict[int, list[int]] = {}
     for image_id, g in sorted(groups.items(), key=lambda kv: kv[1]):
         members.setdefault(g, []).append(image_id)
     shown = [[plots.source_file(storage.images_dir, describe(i)[0]) for i in members[g][:6]]
              for g in sorted(members)[: config.groups_shown]]
     metadata = {
-        "num_pairs": table.num_rows,
+        "num_pairs": int((group >= 0).sum()),
         "num_groups": len(members),
         "images_in_groups": len(groups),
         "largest_group": max((len(m) for m in members.values()), default=0),
@@ -122,7 +173,9 @@ def near_duplicates(
         "threshold_reason": threshold_reason,
         "grouping": rule,
         "grouping_reason": rule_reason,
-        "pairs_across_groups": pairs_found - table.num_rows,
+        "pairs_across_groups": int((group < 0).sum()),
+        "batches_searched": len(todo),
+        "batches_reused": len(searched),
     }
     if shown:
         metadata["groups"] = MetadataValue.md(plots.markdown_image(plots.thumbnail_grid(shown), "near-duplicate groups"))

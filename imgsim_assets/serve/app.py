@@ -272,6 +272,8 @@ def _duplicate_groups(table) -> list[dict]:
     members: dict[int, set[int]] = {}
     best: dict[int, float] = {}
     for a, b, sim, group in zip(*(table.column(c).to_pylist() for c in ("image_id_a", "image_id_b", "similarity", "group"))):
+        if group < 0:  # a pair the grouping rule put apart
+            continue
         members.setdefault(group, set()).update((a, b))
         best[group] = max(best.get(group, -1.0), sim)
     groups = [{"group": g, "size": len(m), "max_similarity": round(best[g], 6), "members": sorted(m)}
