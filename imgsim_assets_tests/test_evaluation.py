@@ -130,3 +130,30 @@ def test_the_evaluation_finds_planted_copies_and_its_threshold_holds_on_held_out
     assert _latest_metadata(instance, "near_duplicates").asset_materialization.metadata["batches_searched"].value == 2
     full = pq.read_table(settings.assets_dir / "near_duplicates.parquet")
     assert full.to_pylist() == table.to_pylist() and table.num_rows > 0
+
+
+def test_sources_that_cannot_be_read_are_skipped_with_the_reason_and_the_scratch_folder_goes(tmp_path):
+    import os
+    from types import SimpleNamespace
+
+    root = tmp_path / "images"
+    root.mkdir()
+    Image.fromarray(np.full((40, 50, 3), 120, np.uint8)).save(root / "ok.png")
+    os.mkfifo(root / "fifo.png")  # would block a plain read
+    (tmp_path / "outside.png").write_bytes((root / "ok.png").read_bytes())
+    (root / "link.png").symlink_to(tmp_path / "outside.png")  # leads out of the images folder
+    sources = [ev.Source(1, root / "ok.png", root), ev.Source(2, root / "fifo.png", root),
+               ev.Source(3, root / "link.png", root), ev.Source(4, root / "gone.png", root)]
+    seen = []
+
+    def embed(paths, folder):
+        seen.extend(paths)
+        return ([SimpleNamespace(path=os.path.relpath(p, folder), status="ok", reason="") for p in paths],
+                np.ones((len(paths), 4), np.float32))
+
+    scratch = tmp_path / "scratch"
+    copyset = ev.embed_copies(sources, ["jpeg", "flip"], 0, embed, scratch)
+    assert copyset.source.tolist() == [1, 1] and copyset.family.tolist() == ["jpeg", "flip"]
+    assert [s for s, _ in copyset.skipped] == [2, 3, 4]
+    assert all(reason.startswith("cannot open") for _, reason in copyset.skipped)
+    assert len(seen) == 2 and list(scratch.iterdir()) == []

@@ -31,7 +31,7 @@ def searcher_for(index: ImageIndex, storage: StorageResource, encoder: EncoderRe
                  preprocessing: PreprocessResource) -> FaissSearcher:
     """The index with the encoder it was built with, on the device the encoder resource names."""
     return FaissSearcher(index, storage.assets_dir / "image_embeddings", device=encoder.device, dtype=encoder.dtype,
-                         workers=preprocessing.workers or 1)
+                         workers=preprocessing.workers)
 
 
 def _markdown(rows: list[dict], columns: list[str]) -> str:

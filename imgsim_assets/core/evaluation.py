@@ -27,6 +27,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol, Sequence
@@ -49,6 +50,7 @@ NULL_QUANTILE = 0.9  # a source's median copy must be closer than this share of 
 class Source:
     image_id: int
     path: Path
+    root: Path | None = None  # read only inside this folder (default: the file's own folder)
 
 
 Embed = Callable[[list[str], str], tuple[list, np.ndarray]]  # (paths, root) → (records, vectors of the ok ones)
@@ -131,15 +133,19 @@ def indexed_sources(index, images_dir: str | os.PathLike, ids: np.ndarray) -> li
     found = []
     for image_id in np.asarray(ids).tolist():
         try:
-            found.append(Source(int(image_id), source_path(images_dir, index.describe(int(image_id))[0])))
+            found.append(Source(int(image_id), source_path(images_dir, index.describe(int(image_id))[0]), Path(images_dir)))
         except ValueError:
             continue  # a path that would lead outside the images folder
     return found
 
 
-def open_picture(path: Path) -> Image.Image:
-    """The picture as a person sees it (EXIF orientation applied), RGB, at most MAX_SIDE."""
-    with Image.open(io.BytesIO(path.read_bytes())) as im:
+def open_picture(source: Source) -> Image.Image:
+    """The picture as a person sees it (EXIF orientation applied), RGB, at most MAX_SIDE; read
+    as the pipeline reads files (a regular file inside the root, links out of it refused)."""
+    from imgsim_assets.core.images import read_file
+
+    data = read_file(source.path, source.root or source.path.parent)
+    with Image.open(io.BytesIO(data)) as im:
         im.draft("RGB", (MAX_SIDE, MAX_SIDE))
         picture = ImageOps.exif_transpose(im).convert("RGB")
     picture.thumbnail((MAX_SIDE, MAX_SIDE), Image.BICUBIC)
@@ -163,8 +169,6 @@ def embed_copies(sources: Sequence[Source], families: Sequence[str], seed: int, 
     ``scratch``, a chunk of sources at a time, and embed them with ``embed``; the folder is
     removed. A source that cannot be opened, or a copy that is rejected, is listed in
     ``skipped`` with its reason."""
-    import time
-
     for family in families:
         if family not in cp.FAMILIES:
             raise ValueError(f"unknown copy family {family!r}; choose from {', '.join(cp.FAMILIES)}")
@@ -177,7 +181,7 @@ def embed_copies(sources: Sequence[Source], families: Sequence[str], seed: int, 
             written: list[tuple[str, int, str]] = []
             for source in sources[start : start + CHUNK_SOURCES]:
                 try:
-                    picture = open_picture(source.path)
+                    picture = open_picture(source)
                 except Exception as e:  # noqa: BLE001 -- a file gone or unreadable since it was indexed
                     skipped.append((source.image_id, f"cannot open {source.path.name}: {e}"))
                     continue
