@@ -112,8 +112,9 @@ def observe_folders(instance: DagsterInstance, images_dir: Path, log: Callable[[
     for batch in removed:
         instance.delete_dynamic_partition(image_batches.name, batch)
         log(f"batch folder {batch!r} is gone: removed it from the partitions (and from the next index)")
+    observed = folders.FolderVersions.read(instance).observed
     for batch in batches:
         version = folders.folder_version(images_dir / batch)
-        if version != folders.observed_version(instance, batch):
+        if version != observed.get(batch):
             instance.report_runless_asset_event(folders.observation(batch, version))
     return Folders(batches, new, removed, invalid)

@@ -4,7 +4,7 @@ The plan reads the instance's event log and never runs anything. An asset partit
 when it was never materialized, when a parent partition (the same one for
 partitioned→partitioned, any current one for partitioned→unpartitioned) was materialized after
 it or was removed, or, read from ``batch_folders``, when its folder changed
-(:func:`folders.batch_changed`). Policy comes from each asset's automation condition: assets that
+(:class:`folders.FolderVersions`). Policy comes from each asset's automation condition: assets that
 are ``on_missing`` (the trained models) run only when missing, on ``retrain``, or when a training
 was cut short (one is older than an on_missing parent); other automated assets run when stale;
 assets without a condition run when stale if an automated asset reads them, otherwise only when
@@ -130,7 +130,7 @@ def _stale(graph, ledger: Ledger, key: AssetKey, partition: str | None, retrain:
         node = graph.get(parent)
         if node.is_external:
             # The one observed parent: a batch folder, changed when its version is not the one read.
-            if parent == folders.batch_folders.key and folders.batch_changed(ledger.instance, partition):
+            if parent == folders.batch_folders.key and ledger.folders.changed(partition):
                 return True
         elif ledger.newest(parent, partition if _same_partitions(graph, key, parent) else None) > own:
             return True
@@ -216,6 +216,14 @@ class Ledger:
     def __init__(self, instance: DagsterInstance, graph) -> None:
         self.instance, self.graph = instance, graph
         self._ids: dict[AssetKey, dict[str | None, int]] = {}
+        self._folders: folders.FolderVersions | None = None
+
+    @property
+    def folders(self) -> folders.FolderVersions:
+        """Every batch folder's observed and consumed version, read once."""
+        if self._folders is None:
+            self._folders = folders.FolderVersions.read(self.instance)
+        return self._folders
 
     def partitions(self, key: AssetKey) -> list[str | None]:
         """The asset's current partitions, sorted ([None] when unpartitioned)."""

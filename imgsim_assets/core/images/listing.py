@@ -18,10 +18,16 @@ def list_batch_files(batch_dir: str | os.PathLike) -> list[Path]:
     listed themselves, so that each gets a rejected row saying why its files are missing.
     Raises a clear error for a missing, unreadable or empty folder.
     """
-    batch_dir = Path(batch_dir)
-    if not batch_dir.is_dir():
+    return [Path(p) for p in list_batch_paths(batch_dir)]
+
+
+def list_batch_paths(batch_dir: str | os.PathLike) -> list[str]:
+    """:func:`list_batch_files` as strings: no path objects for a caller that only needs names
+    (a fingerprint over a million files)."""
+    batch_dir = os.fspath(batch_dir)
+    if not os.path.isdir(batch_dir):
         raise FileNotFoundError(f"image batch folder {batch_dir} does not exist or is not a folder")
-    files: list[Path] = []
+    files: list[str] = []
     errors: list[OSError] = []
     for dirpath, dirnames, filenames in os.walk(batch_dir, onerror=errors.append, followlinks=False):
         subfolders = sorted(d for d in dirnames if not d.startswith("."))
@@ -30,16 +36,16 @@ def list_batch_files(batch_dir: str | os.PathLike) -> list[Path]:
         for name in sorted([*filenames, *linked]):
             if name.startswith(".") or name == DONE_MARKER:
                 continue
-            files.append(Path(dirpath) / name)
-    if errors and errors[0].filename == str(batch_dir):
+            files.append(os.path.join(dirpath, name))
+    if errors and errors[0].filename == batch_dir:
         raise PermissionError(f"image batch folder {batch_dir} cannot be read: {errors[0].strerror}")
-    files += sorted(Path(e.filename) for e in errors if e.filename)  # subfolders that cannot be listed
+    files += sorted(str(Path(e.filename)) for e in errors if e.filename)  # subfolders that cannot be listed
     if not files:
         raise ValueError(f"image batch folder {batch_dir} contains no files")
     return files
 
 
-def folder_fingerprint(files: Iterable[Path]) -> str:
+def folder_fingerprint(files: Iterable[str | os.PathLike]) -> str:
     """Changes when a file is added, removed, resized or touched: cheap staleness for a batch.
 
     A link is fingerprinted by its target, a dangling one by the link itself; an entry that
