@@ -455,10 +455,15 @@ def with_pretransform(pca: PcaModel, ivf: faiss.Index) -> faiss.IndexPreTransfor
 def distinct_chunks(chunks: Iterable[tuple[np.ndarray, np.ndarray]]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """``(ids, vectors)`` chunks with every id kept only the first time it is met (an image in
     several batches is one vector, as in the index)."""
-    seen = np.zeros(0, dtype=np.int64)
+    seen: set[int] = set()  # linear in the ids met (a sorted array re-merged per chunk is quadratic)
     for ids, vectors in chunks:
-        keep = ~np.isin(ids, seen)
-        seen = np.union1d(seen, ids[keep])
+        ids = np.asarray(ids)
+        keep = np.fromiter((i not in seen for i in ids.tolist()), dtype=bool, count=len(ids))
+        _, first = np.unique(ids, return_index=True)  # an id twice in one chunk: its first row
+        once = np.zeros(len(ids), dtype=bool)
+        once[first] = True
+        keep &= once
+        seen.update(ids[keep].tolist())
         yield ids[keep], vectors[keep]
 
 
