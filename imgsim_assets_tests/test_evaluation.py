@@ -125,11 +125,16 @@ def test_the_evaluation_finds_planted_copies_and_its_threshold_holds_on_held_out
     # Only the new batch was searched; a full search finds exactly the same pairs and groups.
     dups = _latest_metadata(instance, "near_duplicates").asset_materialization.metadata
     assert (dups["batches_searched"].value, dups["batches_reused"].value) == (1, 1)
+    clusters = pq.read_table(settings.assets_dir / "image_clusters.parquet")
+    assert _latest_metadata(instance, "image_clusters").asset_materialization.metadata["batches_reused"].value == 1
     assert run_job(instance, defs.resolve_job_def("analyze_index"),
-                   ops_config={"near_duplicates": {"config": {"incremental": False}}}) is None
+                   ops_config={"near_duplicates": {"config": {"incremental": False}},
+                               "image_clusters": {"config": {"incremental": False}}}) is None
     assert _latest_metadata(instance, "near_duplicates").asset_materialization.metadata["batches_searched"].value == 2
     full = pq.read_table(settings.assets_dir / "near_duplicates.parquet")
     assert full.to_pylist() == table.to_pylist() and table.num_rows > 0
+    full_clusters = pq.read_table(settings.assets_dir / "image_clusters.parquet")
+    assert full_clusters.to_pylist() == clusters.to_pylist() and clusters.num_rows == 48 + 36
 
 
 def test_sources_that_cannot_be_read_are_skipped_with_the_reason_and_the_scratch_folder_goes(tmp_path):

@@ -52,6 +52,20 @@ def choose_grouping(config: NearDuplicatesConfig, evaluation: ev.Evaluation) -> 
     return evaluation.grouping, f"best B-cubed F1 on retrieval_eval's planted copies ({scores})"
 
 
+class ImageClustersConfig(Config):
+    incremental: bool = Field(default=True, description="assign only batches the last materialization did not, "
+                              "when its PCA and centroids are the current ones and no batch was removed")
+
+
+def _fingerprint(*arrays: np.ndarray) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:16]
+
+
 def _distinct_embeddings(files: dict[str, pq.ParquetFile]):
     """``(ids, vectors)`` chunks over all batches, each image_id once."""
     return ix.distinct_chunks(tables.iter_embeddings([f for _, f in sorted(files.items())]))
@@ -61,12 +75,12 @@ def _concat(parts: list[np.ndarray], dtype) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, dtype)
 
 
-STATE_KEY = "imgsim.near_duplicates"  # Parquet metadata: what the pairs were searched with, and in which batches
+STATE_KEY = "imgsim.incremental"  # Parquet metadata: what a table was computed with, and from which batches
 
 
-def _previous_pairs(path, state: dict):
-    """``(a, b, sims, searched batches)`` of the last materialization, when it searched with the
-    same threshold, trained index and nprobe (its pairs still hold); else None."""
+def _previous(path, state: dict) -> tuple[pa.Table, set[str]] | None:
+    """The table an analysis asset last wrote and the batches it covered, when it was computed
+    with ``state`` (the same threshold, index training, centroids...): its rows still hold."""
     try:
         table = pq.read_table(path)
         before = json.loads((table.schema.metadata or {}).get(STATE_KEY.encode(), b"null"))
@@ -74,8 +88,11 @@ def _previous_pairs(path, state: dict):
         return None
     if not before or any(before.get(k) != v for k, v in state.items()):
         return None
-    return (table.column("image_id_a").to_numpy(), table.column("image_id_b").to_numpy(),
-            table.column("similarity").to_numpy(), set(before.get("searched", [])))
+    return table, set(before.get("batches", []))
+
+
+def _with_state(table: pa.Table, state: dict, batches) -> pa.Table:
+    return table.replace_schema_metadata({STATE_KEY: json.dumps({**state, "batches": sorted(batches)})})
 
 
 def _range_pairs(faiss_index: ImageIndex, batches: set[str], threshold: float, chunk: int = 8192):
@@ -131,9 +148,10 @@ def near_duplicates(
     state = {"threshold": float(threshold), "layout": ix.layout_fingerprint(faiss_index.ivf),
              "nprobe": int(faiss_index.ivf.nprobe), "factory": faiss_index.info.get("factory")}
     indexed_batches = set(faiss_index.info.get("batches", []))
-    previous = _previous_pairs(artifact_path(storage.assets_dir, "near_duplicates", suffix=".parquet"), state)
+    previous = _previous(artifact_path(storage.assets_dir, "near_duplicates", suffix=".parquet"), state)
     if previous is not None and config.incremental:
-        a, b, sims, searched = previous
+        before, searched = previous
+        a, b, sims = (before.column(c).to_numpy() for c in ("image_id_a", "image_id_b", "similarity"))
         searched &= indexed_batches
     else:
         a, b, sims, searched = np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32), set()
@@ -157,8 +175,7 @@ def near_duplicates(
         }
     ).sort_by([("group", "ascending"), ("similarity", "descending"), ("image_id_a", "ascending"),
                ("image_id_b", "ascending")])
-    state["searched"] = sorted(searched | set(todo))
-    table = table.replace_schema_metadata({STATE_KEY: json.dumps(state)})
+    table = _with_state(table, state, searched | todo)
     members: dict[int, list[int]] = {}
     for image_id, g in sorted(groups.items(), key=lambda kv: kv[1]):
         members.setdefault(g, []).append(image_id)
@@ -192,16 +209,29 @@ def near_duplicates(
 )
 def image_clusters(
     context: AssetExecutionContext,
+    config: ImageClustersConfig,
     image_embeddings: dict[str, pq.ParquetFile],
     pca_model: ix.PcaModel,
     cluster_centroids: np.ndarray,
+    storage: StorageResource,
 ) -> pa.Table:
     """The k-means cluster of every distinct image (image_id, cluster, similarity to its
-    centroid), from the same PCA and centroids as the index."""
-    ids, clusters, sims = [], [], []
-    for chunk_ids, vectors in _distinct_embeddings(image_embeddings):
-        c, s = ix.nearest_centroid(pca_model.transform(vectors), cluster_centroids)
-        ids.append(chunk_ids)
+    centroid), from the same PCA and centroids as the index. Only batches not assigned before are
+    read, while the PCA and centroids stay the same and no batch was removed (``incremental``)."""
+    state = {"model": _fingerprint(pca_model.mean, pca_model.components, cluster_centroids)}
+    previous = _previous(artifact_path(storage.assets_dir, "image_clusters", suffix=".parquet"), state)
+    ids, clusters, sims, done = [], [], [], set()
+    if previous is not None and config.incremental and previous[1] <= set(image_embeddings):
+        before, done = previous
+        ids, clusters, sims = ([before.column(c).to_numpy()] for c in ("image_id", "cluster", "similarity"))
+    todo = {b: f for b, f in image_embeddings.items() if b not in done}
+    known = set(ids[0].tolist()) if ids else set()
+    for chunk_ids, vectors in _distinct_embeddings(todo):
+        new = np.fromiter((i not in known for i in chunk_ids.tolist()), dtype=bool, count=len(chunk_ids))
+        if not new.any():
+            continue
+        c, s = ix.nearest_centroid(pca_model.transform(vectors[new]), cluster_centroids)
+        ids.append(chunk_ids[new])
         clusters.append(c)
         sims.append(s)
     ids, clusters, sims = _concat(ids, np.int64), _concat(clusters, np.int64), _concat(sims, np.float32)
@@ -212,8 +242,11 @@ def image_clusters(
             "num_clusters": len(cluster_centroids),
             "largest_cluster": int(sizes.max()) if len(sizes) else 0,
             "empty_clusters": int((sizes == 0).sum()),
+            "batches_assigned": len(todo),
+            "batches_reused": len(done),
             "cluster_sizes": MetadataValue.md(plots.markdown_image(plots.cluster_sizes(sizes), "cluster sizes")),
         }
     )
-    return pa.table({"image_id": pa.array(ids, pa.int64()), "cluster": pa.array(clusters, pa.int32()),
-                     "similarity": pa.array(sims, pa.float32())})
+    table = pa.table({"image_id": pa.array(ids, pa.int64()), "cluster": pa.array(clusters, pa.int32()),
+                      "similarity": pa.array(sims, pa.float32())}).sort_by("image_id")
+    return _with_state(table, state, set(image_embeddings))
