@@ -7,7 +7,7 @@ FAISS ?= cpu   # `make FAISS=gpu install` for faiss-gpu (CUDA 12)
 export IMGSIM_DATA_DIR ?= $(CURDIR)/data
 export DAGSTER_HOME ?= $(IMGSIM_DATA_DIR)/dagster_home
 
-.PHONY: install demo test ui serve bench bench-index clean-data
+.PHONY: install demo test ui serve bench bench-index bench-scale clean-data
 
 $(VENV)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (set PYTHON=...)"; exit 1; }
@@ -41,6 +41,11 @@ bench: install
 # 1M vectors against autofaiss in its own venv (about half an hour on 2 cores, 3 GB of disk).
 bench-index: install
 	$(BIN)/python -m bench.index
+
+# The whole chain on 100,000 generated images in 100 batches, tiny model (about 10 minutes on 2 cores);
+# `make bench-scale SCALE="--images 1000000 --batches 1000"` for the full run.
+bench-scale: install
+	$(BIN)/python -m bench.scale $(SCALE)
 
 # The search service and web page on http://127.0.0.1:8000 over the materialized faiss_index.
 serve: install
