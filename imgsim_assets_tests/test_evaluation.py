@@ -136,6 +136,20 @@ def test_the_evaluation_finds_planted_copies_and_its_threshold_holds_on_held_out
     full_clusters = pq.read_table(settings.assets_dir / "image_clusters.parquet")
     assert full_clusters.to_pylist() == clusters.to_pylist() and clusters.num_rows == 48 + 36
 
+    # A file added to an old batch: that batch is searched again, the other one reused.
+    late = sorted((settings.images_dir / "b1").glob("*.png"))[20]
+    (settings.images_dir / "b1" / "late_copy.jpg").write_bytes(
+        cp.make_copy(Image.open(late), "blur", cp.copy_rng(2, 0, "late")))
+    assert ingest(defs, instance, settings.images_dir, log=lambda m: None).ok
+    dups = _latest_metadata(instance, "near_duplicates").asset_materialization.metadata
+    assert (dups["batches_searched"].value, dups["batches_reused"].value) == (1, 1)
+    assert _latest_metadata(instance, "image_clusters").asset_materialization.metadata["batches_reused"].value == 0
+    incremental = pq.read_table(settings.assets_dir / "near_duplicates.parquet")
+    assert "b1/late_copy.jpg" in set(incremental.column("path_b").to_pylist()) | set(incremental.column("path_a").to_pylist())
+    assert run_job(instance, defs.resolve_job_def("analyze_index"),
+                   ops_config={"near_duplicates": {"config": {"incremental": False}}}) is None
+    assert pq.read_table(settings.assets_dir / "near_duplicates.parquet").to_pylist() == incremental.to_pylist()
+
 
 def test_sources_that_cannot_be_read_are_skipped_with_the_reason_and_the_scratch_folder_goes(tmp_path):
     import os

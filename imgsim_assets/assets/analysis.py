@@ -57,6 +57,12 @@ class ImageClustersConfig(Config):
                               "when its PCA and centroids are the current ones and no batch was removed")
 
 
+def _file_version(path) -> str:
+    """An artifact file's version: replaced atomically when rewritten, so size and mtime tell."""
+    st = path.stat()
+    return f"{st.st_size}-{st.st_mtime_ns}"
+
+
 def _fingerprint(*arrays: np.ndarray) -> str:
     import hashlib
 
@@ -78,9 +84,10 @@ def _concat(parts: list[np.ndarray], dtype) -> np.ndarray:
 STATE_KEY = "imgsim.incremental"  # Parquet metadata: what a table was computed with, and from which batches
 
 
-def _previous(path, state: dict) -> tuple[pa.Table, set[str]] | None:
-    """The table an analysis asset last wrote and the batches it covered, when it was computed
-    with ``state`` (the same threshold, index training, centroids...): its rows still hold."""
+def _previous(path, state: dict) -> tuple[pa.Table, dict[str, str]] | None:
+    """The table an analysis asset last wrote and the batches it covered (each with the version
+    it had then), when it was computed with ``state`` (the same threshold, index training,
+    centroids...): its rows still hold for those batches at those versions."""
     try:
         table = pq.read_table(path)
         before = json.loads((table.schema.metadata or {}).get(STATE_KEY.encode(), b"null"))
@@ -88,11 +95,11 @@ def _previous(path, state: dict) -> tuple[pa.Table, set[str]] | None:
         return None
     if not before or any(before.get(k) != v for k, v in state.items()):
         return None
-    return table, set(before.get("batches", []))
+    return table, dict(before.get("batches", {}))
 
 
-def _with_state(table: pa.Table, state: dict, batches) -> pa.Table:
-    return table.replace_schema_metadata({STATE_KEY: json.dumps({**state, "batches": sorted(batches)})})
+def _with_state(table: pa.Table, state: dict, batches: dict[str, str]) -> pa.Table:
+    return table.replace_schema_metadata({STATE_KEY: json.dumps({**state, "batches": dict(sorted(batches.items()))})})
 
 
 def _range_pairs(faiss_index: ImageIndex, batches: set[str], threshold: float, chunk: int = 8192):
@@ -140,22 +147,22 @@ def near_duplicates(
     (range search on faiss_index at its nprobe), grouped by the rule retrieval_eval measured
     best, at the threshold it calibrated (config overrides either). One row per pair:
     image_id_a < image_id_b, similarity, group (0 = largest; -1 for a pair whose images the rule
-    put apart), and the first path of each. Only batches not searched before are searched, while
-    the threshold and the trained index stay the same (``incremental``); pairs of images no longer
-    indexed are dropped."""
+    put apart), and the first path of each. Only batches new or changed since the last search are
+    searched, while the threshold and the trained index stay the same (``incremental``); pairs of
+    images no longer indexed are dropped."""
     threshold, threshold_reason = choose_threshold(config, retrieval_eval)
     rule, rule_reason = choose_grouping(config, retrieval_eval)
     state = {"threshold": float(threshold), "layout": ix.layout_fingerprint(faiss_index.ivf),
              "nprobe": int(faiss_index.ivf.nprobe), "factory": faiss_index.info.get("factory")}
-    indexed_batches = set(faiss_index.info.get("batches", []))
+    versions = faiss_index.batch_fingerprints()  # a batch whose images changed is searched again
     previous = _previous(artifact_path(storage.assets_dir, "near_duplicates", suffix=".parquet"), state)
     if previous is not None and config.incremental:
-        before, searched = previous
+        before, covered = previous
         a, b, sims = (before.column(c).to_numpy() for c in ("image_id_a", "image_id_b", "similarity"))
-        searched &= indexed_batches
+        searched = {batch for batch, version in covered.items() if versions.get(batch) == version}
     else:
         a, b, sims, searched = np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32), set()
-    todo = indexed_batches - searched
+    todo = set(versions) - searched
     found = _range_pairs(faiss_index, todo, threshold)
     a, b, sims = _distinct_pairs(np.concatenate((a, found[0])), np.concatenate((b, found[1])),
                                  np.concatenate((sims, found[2])), np.unique(faiss_index.catalog.column("image_id").to_numpy()))
@@ -175,7 +182,7 @@ def near_duplicates(
         }
     ).sort_by([("group", "ascending"), ("similarity", "descending"), ("image_id_a", "ascending"),
                ("image_id_b", "ascending")])
-    table = _with_state(table, state, searched | todo)
+    table = _with_state(table, state, versions)
     members: dict[int, list[int]] = {}
     for image_id, g in sorted(groups.items(), key=lambda kv: kv[1]):
         members.setdefault(g, []).append(image_id)
@@ -216,13 +223,16 @@ def image_clusters(
     storage: StorageResource,
 ) -> pa.Table:
     """The k-means cluster of every distinct image (image_id, cluster, similarity to its
-    centroid), from the same PCA and centroids as the index. Only batches not assigned before are
-    read, while the PCA and centroids stay the same and no batch was removed (``incremental``)."""
+    centroid), from the same PCA and centroids as the index. Only new batches are read, while the
+    PCA and centroids stay the same and no batch was removed or changed (``incremental``)."""
     state = {"model": _fingerprint(pca_model.mean, pca_model.components, cluster_centroids)}
+    versions = {b: _file_version(artifact_path(storage.assets_dir, "image_embeddings", b, ".parquet"))
+                for b in image_embeddings}
     previous = _previous(artifact_path(storage.assets_dir, "image_clusters", suffix=".parquet"), state)
     ids, clusters, sims, done = [], [], [], set()
-    if previous is not None and config.incremental and previous[1] <= set(image_embeddings):
-        before, done = previous
+    # Rows carry no batch: reused only while every batch they came from is there, unchanged.
+    if previous is not None and config.incremental and all(versions.get(b) == v for b, v in previous[1].items()):
+        before, done = previous[0], set(previous[1])
         ids, clusters, sims = ([before.column(c).to_numpy()] for c in ("image_id", "cluster", "similarity"))
     todo = {b: f for b, f in image_embeddings.items() if b not in done}
     known = set(ids[0].tolist()) if ids else set()
@@ -249,4 +259,4 @@ def image_clusters(
     )
     table = pa.table({"image_id": pa.array(ids, pa.int64()), "cluster": pa.array(clusters, pa.int32()),
                       "similarity": pa.array(sims, pa.float32())}).sort_by("image_id")
-    return _with_state(table, state, set(image_embeddings))
+    return _with_state(table, state, versions)

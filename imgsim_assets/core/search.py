@@ -99,6 +99,14 @@ class ImageIndex:
         codes = [self.batch_names.index(b) for b in batches]
         return np.unique(self._row_ids[np.isin(self._batch_codes, codes)])
 
+    def batch_fingerprints(self) -> dict[str, str]:
+        """Per batch, a fingerprint of the image_ids it holds: changes when the batch's content does."""
+        order = np.lexsort((self._row_ids, self._batch_codes))
+        codes, ids = self._batch_codes[order], self._row_ids[order]
+        bounds = np.flatnonzero(np.diff(codes)) + 1
+        return {self.batch_names[int(part_codes[0])]: hashlib.sha256(part_ids.tobytes()).hexdigest()[:16]
+                for part_codes, part_ids in zip(np.split(codes, bounds), np.split(ids, bounds)) if len(part_codes)}
+
     def batch_sizes(self) -> dict[str, int]:
         """Files indexed per batch."""
         return dict(zip(self.batch_names, np.bincount(self._batch_codes, minlength=len(self.batch_names)).tolist()))
