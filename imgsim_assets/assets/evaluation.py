@@ -3,7 +3,6 @@ sample, searched in the published index; the calibrated duplicate threshold) and
 ``encoder_comparison`` (the same benchmark for other poolings, resolutions and reductions)."""
 
 
-import numpy as np
 import pyarrow as pa
 from dagster import AssetExecutionContext, AssetIn, Config, MetadataValue, asset
 from pydantic import Field
