@@ -81,6 +81,7 @@ def image_embeddings(
             "device": str(model.device),
             "dtype": str(model.dtype).removeprefix("torch."),
             "embed_seconds": round(seconds, 3),
+            "model_seconds": round(model.model_seconds, 3),
             "images_per_second": round(total / max(seconds, 1e-9), 1),
             "provenance": MetadataValue.json(provenance),
         }

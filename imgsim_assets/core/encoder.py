@@ -89,6 +89,7 @@ class Encoder:
         self.weights_file = dinov2.resolve_weights(spec.model, spec.weights)
         self.model = dinov2.load_dinov2(spec.model, self.weights_file, depth=spec.depth).to(self.device)
         self._forward = torch.compile(self.model.forward_features) if compile else self.model.forward_features
+        self.model_seconds = 0.0  # spent in embed() so far: the model's share of a run
         self._mean = torch.tensor(dinov2.IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1) * 255
         self._std = torch.tensor(dinov2.IMAGENET_STD, device=self.device).view(1, 3, 1, 1) * 255
 
@@ -110,11 +111,14 @@ class Encoder:
     @torch.inference_mode()
     def embed(self, pixels: np.ndarray | torch.Tensor) -> np.ndarray:
         """uint8 ``N×3×H×W`` (host or device) → float32 ``N×D`` unit vectors."""
+        began = time.perf_counter()
         x = self._host_tensor(pixels).to(self.device, non_blocking=True)
         x = (x.float() - self._mean) / self._std
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
             feats = self._forward(x)
-        return dinov2.pool(feats, self.spec.pooling).cpu().numpy().astype(np.float32, copy=False)
+        vectors = dinov2.pool(feats, self.spec.pooling).cpu().numpy().astype(np.float32, copy=False)
+        self.model_seconds += time.perf_counter() - began  # .cpu() waited for the device
+        return vectors
 
     def embed_batches(
         self,
