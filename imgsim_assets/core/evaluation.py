@@ -38,6 +38,7 @@ from PIL import Image, ImageOps
 
 from imgsim_assets.core import copies as cp
 from imgsim_assets.core import duplicates
+from imgsim_assets.core.index import concat
 from imgsim_assets.core.recall import TIE_EPSILON, set_parallel_mode
 
 MAX_SIDE = 2048  # copies are made from the picture scaled down to this (more changes nothing at model resolution)
@@ -292,8 +293,7 @@ def score_copies(copyset: CopySet, space: Space, k: int = 100, seed: int = 0) ->
     return CopyScores(
         source=copyset.source, family=copyset.family, positive=positive.astype(np.float32), rank=rank,
         average_precision=ap, nearest_negative=nearest,
-        negatives=np.concatenate(negatives) if negatives else np.zeros(0, np.float32),
-        negative_of=np.concatenate(negative_of) if negative_of else np.zeros(0, np.int64),
+        negatives=concat(negatives, np.float32), negative_of=concat(negative_of),
         unlabelled=unlabelled, kth_score=kth, source_vectors=src, source_ids=source_ids, copy_vectors=q,
         source_median=median,
     )
@@ -369,8 +369,7 @@ def _pairs_at_or_above(vectors: np.ndarray, threshold: float, block: int = 4096)
         a.append(i[keep])
         b.append(j[keep])
         s.append(sims[i[keep] - lo, j[keep]])
-    cat = lambda parts, dt: np.concatenate(parts) if parts else np.zeros(0, dt)  # noqa: E731
-    return cat(a, np.int64), cat(b, np.int64), cat(s, np.float32)
+    return concat(a), concat(b), concat(s, np.float32)
 
 
 @dataclass(frozen=True)

@@ -398,13 +398,18 @@ def shard_centroids(shard: faiss.Index) -> np.ndarray:
     return faiss.rev_swig_ptr(faiss.downcast_index(ivf.quantizer).get_xb(), ivf.nlist * ivf.d).reshape(ivf.nlist, ivf.d).copy()
 
 
+def concat(parts: list[np.ndarray], dtype=np.int64) -> np.ndarray:
+    """``np.concatenate`` of ``parts``, or an empty array of ``dtype`` when there are none."""
+    return np.concatenate(parts) if parts else np.zeros(0, dtype)
+
+
 def ivf_ids(index: faiss.Index) -> np.ndarray:
     """All ids stored in an IVF index (without copying the vectors)."""
     ivf = faiss.extract_index_ivf(index)
     invlists = ivf.invlists
     ids = [faiss.rev_swig_ptr(invlists.get_ids(n), invlists.list_size(n)).copy()
            for n in range(ivf.nlist) if invlists.list_size(n)]
-    return np.concatenate(ids) if ids else np.zeros(0, np.int64)
+    return concat(ids)
 
 
 def list_sizes(index: faiss.Index) -> np.ndarray:
@@ -430,7 +435,7 @@ def merge_shards(template: faiss.IndexIVF, shards) -> tuple[faiss.IndexIVF, int]
             )
     # Which ids an earlier shard already holds: one sort over all of them, not one per shard.
     ids = [ivf_ids(ivf) for _, ivf in ivfs]
-    every = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+    every = concat(ids)
     first = np.zeros(len(every), bool)
     first[np.unique(every, return_index=True)[1]] = True
     skipped, start = 0, 0
@@ -452,10 +457,11 @@ def with_pretransform(pca: PcaModel, ivf: faiss.Index) -> faiss.IndexPreTransfor
     return index
 
 
-def distinct_chunks(chunks: Iterable[tuple[np.ndarray, np.ndarray]]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def distinct_chunks(chunks: Iterable[tuple[np.ndarray, np.ndarray]],
+                    seen: set[int] | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """``(ids, vectors)`` chunks with every id kept only the first time it is met (an image in
-    several batches is one vector, as in the index)."""
-    seen: set[int] = set()  # linear in the ids met (a sorted array re-merged per chunk is quadratic)
+    several batches is one vector, as in the index), or not at all when it is in ``seen``."""
+    seen = set() if seen is None else set(seen)  # linear in the ids met (a sorted array re-merged per chunk is quadratic)
     for ids, vectors in chunks:
         ids = np.asarray(ids)
         keep = np.fromiter((i not in seen for i in ids.tolist()), dtype=bool, count=len(ids))
