@@ -72,13 +72,9 @@ def _fingerprint(*arrays: np.ndarray) -> str:
     return h.hexdigest()[:16]
 
 
-def _distinct_embeddings(files: dict[str, pq.ParquetFile]):
-    """``(ids, vectors)`` chunks over all batches, each image_id once."""
-    return ix.distinct_chunks(tables.iter_embeddings([f for _, f in sorted(files.items())]))
-
-
-def _concat(parts: list[np.ndarray], dtype) -> np.ndarray:
-    return np.concatenate(parts) if parts else np.zeros(0, dtype)
+def _distinct_embeddings(files: dict[str, pq.ParquetFile], seen: set[int] | None = None):
+    """``(ids, vectors)`` chunks over all batches, each image_id once (none of ``seen``)."""
+    return ix.distinct_chunks(tables.iter_embeddings([f for _, f in sorted(files.items())]), seen)
 
 
 STATE_KEY = "imgsim.incremental"  # Parquet metadata: what a table was computed with, and from which batches
@@ -116,7 +112,7 @@ def _range_pairs(faiss_index: ImageIndex, batches: set[str], threshold: float, c
         a.append(np.minimum(query, found)[other])
         b.append(np.maximum(query, found)[other])
         sims.append(scores[other])
-    return _concat(a, np.int64), _concat(b, np.int64), _concat(sims, np.float32)
+    return ix.concat(a, np.int64), ix.concat(b, np.int64), ix.concat(sims, np.float32)
 
 
 def _distinct_pairs(a: np.ndarray, b: np.ndarray, sims: np.ndarray, indexed: np.ndarray):
@@ -235,16 +231,14 @@ def image_clusters(
         before, done = previous[0], set(previous[1])
         ids, clusters, sims = ([before.column(c).to_numpy()] for c in ("image_id", "cluster", "similarity"))
     todo = {b: f for b, f in image_embeddings.items() if b not in done}
-    known = set(ids[0].tolist()) if ids else set()
-    for chunk_ids, vectors in _distinct_embeddings(todo):
-        new = np.fromiter((i not in known for i in chunk_ids.tolist()), dtype=bool, count=len(chunk_ids))
-        if not new.any():
+    for chunk_ids, vectors in _distinct_embeddings(todo, seen=set(ids[0].tolist()) if ids else None):
+        if not len(chunk_ids):
             continue
-        c, s = ix.nearest_centroid(pca_model.transform(vectors[new]), cluster_centroids)
-        ids.append(chunk_ids[new])
+        c, s = ix.nearest_centroid(pca_model.transform(vectors), cluster_centroids)
+        ids.append(chunk_ids)
         clusters.append(c)
         sims.append(s)
-    ids, clusters, sims = _concat(ids, np.int64), _concat(clusters, np.int64), _concat(sims, np.float32)
+    ids, clusters, sims = ix.concat(ids, np.int64), ix.concat(clusters, np.int64), ix.concat(sims, np.float32)
     sizes = np.bincount(clusters, minlength=len(cluster_centroids))
     context.add_output_metadata(
         {
