@@ -123,14 +123,16 @@ class ImageIndex:
     def stored_vectors(self, image_ids: Sequence[int]) -> np.ndarray:
         """The vectors the index holds for ``image_ids`` (in its own space, decoded from their
         codes): what an indexed image is searched with. KeyError for an id not in the index."""
-        for image_id in image_ids:
-            if not self.describe(int(image_id))[2]:
-                raise KeyError(int(image_id))
+        wanted = np.asarray(image_ids, dtype=np.int64)
+        pos = np.minimum(np.searchsorted(self._ids, wanted), max(len(self._ids) - 1, 0))
+        unknown = wanted[self._ids[pos] != wanted] if len(self._ids) else wanted
+        if len(unknown):
+            raise KeyError(int(unknown[0]))
         with self._lock:
             if not self._direct_map:  # id → list position, built once (about 16 bytes a vector)
                 self.ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
                 self._direct_map = True
-        return self.ivf.reconstruct_batch(np.asarray(image_ids, dtype=np.int64))
+        return self.ivf.reconstruct_batch(wanted)
 
     def search(
         self, queries: np.ndarray, k: int = 10, nprobe: int | None = None, batches: Sequence[str] | None = None,
