@@ -88,7 +88,8 @@ def test_a_file_added_to_a_batch_plans_its_chain_down_to_the_index(world):
     write_synthetic_batch(images / "b2" / "late", 1, seed=9, size=(32, 32))
     assert plan(defs, instance) == []  # not observed yet: the folder's recorded version is the old one
     observe_folders(instance, images, log=lambda m: None)
-    assert folders.batch_changed(instance, "b2") and not folders.batch_changed(instance, "b1")
+    versions = folders.FolderVersions.read(instance)
+    assert versions.changed("b2") and not versions.changed("b1")
     steps = plan(defs, instance)
     assert _labels(steps) == ["embed b2", "shard b2", "merge index", "analyze index"]
     embed, shard, merge, analyze = steps
@@ -105,7 +106,7 @@ def test_an_unreadable_folder_counts_as_changed(world):
     for f in (images / "b1").iterdir():
         f.unlink()
     observe_folders(instance, images, log=lambda m: None)
-    assert folders.observed_version(instance, "b1") == folders.UNREADABLE
+    assert folders.observed_versions(instance)["b1"] == folders.UNREADABLE
     assert _labels(plan(defs, instance))[0] == "embed b1"  # its run reports the problem
 
 

@@ -155,4 +155,5 @@ def test_sensor_observes_folder_versions_and_keys_runs_by_them(tmp_path):
         for event in result.asset_events:  # what the sensor daemon does with them
             instance.report_runless_asset_event(event)
         # The sensor and ingest agree on what changed.
-        assert not folders.batch_changed(instance, "a") and folders.batch_changed(instance, "b")
+        versions = folders.FolderVersions.read(instance)
+        assert not versions.changed("a") and versions.changed("b")

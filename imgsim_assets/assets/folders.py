@@ -83,25 +83,12 @@ def _consumed(record) -> str | None:
     return value.value if value is not None else None
 
 
-def observed_version(instance: DagsterInstance, batch: str) -> str | None:
-    """The latest observed version of ``batch``'s folder."""
-    records = instance.fetch_observations(
-        AssetRecordsFilter(asset_key=batch_folders.key, asset_partitions=[batch]), limit=1
-    ).records
-    return _observed(records[0]) if records else None
-
-
 def consumed_version(instance: DagsterInstance, batch: str) -> str | None:
     """The folder version the latest ``raw_images`` of ``batch`` was built from."""
     records = instance.fetch_materializations(
         AssetRecordsFilter(asset_key=MANIFEST, asset_partitions=[batch]), limit=1
     ).records
     return _consumed(records[0]) if records else None
-
-
-def batch_changed(instance: DagsterInstance, batch: str) -> bool:
-    """Whether ``batch``'s latest observed folder version is not the one its manifest was built from."""
-    return folder_changed(observed_version(instance, batch), consumed_version(instance, batch))
 
 
 def _latest_per_partition(fetch, key: AssetKey, read) -> dict[str, str | None]:
@@ -122,18 +109,22 @@ def _latest_per_partition(fetch, key: AssetKey, read) -> dict[str, str | None]:
 PAGE = 1000
 
 
+def observed_versions(instance: DagsterInstance) -> dict[str, str | None]:
+    """The latest observed version of every batch folder."""
+    return _latest_per_partition(instance.fetch_observations, batch_folders.key, _observed)
+
+
 @dataclass(frozen=True)
 class FolderVersions:
     """Every batch folder's observed version and the version its manifest was built from, read
-    once: what :func:`batch_changed` answers for one batch, for all of them."""
+    once for all batches: whether each must be read again."""
 
     observed: dict[str, str | None]
     consumed: dict[str, str | None]
 
     @classmethod
     def read(cls, instance: DagsterInstance) -> "FolderVersions":
-        return cls(_latest_per_partition(instance.fetch_observations, batch_folders.key, _observed),
-                   _latest_per_partition(instance.fetch_materializations, MANIFEST, _consumed))
+        return cls(observed_versions(instance), _latest_per_partition(instance.fetch_materializations, MANIFEST, _consumed))
 
     def changed(self, batch: str) -> bool:
         return folder_changed(self.observed.get(batch), self.consumed.get(batch))

@@ -112,7 +112,7 @@ def observe_folders(instance: DagsterInstance, images_dir: Path, log: Callable[[
     for batch in removed:
         instance.delete_dynamic_partition(image_batches.name, batch)
         log(f"batch folder {batch!r} is gone: removed it from the partitions (and from the next index)")
-    observed = folders.FolderVersions.read(instance).observed
+    observed = folders.observed_versions(instance)
     for batch in batches:
         version = folders.folder_version(images_dir / batch)
         if version != observed.get(batch):
