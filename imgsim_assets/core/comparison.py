@@ -128,7 +128,8 @@ def compare(
         db_ids = ids[ok]
         transform = _reduction(option.reduction, raw, pca_dim, seed)
         space = ev.FlatSpace(db_ids, raw, transform)
-        usable = [s for s in sources if s.image_id in set(db_ids.tolist())]
+        embedded = set(db_ids.tolist())
+        usable = [s for s in sources if s.image_id in embedded]
         copyset = ev.embed_copies(usable, families, seed, embed, scratch)
         scores = ev.score_copies(copyset, space, seed=seed)
         summary = ev.summarize(scores, target_precision, seed, {}, random_weights=pooled.random_weights)
