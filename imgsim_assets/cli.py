@@ -198,6 +198,11 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
                         for c, w in zip(columns, widths)))
 
 
+def _given(options: dict) -> dict:
+    """The options given on the command line; the rest keep the asset config's defaults."""
+    return {k: v for k, v in options.items() if v is not None}
+
+
 def _run_locked(settings, jobs: list[tuple[str, dict | None]]) -> str | None:
     """Run Dagster jobs in order, as ingest runs them and under its lock; the first failure, or None."""
     from imgsim_assets.definitions import build_definitions
@@ -220,9 +225,8 @@ def cmd_evaluate(args) -> int:
     from imgsim_assets.settings import Settings
 
     settings = Settings.from_env()
-    config = {"sample_size": args.sample_size, "seed": args.seed, "duplicate_precision": args.precision}
-    if args.families:
-        config["families"] = args.families
+    config = _given({"sample_size": args.sample_size, "seed": args.seed, "duplicate_precision": args.precision,
+                     "families": args.families})
     failed = _run_locked(settings, [("evaluate_index", {"retrieval_eval": {"config": config}}), ("analyze_index", None)])
     if failed:
         print(f"imgsim evaluate: {failed}", file=sys.stderr)
@@ -254,8 +258,8 @@ def cmd_compare_encoders(args) -> int:
     options = args.option or list(comparison.DEFAULT_OPTIONS)
     for option in options:
         comparison.parse_option(option)  # a typo fails here, before the model loads
-    config = {"options": options, "sample_size": args.sample_size, "database_size": args.database_size,
-              "seed": args.seed}
+    config = _given({"options": options, "sample_size": args.sample_size, "database_size": args.database_size,
+                     "seed": args.seed})
     failed = _run_locked(settings, [("compare_encoders", {"encoder_comparison": {"config": config}})])
     if failed:
         print(f"imgsim compare-encoders: {failed}", file=sys.stderr)
@@ -321,9 +325,11 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("evaluate", help="how well the index finds edited copies of its own images; recalibrates "
                        "the duplicate threshold and regroups near_duplicates")
-    p.add_argument("--sample-size", type=int, default=200, help="indexed images to copy")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--precision", type=float, default=0.99, help="precision the duplicate threshold must reach")
+    p.add_argument("--sample-size", type=int, default=None, help="indexed images to copy (default: "
+                   "retrieval_eval's config)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--precision", type=float, default=None, help="precision the duplicate threshold must reach "
+                   "(default: retrieval_eval's config)")
     p.add_argument("--family", dest="families", action="append", default=None,
                    help="only this edit family (repeatable; default all)")
     p.add_argument("--json", action="store_true", help="the whole evaluation as JSON")
@@ -332,9 +338,11 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("compare-encoders", help="the evaluation for several encoder options, one table")
     p.add_argument("--option", action="append", default=None,
                    help="POOLING@SIZE[:REDUCTION], e.g. cls@224:pca, mean@1050x700 (repeatable; default a standard set)")
-    p.add_argument("--sample-size", type=int, default=100, help="images copied per option")
-    p.add_argument("--database-size", type=int, default=1000, help="images searched per option")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sample-size", type=int, default=None, help="images copied per option (default: "
+                   "encoder_comparison's config)")
+    p.add_argument("--database-size", type=int, default=None, help="images searched per option (default: "
+                   "encoder_comparison's config)")
+    p.add_argument("--seed", type=int, default=None)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_compare_encoders)
 
