@@ -3,6 +3,10 @@
 Files live at ``<assets_dir>/<asset>/<partition>.<ext>`` (or ``<assets_dir>/<asset>.<ext>``
 when unpartitioned). An asset that streams a large artifact writes it to a staging path
 itself and returns :class:`StagedFile`; the IO manager then renames it into place.
+
+A partitioned asset run for a range of partitions (one run for many batches) returns
+``{partition: value}`` and the IO manager writes one file per partition; an input annotated
+``dict[str, T]`` gets ``{partition: T}`` of the partitions the run reads.
 """
 
 from __future__ import annotations
@@ -34,9 +38,13 @@ class StagedFile:
     path: Path
 
 
+def _annotation(context: InputContext):
+    return context.dagster_type.typing_type if context.dagster_type else None
+
+
 def _value_type(context: InputContext):
     """The annotated type of an input, or of one value when it is ``dict[partition, value]``."""
-    wanted = context.dagster_type.typing_type if context.dagster_type else None
+    wanted = _annotation(context)
     if typing.get_origin(wanted) is dict:
         wanted = typing.get_args(wanted)[1]
     return wanted
@@ -58,23 +66,42 @@ class _FileIOManager(ConfigurableIOManager):
     def handle_output(self, context: OutputContext, obj: Any) -> None:
         if obj is None:
             return
-        path = self.path_for(context.asset_key, context.partition_key if context.has_asset_partitions else None)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(path.parent)  # leftovers of writers killed long ago
-        if isinstance(obj, StagedFile):
-            move_into_place(obj.path, path)
+        if not context.has_asset_partitions:
+            values = {None: obj}
+        elif isinstance(obj, dict):
+            values = obj
+            if set(values) != set(context.asset_partition_keys):
+                raise ValueError(f"{context.asset_key.to_user_string()} returned partitions {sorted(values)} for a run "
+                                 f"of {sorted(context.asset_partition_keys)}")
+        elif len(context.asset_partition_keys) == 1:
+            values = {context.asset_partition_key: obj}
         else:
-            self._write(path, obj)
-        context.add_output_metadata({"path": MetadataValue.path(str(path))})
+            raise TypeError(f"{context.asset_key.to_user_string()} ran for {len(context.asset_partition_keys)} "
+                            "partitions: return {partition: value}")
+        paths = []
+        for partition, value in sorted(values.items(), key=lambda item: item[0] or ""):
+            path = self.path_for(context.asset_key, partition)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(path.parent)  # leftovers of writers killed long ago
+            if isinstance(value, StagedFile):
+                move_into_place(value.path, path)
+            else:
+                self._write(path, value)
+            paths.append(path)
+        shown = paths[0] if len(paths) == 1 else paths[0].parent
+        context.add_output_metadata({"path": MetadataValue.path(str(shown))})
 
     def load_input(self, context: InputContext) -> Any:
         key = context.asset_key
         if not context.has_asset_partitions:
             return self._read(self.path_for(key, None), context)
         keys = context.asset_partition_keys
-        if context.has_partition_key and len(keys) == 1:
+        if typing.get_origin(_annotation(context)) is not dict:
+            if len(keys) != 1:
+                raise TypeError(f"{len(keys)} partitions of {key.to_user_string()} are read: annotate the input "
+                                "as dict[str, ...]")
             return self._read(self.path_for(key, keys[0]), context)
-        # An unpartitioned consumer of a partitioned asset gets every materialized batch.
+        # {partition: value}: the run's partitions, or every batch for an unpartitioned consumer.
         # Batches registered but not yet materialized are absent; consumers report them.
         found = {k: self.path_for(key, k) for k in keys}
         return {k: self._read(p, context) for k, p in found.items() if p.exists()}
@@ -119,8 +146,8 @@ class NpzIOManager(_FileIOManager):
     types: ClassVar[tuple[type, ...]] = (PcaModel, Shard)
 
     def _write(self, path: Path, obj) -> None:
-        with atomic_path(path) as tmp, open(tmp, "wb") as f:
-            np.savez(f, **obj.to_arrays())
+        with atomic_path(path) as tmp:
+            save_npz(tmp, obj)
 
     def _read(self, path: Path, context: InputContext):
         wanted = _value_type(context)
@@ -129,6 +156,12 @@ class NpzIOManager(_FileIOManager):
                             f"{', '.join(t.__name__ for t in self.types)}, not {wanted!r}")
         with np.load(path, allow_pickle=False) as arrays:
             return wanted.from_arrays(arrays)
+
+
+def save_npz(path: Path, obj) -> None:
+    """``obj.to_arrays()`` as ``.npz`` at ``path`` (for an asset that stages its artifact itself)."""
+    with open(path, "wb") as f:
+        np.savez(f, **obj.to_arrays())
 
 
 class JsonIOManager(_FileIOManager):

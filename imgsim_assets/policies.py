@@ -1,6 +1,8 @@
 """How assets are scheduled against shared hardware, retried, and kept current."""
 
-from dagster import AutomationCondition, Backoff, RetryPolicy
+import warnings
+
+from dagster import AutomationCondition, BackfillPolicy, Backoff, BetaWarning, RetryPolicy
 
 # Steps that want the GPU (embedding, k-means) share this pool; the instance limits every
 # pool to one step at a time (dagster.yaml: concurrency.pools.default_limit).
@@ -13,3 +15,11 @@ TRANSIENT_RETRY = RetryPolicy(max_retries=2, delay=10, backoff=Backoff.EXPONENTI
 # (the retrain_index schedule, `imgsim ingest --retrain`, the UI); retraining makes every shard
 # stale, and the shards' eager condition rebuilds them.
 TRAINED = AutomationCondition.on_missing()
+
+# A batch asset handles a range of batches in one run (``context.partition_keys``), each written
+# to its own files: a Dagster run costs about 0.3 s of orchestration, which one run per batch pays
+# per batch. ``imgsim ingest`` and the UI's backfills run up to this many batches per run.
+BATCH_RUNS = BackfillPolicy.multi_run(max_partitions_per_run=25)
+# Dagster marks the parameter beta and says so on every import; the range runs it enables are
+# tested here (test_ingest_ranges.py), so the notice would only be noise in every CLI command.
+warnings.filterwarnings("ignore", message="Parameter `backfill_policy`", category=BetaWarning)

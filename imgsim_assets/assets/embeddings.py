@@ -11,7 +11,7 @@ from dagster import AssetExecutionContext, AssetIn, Failure, MetadataValue, asse
 from imgsim_assets.core import tables
 from imgsim_assets.io_managers import StagedFile
 from imgsim_assets.partitions import image_batches
-from imgsim_assets.policies import GPU_POOL, TRANSIENT_RETRY
+from imgsim_assets.policies import BATCH_RUNS, GPU_POOL, TRANSIENT_RETRY
 from imgsim_assets.resources import EncoderResource, StorageResource
 
 PROGRESS_EVERY_S = 30.0
@@ -24,18 +24,19 @@ PROGRESS_EVERY_S = 30.0
     group_name="ingest",
     kinds={"pytorch", "parquet"},
     pool=GPU_POOL,
+    backfill_policy=BATCH_RUNS,
     retry_policy=TRANSIENT_RETRY,
 )
 def image_embeddings(
     context: AssetExecutionContext,
-    cropped_tensors: pq.ParquetFile,
-    raw_images: pa.Table,
+    cropped_tensors: dict[str, pq.ParquetFile],
+    raw_images: dict[str, pa.Table],
     encoder: EncoderResource,
     storage: StorageResource,
-) -> StagedFile:
+) -> dict[str, StagedFile]:
     """One L2-normalised DINOv2 vector per distinct image of the batch (Parquet: image_id, path,
     sha256, embedding). Every row names its model, weights, pooling and preprocessing; the
-    file metadata holds the full settings."""
+    file metadata holds the full settings. A run over several batches loads the model once."""
     try:
         model = encoder.load()
     except (FileNotFoundError, ValueError) as e:  # no checkpoint, one that does not fit, a bad setting
@@ -45,6 +46,26 @@ def image_embeddings(
             "RANDOM WEIGHTS: no pretrained DINOv2 checkpoint is configured, so these vectors carry no "
             "learned meaning. Set IMGSIM_WEIGHTS (or the encoder's 'weights') to a checkpoint."
         )
+    context.add_output_metadata(
+        {
+            "dim": model.spec.dim,
+            "model": model.spec.model,
+            "weights": "RANDOM (not pretrained)" if model.random_weights else model.weights_file,
+            "pooling": model.spec.pooling,
+            "device": str(model.device),
+            "dtype": str(model.dtype).removeprefix("torch."),
+        }
+    )
+    staged = {}
+    for batch in context.partition_keys:
+        staged[batch], metadata = _embed_batch(context, batch, model, cropped_tensors[batch], raw_images[batch], storage)
+        context.add_asset_metadata(metadata, partition_key=batch)
+    return staged
+
+
+def _embed_batch(context: AssetExecutionContext, batch: str, model, cropped_tensors: pq.ParquetFile,
+                 raw_images: pa.Table, storage: StorageResource) -> tuple[StagedFile, dict]:
+    """One batch's pixels through the model into a staged Parquet file, and its metadata."""
     pre = tables.provenance_of(cropped_tensors.schema_arrow)
     provenance = {**model.provenance(), "preprocess": pre.get("preprocess", {})}
     first_path = _first_path_by_id(raw_images)
@@ -57,36 +78,28 @@ def image_embeddings(
     def progress(done: int, seconds: float) -> None:
         if time.perf_counter() - last_log[0] >= PROGRESS_EVERY_S or done == total:
             rate = done / max(seconds, 1e-9)
-            context.log.info(f"embedded {done}/{total} images, {rate:.1f} img/s, ETA {(total - done) / max(rate, 1e-9):.0f}s")
+            context.log.info(f"{batch}: embedded {done}/{total} images, {rate:.1f} img/s, "
+                             f"ETA {(total - done) / max(rate, 1e-9):.0f}s")
             last_log[0] = time.perf_counter()
 
-    start = time.perf_counter()
+    start, model_start = time.perf_counter(), model.model_seconds
     batches = tables.iter_tensor_batches(cropped_tensors, model.batch_size)
     with pq.ParquetWriter(staged, schema) as writer:
         for ids, vectors in model.embed_batches(batches, progress):
             try:
                 check_finite(ids, vectors, model.dtype)
             except FloatingPointError as e:
-                raise Failure(str(e), allow_retries=False) from e  # rerunning gives the same numbers
+                raise Failure(f"batch {batch}: {e}", allow_retries=False) from e  # rerunning gives the same numbers
             paths, digests = zip(*(first_path[i] for i in ids.tolist())) if len(ids) else ((), ())
             writer.write_table(tables.embedding_table(schema, ids, paths, digests, vectors))
     seconds = time.perf_counter() - start
-    context.add_output_metadata(
-        {
-            "num_vectors": total,
-            "dim": model.spec.dim,
-            "model": model.spec.model,
-            "weights": "RANDOM (not pretrained)" if model.random_weights else model.weights_file,
-            "pooling": model.spec.pooling,
-            "device": str(model.device),
-            "dtype": str(model.dtype).removeprefix("torch."),
-            "embed_seconds": round(seconds, 3),
-            "model_seconds": round(model.model_seconds, 3),
-            "images_per_second": round(total / max(seconds, 1e-9), 1),
-            "provenance": MetadataValue.json(provenance),
-        }
-    )
-    return StagedFile(staged)
+    return StagedFile(staged), {
+        "num_vectors": total,
+        "embed_seconds": round(seconds, 3),
+        "model_seconds": round(model.model_seconds - model_start, 3),
+        "images_per_second": round(total / max(seconds, 1e-9), 1),
+        "provenance": MetadataValue.json(provenance),
+    }
 
 
 def check_finite(ids: np.ndarray, vectors: np.ndarray, dtype) -> None:

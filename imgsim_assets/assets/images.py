@@ -1,4 +1,7 @@
-"""Batch folder → manifest of every file (``raw_images``) and uint8 pixels (``cropped_tensors``)."""
+"""Batch folder → manifest of every file (``raw_images``) and uint8 pixels (``cropped_tensors``).
+
+One run may cover a range of batches (:data:`policies.BATCH_RUNS`): each is read on its own and
+written to its own files, with its own metadata."""
 
 
 import time
@@ -10,6 +13,7 @@ from imgsim_assets.assets.folders import CONSUMED_KEY, batch_folders
 from imgsim_assets.core import images, tables
 from imgsim_assets.io_managers import StagedFile
 from imgsim_assets.partitions import image_batches
+from imgsim_assets.policies import BATCH_RUNS
 from imgsim_assets.resources import PreprocessResource, StorageResource
 
 
@@ -30,12 +34,24 @@ from imgsim_assets.resources import PreprocessResource, StorageResource
         ),
     },
     partitions_def=image_batches,
+    backfill_policy=BATCH_RUNS,
     deps=[batch_folders],
     group_name="ingest",
 )
 def batch_images(context: AssetExecutionContext, storage: StorageResource, preprocessing: PreprocessResource):
-    """Read, hash and decode every file of one batch folder in a single pass."""
-    batch = context.partition_key
+    """Read, hash and decode every file of each batch folder of the run in a single pass."""
+    manifests, tensors = {}, {}
+    for batch in context.partition_keys:
+        manifests[batch], tensors[batch], metadata = _read_batch(context, batch, storage, preprocessing)
+        for name, values in metadata.items():
+            context.add_asset_metadata(values, asset_key=name, partition_key=batch)
+    yield Output(manifests, output_name="raw_images")
+    yield Output(tensors, output_name="cropped_tensors")
+
+
+def _read_batch(context: AssetExecutionContext, batch: str, storage: StorageResource,
+                preprocessing: PreprocessResource) -> tuple[pa.Table, StagedFile, dict[str, dict]]:
+    """One batch folder: its manifest, its staged pixels, and each asset's metadata."""
     folder = storage.batch_dir(batch)
     files = images.list_batch_files(folder)
     consumed = images.folder_fingerprint(files)  # before reading: a change made meanwhile shows as one
@@ -57,10 +73,8 @@ def batch_images(context: AssetExecutionContext, storage: StorageResource, prepr
     rejected = frame[frame.status == images.REJECTED]
     for row in rejected.itertuples():
         context.log.warning(f"rejected {row.path}: {row.reason}: {row.message}")
-    yield Output(
-        manifest,
-        output_name="raw_images",
-        metadata={
+    metadata = {
+        "raw_images": {
             "num_files": len(frame),
             "num_ok": len(frame) - len(rejected),
             "num_rejected": len(rejected),
@@ -70,15 +84,12 @@ def batch_images(context: AssetExecutionContext, storage: StorageResource, prepr
             "folder": MetadataValue.path(str(folder)),
             CONSUMED_KEY: consumed,
         },
-    )
-    yield Output(
-        StagedFile(staged),
-        output_name="cropped_tensors",
-        metadata={
+        "cropped_tensors": {
             "num_images": len(writer.written),
             "image_size": f"{height}x{width}",
             "protocol": pre.protocol,
             "decode_seconds": round(seconds, 3),
             "files_per_second": round(len(records) / max(seconds, 1e-9), 1),
         },
-    )
+    }
+    return manifest, StagedFile(staged), metadata

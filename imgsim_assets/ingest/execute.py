@@ -1,4 +1,5 @@
-"""Execute a plan: each step an in-process run of its job, re-decided just before it; and the failed blocking checks.
+"""Execute a plan: in-process runs of its steps' jobs (one run per range of adjacent batches),
+each step re-decided just before it; and the failed blocking checks.
 
 Execution re-decides each step just before it: a step that is planned only because of upstream
 steps runs only if one of them succeeded (a batch whose embedding failed is not re-sharded); a
@@ -19,6 +20,9 @@ from imgsim_assets.ingest.plan import IMPLICIT_JOB, REPORTED, Ledger, Step
 if TYPE_CHECKING:
     from imgsim_assets.ingest import IngestReport
 
+# The run tags of a run over a range of partitions (as Dagster's backfills set them).
+RANGE_START_TAG, RANGE_END_TAG = "dagster/asset_partition_range_start", "dagster/asset_partition_range_end"
+
 # Step-level DEBUG events stay in the run's event log (and the UI); the terminal gets INFO.
 _QUIET = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
 
@@ -27,23 +31,82 @@ def execute(
     defs: Definitions, instance: DagsterInstance, steps: list[Step], log: Callable[[str], None] = print
 ) -> dict[str, str | None]:
     """Run the steps in order, each as an in-process run of its job. Returns, for each step that
-    ran, None when it succeeded or the first line of why it failed; skipped steps are absent."""
+    ran, None when it succeeded or the first line of why it failed; skipped steps are absent.
+
+    Consecutive steps of one job for adjacent partitions run as one run over the range (up to
+    the assets' ``BackfillPolicy``), since a run costs about as much to orchestrate as a small
+    batch costs to compute. A range that fails is run again batch by batch, so that one bad
+    batch fails alone."""
     graph = defs.resolve_asset_graph()
     outcomes: dict[str, str | None] = {}
     broken: set[str] = set()  # failed unpartitioned steps, and the steps skipped because of one
+    pending: list[Step] = []  # runnable steps of one job for adjacent partitions, not run yet
+    position: dict[str, int] = {}  # partition → its place in the partitions' order (ranges follow it)
+
+    ledger = Ledger(instance, graph)  # what is materialized: read again after every run
+
+    def flush() -> None:
+        nonlocal ledger
+        if pending:
+            outcomes.update(_run_range(instance, list(pending), _job_def(defs, pending[0]), log))
+            pending.clear()
+            ledger = Ledger(instance, graph)
+
     for step in steps:
         job = _job_def(defs, step)
+        if step.partition is not None and not position:
+            keys = job.partitions_def.get_partition_keys(dynamic_partitions_store=instance)
+            position.update((key, i) for i, key in enumerate(keys))
+        if pending and not _extends(graph, job, position, pending, step):
+            flush()
         blocked = _blocked_by(graph, instance, step, job, broken)
-        reason = blocked or _needless(step, outcomes) or _missing_input(graph, instance, step, job)
+        reason = blocked or _needless(step, outcomes) or _missing_input(graph, ledger, step, job)
         if blocked:
             broken.add(step.label)
         if reason:
             log(f"not running {step.label}: {reason}")
             continue
+        if step.partition is not None:
+            pending.append(step)
+            continue
         outcomes[step.label] = _run(instance, step, job, log)
-        if outcomes[step.label] is not None and step.partition is None:
+        ledger = Ledger(instance, graph)
+        if outcomes[step.label] is not None:
             broken.add(step.label)  # a half-made model or index: nothing may read it
+    flush()
     return outcomes
+
+
+def _extends(graph, job, position: dict[str, int], pending: list[Step], step: Step) -> bool:
+    """Whether ``step`` can join the pending range: same job, the next partition, room left."""
+    last = pending[-1]
+    if step.job != last.job or step.partition is None or len(pending) >= _range_limit(graph, job):
+        return False
+    return position.get(step.partition, -2) == position.get(last.partition, -3) + 1
+
+
+def _range_limit(graph, job) -> int:
+    """How many partitions one run of ``job`` may cover: the smallest ``max_partitions_per_run``
+    of its assets' backfill policies (1 for an asset without one: it handles one partition)."""
+    limits = []
+    for key in job.asset_layer.executable_asset_keys:
+        policy = graph.get(key).backfill_policy
+        limits.append(1 if policy is None else policy.max_partitions_per_run or 10**9)
+    return min(limits, default=1)
+
+
+def _run_range(instance: DagsterInstance, steps: list[Step], job, log: Callable[[str], None]) -> dict[str, str | None]:
+    """One run of ``job`` over the steps' partitions (adjacent, in partition order); if it fails,
+    one run per partition."""
+    if len(steps) == 1:
+        return {steps[0].label: _run(instance, steps[0], job, log)}
+    first, last = steps[0].partition, steps[-1].partition
+    log(f"running {steps[0].job} for {first} … {last} ({len(steps)} batches)")
+    message = run_job(instance, job, partition_range=(first, last))
+    if message is None:
+        return {step.label: None for step in steps}
+    log(f"FAILED {steps[0].job} for {first} … {last}: {message}; running its batches one by one")
+    return {step.label: _run(instance, step, job, log) for step in steps}
 
 
 def _blocked_by(graph, instance: DagsterInstance, step: Step, job, broken: set[str]) -> str | None:
@@ -63,9 +126,8 @@ def _needless(step: Step, outcomes: dict[str, str | None]) -> str | None:
     return "nothing it reads changed"
 
 
-def _missing_input(graph, instance: DagsterInstance, step: Step, job) -> str | None:
+def _missing_input(graph, ledger: Ledger, step: Step, job) -> str | None:
     """An asset the job reads that was never materialized (for the step's partition, or at all)."""
-    ledger = Ledger(instance, graph)
     for parent in sorted(_inputs(graph, job)):
         node = graph.get(parent)
         partition = step.partition if node.is_partitioned else None
@@ -97,12 +159,17 @@ def _run(instance: DagsterInstance, step: Step, job, log: Callable[[str], None])
     return message
 
 
-def run_job(instance: DagsterInstance, job, partition: str | None = None, ops_config: dict | None = None) -> str | None:
-    """One in-process run of ``job`` as ingest runs it (quiet terminal, no Dagster retries), with
-    ``ops_config`` as the ops' run config: None when it succeeded, else the first line of why not."""
+def run_job(instance: DagsterInstance, job, partition: str | None = None, ops_config: dict | None = None,
+            partition_range: tuple[str, str] | None = None) -> str | None:
+    """One in-process run of ``job`` as ingest runs it (quiet terminal, no Dagster retries), for
+    ``partition`` or the ``partition_range`` (first, last), with ``ops_config`` as the ops' run
+    config: None when it succeeded, else the first line of why not."""
     run_config = {**_QUIET, "ops": ops_config} if ops_config else _QUIET
+    tags = _run_tags()
+    if partition_range is not None:
+        tags[RANGE_START_TAG], tags[RANGE_END_TAG] = partition_range
     result = job.execute_in_process(
-        instance=instance, partition_key=partition, raise_on_error=False, run_config=run_config, tags=_run_tags()
+        instance=instance, partition_key=partition, raise_on_error=False, run_config=run_config, tags=tags
     )
     return None if result.success else _failure_message(result)
 
