@@ -212,8 +212,51 @@ def test_shard_round_trips_through_plain_arrays(tmp_path):
     with np.load(tmp_path / "s.npz", allow_pickle=False) as arrays:
         back = ix.Shard.from_arrays(arrays)
     assert (back.pca_residual, back.drift) == (shard.pca_residual, shard.drift)
-    assert sorted(ix.ivf_ids(back.index).tolist()) == list(range(100, 600))
-    assert ix.layout_fingerprint(back.index) == ix.layout_fingerprint(template)
+    assert sorted(back.ids.tolist()) == list(range(100, 600))
+    assert back.layout == ix.layout_fingerprint(template)
+    # Only the lists travel: codes (500 × 16 bytes), ids and list numbers, not the trained tables.
+    assert set(arrays.files) >= {"ids", "lists", "codes"} and back.codes.shape == (500, template.code_size)
+    assert (tmp_path / "s.npz").stat().st_size < 500 * (template.code_size + 16) + 4096
+
+
+def test_shards_written_whole_by_earlier_versions_still_load(tmp_path):
+    x = _clustered(n=300)
+    pca = ix.fit_pca(x, dim=16)
+    template = ix.build_template(ix.IndexPlan(4, "SQ8", 16), pca.transform(x))
+    whole = faiss.clone_index(template)
+    whole.add_with_ids(pca.transform(x), np.arange(300, dtype=np.int64))
+    np.savez(tmp_path / "old.npz", index=faiss.serialize_index(whole), pca_residual=np.array(0.5), drift=np.array(1.1))
+    with np.load(tmp_path / "old.npz", allow_pickle=False) as arrays:
+        back = ix.Shard.from_arrays(arrays)
+    assert (back.pca_residual, back.drift, back.layout) == (0.5, 1.1, ix.layout_fingerprint(template))
+    merged, _ = ix.merge_shards(template, [("old", back)])
+    assert np.array_equal(np.sort(ix.ivf_ids(merged)), np.arange(300))
+
+
+@pytest.mark.parametrize("codec", ["Flat", "SQ8", "PQ4"])
+def test_merge_equals_faiss_merge_from_list_by_list(codec):
+    """The merge lays out every list exactly as adding the shards one after another with Faiss'
+    own merge_from (duplicates removed first) does: same ids, same order, same codes."""
+    x = ix.fit_pca(_clustered(n=1200), dim=16).transform(_clustered(n=1200))
+    template = ix.build_template(ix.IndexPlan(8, codec, 16), x)
+    parts = [np.arange(0, 500), np.arange(400, 900), np.arange(850, 1200)]
+    merged, skipped = ix.merge_shards(template, [(f"s{i}", ix.build_shard(template, p, x[p])) for i, p in enumerate(parts)])
+    reference, seen = faiss.clone_index(template), set()
+    for p in parts:
+        fresh = np.array([i for i in p if i not in seen])
+        seen.update(fresh.tolist())
+        one = faiss.clone_index(template)
+        one.add_with_ids(x[fresh], fresh.astype(np.int64))
+        reference.merge_from(one, 0)
+    assert skipped == 150 and merged.ntotal == reference.ntotal == 1200
+    for n in range(merged.nlist):
+        size = merged.invlists.list_size(n)
+        assert size == reference.invlists.list_size(n)
+        ids = [faiss.rev_swig_ptr(i.invlists.get_ids(n), size).copy() for i in (merged, reference)]
+        codes = [faiss.rev_swig_ptr(i.invlists.get_codes(n), size * merged.code_size).copy() for i in (merged, reference)]
+        assert np.array_equal(*ids) and np.array_equal(*codes)
+    merged.nprobe = reference.nprobe = 4
+    assert np.array_equal(merged.search(x[:50], 10)[1], reference.search(x[:50], 10)[1])
 
 
 def test_drift_is_the_pca_residual_relative_to_training():

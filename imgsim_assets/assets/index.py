@@ -28,8 +28,10 @@ from pydantic import Field
 from imgsim_assets.core import index as ix
 from imgsim_assets.core import plots, recall, tables
 from imgsim_assets.core.search import ImageIndex
+from imgsim_assets.io_managers import StagedFile, save_npz
 from imgsim_assets.partitions import image_batches
-from imgsim_assets.policies import GPU_POOL, TRAINED, TRANSIENT_RETRY
+from imgsim_assets.policies import BATCH_RUNS, GPU_POOL, TRAINED, TRANSIENT_RETRY
+from imgsim_assets.resources import StorageResource
 
 
 class PcaConfig(Config):
@@ -232,35 +234,50 @@ def index_template(
     kinds={"faiss"},
     automation_condition=AutomationCondition.eager(),
     retry_policy=TRANSIENT_RETRY,
+    backfill_policy=BATCH_RUNS,
 )
 def faiss_index_shards(
-    context: AssetExecutionContext, image_embeddings: pa.Table, pca_model: ix.PcaModel, index_template: faiss.Index
-) -> ix.Shard:
+    context: AssetExecutionContext,
+    image_embeddings: dict[str, pq.ParquetFile],
+    pca_model: ix.PcaModel,
+    index_template: faiss.Index,
+    storage: StorageResource,
+) -> dict[str, StagedFile]:
     """The batch's vectors encoded with the current PCA and trained index: a shard whose ids are
     image_ids. Adding a batch builds only its shard; nothing is retrained. The shard carries the
-    batch's drift: its PCA residual relative to the training sample's."""
-    _check_same_encoder({context.partition_key: image_embeddings.schema}, _encoder_identity(pca_model.provenance))
-    vectors = tables.embedding_matrix(image_embeddings)
+    batch's drift: its PCA residual relative to the training sample's. A run over several
+    batches holds one batch at a time."""
+    shards = {}
+    for batch in context.partition_keys:
+        shard, metadata = _build_shard(batch, image_embeddings[batch].read(), pca_model, index_template)
+        shards[batch] = StagedFile(storage.staging_path(".npz"))
+        save_npz(shards[batch].path, shard)
+        context.add_asset_metadata(metadata, partition_key=batch)
+    return shards
+
+
+def _build_shard(batch: str, embeddings: pa.Table, pca_model: ix.PcaModel,
+                 index_template: faiss.Index) -> tuple[ix.Shard, dict]:
+    """One batch's shard, and its metadata."""
+    _check_same_encoder({batch: embeddings.schema}, _encoder_identity(pca_model.provenance))
+    vectors = tables.embedding_matrix(embeddings)
     if vectors.shape[1] != pca_model.input_dim:
         raise ValueError(
-            f"batch {context.partition_key} has {vectors.shape[1]}-d embeddings but pca_model expects "
+            f"batch {batch} has {vectors.shape[1]}-d embeddings but pca_model expects "
             f"{pca_model.input_dim}-d; retrain pca_model or re-embed the batch"
         )
     reduced = pca_model.transform(vectors)
-    shard = ix.Shard.build(index_template, pca_model, image_embeddings.column("image_id").to_numpy(), vectors, reduced)
-    ivf = shard.index
+    shard = ix.Shard.build(index_template, pca_model, embeddings.column("image_id").to_numpy(), vectors, reduced)
+    ivf = faiss.extract_index_ivf(index_template)
     _, sims = ix.nearest_centroid(reduced, ix.shard_centroids(ivf)) if len(vectors) else (None, np.zeros(1))
-    context.add_output_metadata(
-        {
-            "num_vectors": int(ivf.ntotal),
-            "dim": int(ivf.d),
-            "nlist": int(ivf.nlist),
-            "pca_residual": shard.pca_residual,
-            "drift": shard.drift,
-            "mean_similarity_to_centroid": float(sims.mean()),
-        }
-    )
-    return shard
+    return shard, {
+        "num_vectors": len(shard),
+        "dim": int(ivf.d),
+        "nlist": int(ivf.nlist),
+        "pca_residual": shard.pca_residual,
+        "drift": shard.drift,
+        "mean_similarity_to_centroid": float(sims.mean()),
+    }
 
 
 def indexed_embeddings(index: ImageIndex, files: dict[str, pq.ParquetFile]) -> dict[str, pq.ParquetFile]:
@@ -320,7 +337,7 @@ def faiss_index(
     start = time.perf_counter()
     batches = sorted(faiss_index_shards)
     merged, duplicates = ix.merge_shards(faiss.downcast_index(index_template),
-                                         [(b, faiss_index_shards[b].index) for b in batches])
+                                         [(b, faiss_index_shards[b]) for b in batches])
     catalog = _catalog(raw_images, ix.ivf_ids(merged))
     drift = {b: faiss_index_shards[b].drift for b in batches}
     factory = f"PCA{pca_model.output_dim}{'W' if pca_model.whiten else ''},L2norm,{ix.factory_of(merged)}"

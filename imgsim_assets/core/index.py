@@ -354,22 +354,28 @@ def layout_fingerprint(index: faiss.Index) -> str:
     return h.hexdigest()[:16]
 
 
-def build_shard(template: faiss.IndexIVF, ids: np.ndarray, vectors: np.ndarray) -> faiss.IndexIVF:
-    """A shard: a copy of the trained ``template`` holding ``vectors`` (PCA-reduced, unit) under ``ids``."""
+def build_shard(template: faiss.IndexIVF, ids: np.ndarray, vectors: np.ndarray) -> Shard:
+    """A shard: ``vectors`` (PCA-reduced, unit) under ``ids``, encoded and assigned to lists by
+    the trained ``template``."""
     index = faiss.clone_index(template)
     if vectors.shape[1] != index.d:
         raise ValueError(f"shard vectors have dimension {vectors.shape[1]} but the trained index has {index.d}")
     if len(ids):
         index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.asarray(ids, dtype=np.int64))
-    return index
+    return Shard.from_index(index, layout_fingerprint(template))
 
 
 @dataclass
 class Shard:
-    """One batch in the trained layout, with how far the batch is from what PCA was fitted on
-    (its mean PCA residual, and that over the training sample's: the drift)."""
+    """One batch in the trained layout: its inverted lists alone (ids, list numbers and codes, in
+    list order), without the centroids and code tables every shard shares, which the trained
+    template holds once; and how far the batch is from what PCA was fitted on (its mean PCA
+    residual, and that over the training sample's: the drift)."""
 
-    index: faiss.IndexIVF
+    layout: str  # layout_fingerprint of the trained index the codes belong to
+    ids: np.ndarray  # int64, one per vector
+    lists: np.ndarray  # int64, each vector's inverted list, ascending
+    codes: np.ndarray  # uint8, (vectors, code_size)
     pca_residual: float = float("nan")
     drift: float = float("nan")
 
@@ -378,19 +384,41 @@ class Shard:
               reduced: np.ndarray | None = None) -> "Shard":
         """``embeddings`` under ``ids`` in ``template``'s layout; ``reduced``: their PCA transform,
         when the caller has it already."""
-        index = build_shard(template, ids, pca.transform(embeddings) if reduced is None else reduced)
-        residual = float(pca.residual_fraction(embeddings).mean()) if len(embeddings) else float("nan")
-        drift = residual / pca.train_residual if pca.train_residual > 0 else float("nan")
-        return cls(index, residual, drift)
+        shard = build_shard(template, ids, pca.transform(embeddings) if reduced is None else reduced)
+        shard.pca_residual = float(pca.residual_fraction(embeddings).mean()) if len(embeddings) else float("nan")
+        shard.drift = shard.pca_residual / pca.train_residual if pca.train_residual > 0 else float("nan")
+        return shard
+
+    @classmethod
+    def from_index(cls, index: faiss.Index, layout: str | None = None) -> "Shard":
+        """The inverted lists of a filled IVF index."""
+        ivf = faiss.extract_index_ivf(index)
+        invlists, size = ivf.invlists, ivf.code_size
+        ids, lists, codes = [], [], []
+        for n in range(ivf.nlist):
+            count = invlists.list_size(n)
+            if count:
+                ids.append(faiss.rev_swig_ptr(invlists.get_ids(n), count).copy())
+                codes.append(faiss.rev_swig_ptr(invlists.get_codes(n), count * size).copy())
+                lists.append(np.full(count, n, np.int64))
+        return cls(layout or layout_fingerprint(ivf), concat(ids), concat(lists),
+                   concat(codes, np.uint8).reshape(-1, size))
+
+    def __len__(self) -> int:
+        return len(self.ids)
 
     def to_arrays(self) -> dict[str, np.ndarray]:
-        return {"index": faiss.serialize_index(self.index), "pca_residual": np.array(self.pca_residual),
-                "drift": np.array(self.drift)}
+        return {"layout": np.array(self.layout), "ids": self.ids, "lists": self.lists, "codes": self.codes,
+                "pca_residual": np.array(self.pca_residual), "drift": np.array(self.drift)}
 
     @classmethod
     def from_arrays(cls, arrays) -> "Shard":
-        index = faiss.deserialize_index(np.asarray(arrays["index"]))  # already its own class
-        return cls(index, float(arrays["pca_residual"]), float(arrays["drift"]))
+        figures = float(arrays["pca_residual"]), float(arrays["drift"])
+        if "index" in arrays:  # written whole, centroids included, by earlier versions
+            shard = cls.from_index(faiss.deserialize_index(np.asarray(arrays["index"])))
+            shard.pca_residual, shard.drift = figures
+            return shard
+        return cls(str(arrays["layout"]), arrays["ids"], arrays["lists"], arrays["codes"], *figures)
 
 
 def shard_centroids(shard: faiss.Index) -> np.ndarray:
@@ -417,36 +445,36 @@ def list_sizes(index: faiss.Index) -> np.ndarray:
     return np.array([ivf.invlists.list_size(i) for i in range(ivf.nlist)], dtype=np.int64)
 
 
-def merge_shards(template: faiss.IndexIVF, shards) -> tuple[faiss.IndexIVF, int]:
-    """Merge shards into one index; an id already present is not added again.
+def merge_shards(template: faiss.IndexIVF, shards: Iterable[tuple[str, Shard]]) -> tuple[faiss.IndexIVF, int]:
+    """Merge shards into one index; an id already present (in an earlier shard) is not added again.
+    Each list holds its entries in shard order, as adding the shards one after another would.
 
     Returns the merged index and how many duplicate vectors were skipped.
     """
     merged = faiss.clone_index(template)
     expected = layout_fingerprint(merged)
-    shards = list(shards)  # the callers' index objects stay referenced: the IVFs below live inside them
-    ivfs = [(name, faiss.extract_index_ivf(shard)) for name, shard in shards]
-    for name, ivf in ivfs:
-        if layout_fingerprint(ivf) != expected:
+    shards = list(shards)
+    for name, shard in shards:
+        if shard.layout != expected:
             raise ValueError(
-                f"shard {name!r} was built with another trained index ({type(ivf).__name__}, d={ivf.d}, "
-                f"nlist={ivf.nlist}) than the current one ({type(merged).__name__}, d={merged.d}, nlist={merged.nlist}); "
+                f"shard {name!r} was built with another trained index than the current one "
+                f"({type(merged).__name__}, d={merged.d}, nlist={merged.nlist}); "
                 "rebuild it with the current pca_model and cluster_centroids"
             )
-    # Which ids an earlier shard already holds: one sort over all of them, not one per shard.
-    ids = [ivf_ids(ivf) for _, ivf in ivfs]
-    every = concat(ids)
-    first = np.zeros(len(every), bool)
-    first[np.unique(every, return_index=True)[1]] = True
-    skipped, start = 0, 0
-    for (_, ivf), shard_ids in zip(ivfs, ids):
-        dup = shard_ids[~first[start : start + len(shard_ids)]]
-        start += len(shard_ids)
-        if len(dup):
-            ivf.remove_ids(faiss.IDSelectorBatch(dup))
-            skipped += len(dup)
-        merged.merge_from(ivf, 0)
-    return merged, skipped
+    ids = concat([s.ids for _, s in shards])
+    first = np.sort(np.unique(ids, return_index=True)[1])  # each id's first entry, in shard order
+    lists = concat([s.lists for _, s in shards])[first]
+    by_list = np.argsort(lists, kind="stable")
+    order, lists = first[by_list], lists[by_list]
+    ids = ids[order]
+    codes = np.concatenate([s.codes for _, s in shards])[order] if shards else np.zeros((0, merged.code_size), np.uint8)
+    bounds = np.searchsorted(lists, np.arange(merged.nlist + 1))
+    invlists = merged.invlists
+    for n in np.flatnonzero(np.diff(bounds)):
+        a, b = bounds[n], bounds[n + 1]
+        invlists.add_entries(int(n), int(b - a), faiss.swig_ptr(ids[a:b]), faiss.swig_ptr(codes[a:b]))
+    merged.ntotal = len(ids)
+    return merged, int(sum(len(s) for _, s in shards) - len(ids))
 
 
 def with_pretransform(pca: PcaModel, ivf: faiss.Index) -> faiss.IndexPreTransform:
