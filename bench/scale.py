@@ -11,7 +11,8 @@ one more batch of ``--add`` images. For each ingest it reports, per stage (job):
 
 - runs and wall time, ms per image of the collection (of the new batch for the addition), and
   per image without the model's own time (``image_embeddings`` records it);
-- orchestration: the run's wall time outside its steps' own compute, per run;
+- orchestration: the run's wall time outside its steps' own compute, per run and per batch
+  (ingest runs up to 25 adjacent batches of a stage as one run);
 - peak memory (PSS) of the process and its decode workers while the stage ran;
 - bytes on disk of the stage's artifacts.
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import re
 import os
 import shutil
 import tempfile
@@ -102,12 +104,15 @@ class Tracker:
     started: float = field(default_factory=time.perf_counter)
     wall: dict = field(default_factory=lambda: defaultdict(float))
     runs: dict = field(default_factory=lambda: defaultdict(int))
+    batches: dict = field(default_factory=lambda: defaultdict(int))  # partitions its runs covered
     peak: dict = field(default_factory=lambda: defaultdict(float))
 
     def log(self, message: str) -> None:
         if message.startswith("running "):
             self._switch(message.split()[1])
             self.runs[self.current] += 1
+            covered = re.search(r"\((\d+) batches\)$", message)
+            self.batches[self.current] += int(covered.group(1)) if covered else int(" for " in message)
 
     def _switch(self, job: str) -> None:
         now = time.perf_counter()
@@ -178,13 +183,18 @@ def measured_ingest(defs, instance, settings: Settings, images: int, title: str)
     for job, wall in tracker.wall.items():
         runs = tracker.runs.get(job, 0)
         on_disk = sum(_bytes(settings.assets_dir / a) for a in ARTIFACTS.get(job, []))
-        rows.append({"stage": job, "runs": runs, "wall_s": wall, "ms_per_image": 1000 * wall / max(images, 1),
-                     "overhead_s_per_run": (wall - inside.get(job, 0.0)) / runs if runs else 0.0,
+        batches = tracker.batches.get(job, 0)
+        overhead = wall - inside.get(job, 0.0)
+        rows.append({"stage": job, "runs": runs, "batches": batches, "wall_s": wall,
+                     "ms_per_image": 1000 * wall / max(images, 1),
+                     "overhead_s_per_run": overhead / runs if runs else 0.0,
+                     "overhead_s_per_batch": overhead / batches if batches else "",
                      "peak_rss_mb": tracker.peak.get(job, 0.0), "disk_mb": on_disk / 2**20})
     model = _model_seconds(instance, since)
     print(f"\n== {title}: {total:.1f} s, {1000 * total / max(images, 1):.2f} ms per image; the model "
           f"{model:.1f} s, everything else {1000 * (total - model) / max(images, 1):.2f} ms per image ==")
-    print_table(rows, ["stage", "runs", "wall_s", "ms_per_image", "overhead_s_per_run", "peak_rss_mb", "disk_mb"])
+    print_table(rows, ["stage", "runs", "batches", "wall_s", "ms_per_image", "overhead_s_per_run",
+                       "overhead_s_per_batch", "peak_rss_mb", "disk_mb"])
     return {"total_s": total, "model_s": model, "rows": rows}
 
 
