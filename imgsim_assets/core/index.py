@@ -3,8 +3,9 @@ is built by (the assets and the benchmarks call these functions; recall is measu
 :mod:`recall`).
 
 Vectors flow as: embedding (D) → PCA (d) → L2-normalise → IVF over the trained centroids,
-compared by inner product. Shards are IVF indexes over the same centroids, one per batch;
-the searchable index merges them and carries the PCA as a Faiss pre-transform, so it
+compared by inner product. A shard is one batch's inverted lists in the trained layout (ids,
+list numbers, codes; the centroids and code tables stay in the template); the searchable
+index merges them and carries the PCA as a Faiss pre-transform, so it
 takes raw embeddings as queries.
 """
 
