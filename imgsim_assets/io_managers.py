@@ -28,7 +28,14 @@ from imgsim_assets.core import tables
 from imgsim_assets.core.evaluation import Evaluation
 from imgsim_assets.core.index import PcaModel, Shard
 from imgsim_assets.core.search import ImageIndex
-from imgsim_assets.core.storage import artifact_path, atomic_path, move_into_place, publish_dir, remove_stale_temporaries
+from imgsim_assets.core.storage import (
+    artifact_path,
+    atomic_path,
+    ensure_open_files,
+    move_into_place,
+    publish_dir,
+    remove_stale_temporaries,
+)
 
 
 @dataclass(frozen=True)
@@ -103,8 +110,10 @@ class _FileIOManager(ConfigurableIOManager):
             return self._read(self.path_for(key, keys[0]), context)
         # {partition: value}: the run's partitions, or every batch for an unpartitioned consumer.
         # Batches registered but not yet materialized are absent; consumers report them.
-        found = {k: self.path_for(key, k) for k in keys}
-        return {k: self._read(p, context) for k, p in found.items() if p.exists()}
+        found = {k: p for k, p in ((k, self.path_for(key, k)) for k in keys) if p.exists()}
+        if _value_type(context) is pq.ParquetFile:
+            ensure_open_files(len(found))  # each stays open, streamed
+        return {k: self._read(p, context) for k, p in found.items()}
 
 
 class ParquetIOManager(_FileIOManager):

@@ -3,7 +3,7 @@ import time
 
 import pytest
 
-from imgsim_assets.core.storage import atomic_path, publish_dir, remove_stale_temporaries
+from imgsim_assets.core.storage import atomic_path, ensure_open_files, publish_dir, remove_stale_temporaries
 
 
 def test_atomic_path_keeps_the_old_file_when_the_writer_fails(tmp_path):
@@ -42,3 +42,26 @@ def test_only_old_leftovers_are_cleaned(tmp_path):
     os.utime(old, (hour_ago, hour_ago))
     assert remove_stale_temporaries(tmp_path) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == [".x.tmp-fresh", "keep.parquet"]
+
+
+def test_many_batch_files_can_stay_open_past_a_low_soft_limit(tmp_path, monkeypatch):
+    import resource
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    open_now = len(os.listdir("/proc/self/fd"))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (open_now + 20, hard))  # as a 1,024 limit is to 1,000 batches
+    try:
+        pq.write_table(pa.table({"x": [1]}), tmp_path / "b.parquet")
+        ensure_open_files(300)
+        files = [pq.ParquetFile(tmp_path / "b.parquet", pre_buffer=False) for _ in range(300)]  # each holds its file open
+        assert sum(f.metadata.num_rows for f in files) == 300
+        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] >= open_now + 300
+        del files
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (100, 200))
+    with pytest.raises(OSError, match="hard limit"):
+        ensure_open_files(1000)

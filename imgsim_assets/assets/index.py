@@ -323,7 +323,7 @@ def faiss_index(
     faiss_index_shards: dict[str, ix.Shard],
     pca_model: ix.PcaModel,
     index_template: faiss.Index,
-    raw_images: dict[str, pa.Table],
+    raw_images: dict[str, pq.ParquetFile],
     image_embeddings: dict[str, pq.ParquetFile],
 ) -> ImageIndex:
     """All shards merged into one index (ids = image_id, each image once) that takes raw
@@ -459,17 +459,21 @@ def retraining_due(faiss_index: ImageIndex) -> AssetCheckResult:
     )
 
 
-def _catalog(manifests: dict[str, pa.Table], indexed_ids: np.ndarray) -> pa.Table:
-    """Every ok file whose image is in the index: image_id, batch, path."""
-    indexed = pa.array(np.unique(indexed_ids), pa.int64())
+def _catalog(manifests: dict[str, pq.ParquetFile | pa.Table], indexed_ids: np.ndarray) -> pa.Table:
+    """Every ok file whose image is in the index: image_id, batch, path (manifests are read
+    one at a time, those columns only; membership is tested once over all of them, since each
+    test hashes the whole index's ids)."""
+    columns = ["image_id", "path", "status"]
     parts = []
     for batch, manifest in sorted(manifests.items()):
-        rows = manifest.select(["image_id", "path", "status"])
-        rows = rows.filter(pc.and_(pc.equal(rows["status"], "ok"), pc.is_in(rows["image_id"], value_set=indexed)))
+        rows = manifest.read(columns=columns) if isinstance(manifest, pq.ParquetFile) else manifest.select(columns)
+        rows = rows.filter(pc.equal(rows["status"], "ok"))
         parts.append(pa.table({"image_id": rows["image_id"].cast(pa.int64()),
                                "batch": pa.array([batch] * rows.num_rows, pa.string()),
                                "path": rows["path"].cast(pa.string())}))
     if not parts:
         return pa.table({"image_id": pa.array([], pa.int64()), "batch": pa.array([], pa.string()),
                          "path": pa.array([], pa.string())})
-    return pa.concat_tables(parts).combine_chunks()
+    catalog = pa.concat_tables(parts)
+    indexed = pa.array(np.unique(indexed_ids), pa.int64())
+    return catalog.filter(pc.is_in(catalog["image_id"], value_set=indexed)).combine_chunks()

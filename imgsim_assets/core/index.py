@@ -462,20 +462,23 @@ def merge_shards(template: faiss.IndexIVF, shards: Iterable[tuple[str, Shard]]) 
                 f"({type(merged).__name__}, d={merged.d}, nlist={merged.nlist}); "
                 "rebuild it with the current pca_model and cluster_centroids"
             )
+    # Which entries an earlier shard already holds: one sort over all ids (8 bytes each); the
+    # codes are copied shard by shard into the lists, never gathered into one more copy.
     ids = concat([s.ids for _, s in shards])
-    first = np.sort(np.unique(ids, return_index=True)[1])  # each id's first entry, in shard order
-    lists = concat([s.lists for _, s in shards])[first]
-    by_list = np.argsort(lists, kind="stable")
-    order, lists = first[by_list], lists[by_list]
-    ids = ids[order]
-    codes = np.concatenate([s.codes for _, s in shards])[order] if shards else np.zeros((0, merged.code_size), np.uint8)
-    bounds = np.searchsorted(lists, np.arange(merged.nlist + 1))
-    invlists = merged.invlists
-    for n in np.flatnonzero(np.diff(bounds)):
-        a, b = bounds[n], bounds[n + 1]
-        invlists.add_entries(int(n), int(b - a), faiss.swig_ptr(ids[a:b]), faiss.swig_ptr(codes[a:b]))
-    merged.ntotal = len(ids)
-    return merged, int(sum(len(s) for _, s in shards) - len(ids))
+    keep = np.zeros(len(ids), bool)
+    keep[np.unique(ids, return_index=True)[1]] = True
+    invlists, start = merged.invlists, 0
+    for _, shard in shards:
+        kept = keep[start : start + len(shard)]
+        start += len(shard)
+        shard_ids, lists, codes = shard.ids, shard.lists, shard.codes
+        if not kept.all():
+            shard_ids, lists, codes = shard_ids[kept], lists[kept], codes[kept]
+        bounds = np.flatnonzero(np.diff(lists, prepend=-1, append=merged.nlist))  # lists ascend within a shard
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            invlists.add_entries(int(lists[a]), int(b - a), faiss.swig_ptr(shard_ids[a:b]), faiss.swig_ptr(codes[a:b]))
+        merged.ntotal += len(shard_ids)
+    return merged, int(len(ids) - keep.sum())
 
 
 def with_pretransform(pca: PcaModel, ivf: faiss.Index) -> faiss.IndexPreTransform:

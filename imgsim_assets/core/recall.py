@@ -214,10 +214,10 @@ def evaluate(
     raw = _TopK(k, nq=nq)  # exact top-k on raw vectors
     found_scores = [np.full((nq, k), -np.inf, np.float32) for _ in settings]
     wanted = [np.where(a >= 0, a, np.iinfo(np.int64).min) for a in answers]
-    for ids, vectors in distinct_chunks(database()):
-        if fraction < 1.0:
-            keep = in_sample(ids, fraction)
-            ids, vectors = ids[keep], vectors[keep]
+    chunks = database()
+    if fraction < 1.0:  # membership depends on the id alone: sample first, then drop repeats of the few left
+        chunks = ((ids[keep], vectors[keep]) for ids, vectors in chunks for keep in [in_sample(ids, fraction)])
+    for ids, vectors in distinct_chunks(chunks):
         for start in range(0, len(ids), BLOCK_ROWS):
             block_ids = ids[start : start + BLOCK_ROWS]
             block = np.ascontiguousarray(vectors[start : start + BLOCK_ROWS], dtype=np.float32)

@@ -120,3 +120,25 @@ def remove_stale_temporaries(directory: str | os.PathLike, min_age_s: float = 36
                 p.unlink(missing_ok=True)
             removed += 1
     return removed
+
+
+def ensure_open_files(count: int, spare: int = 256) -> None:
+    """Make room for ``count`` more open files in this process: a consumer of every batch keeps
+    one open Parquet file per batch (streamed, not loaded), and a year of daily folders is more
+    than the usual soft limit of 1,024. The soft limit is raised up to the hard one; beyond
+    that, a clear error instead of "Too many open files" halfway through."""
+    import resource
+
+    try:
+        now = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        now = 64
+    wanted = now + count + spare
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return
+    if hard != resource.RLIM_INFINITY and hard < wanted:
+        raise OSError(f"reading {count} batch files at once needs about {wanted} open files, but this process may "
+                      f"open at most {hard} (hard limit): raise it, e.g. `ulimit -n {wanted}` as root or in the "
+                      "service's LimitNOFILE")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
