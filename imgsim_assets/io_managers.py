@@ -26,7 +26,7 @@ from dagster import ConfigurableIOManager, InputContext, MetadataValue, OutputCo
 
 from imgsim_assets.core import tables
 from imgsim_assets.core.evaluation import Evaluation
-from imgsim_assets.core.index import PcaModel, Shard
+from imgsim_assets.core.index import PcaModel, Shard, ShardFile
 from imgsim_assets.core.search import ImageIndex
 from imgsim_assets.core.storage import (
     artifact_path,
@@ -152,7 +152,7 @@ class NpzIOManager(_FileIOManager):
     :class:`Shard`) as ``.npz``; the input's type annotation says which class to rebuild."""
 
     suffix: ClassVar[str] = ".npz"
-    types: ClassVar[tuple[type, ...]] = (PcaModel, Shard)
+    types: ClassVar[tuple[type, ...]] = (PcaModel, Shard, ShardFile)
 
     def _write(self, path: Path, obj) -> None:
         with atomic_path(path) as tmp:
@@ -163,6 +163,8 @@ class NpzIOManager(_FileIOManager):
         if wanted not in self.types:
             raise TypeError(f"{context.asset_key.to_user_string()} is stored as .npz; annotate the input as one of "
                             f"{', '.join(t.__name__ for t in self.types)}, not {wanted!r}")
+        if wanted is ShardFile:
+            return ShardFile(str(path))  # read by its consumer, when it needs it
         with np.load(path, allow_pickle=False) as arrays:
             return wanted.from_arrays(arrays)
 

@@ -217,6 +217,11 @@ def test_shard_round_trips_through_plain_arrays(tmp_path):
     # Only the lists travel: codes (500 × 16 bytes), ids and list numbers, not the trained tables.
     assert set(arrays.files) >= {"ids", "lists", "codes"} and back.codes.shape == (500, template.code_size)
     assert (tmp_path / "s.npz").stat().st_size < 500 * (template.code_size + 16) + 4096
+    on_disk = ix.ShardFile(str(tmp_path / "s.npz"))  # as faiss_index reads shards: one at a time
+    assert (on_disk.layout, on_disk.drift) == (back.layout, shard.drift)
+    from_file, _ = ix.merge_shards(template, [("s", on_disk)])
+    in_memory, _ = ix.merge_shards(template, [("s", shard)])
+    assert np.array_equal(ix.ivf_ids(from_file), ix.ivf_ids(in_memory))
 
 
 def test_shards_written_whole_by_earlier_versions_still_load(tmp_path):
@@ -231,6 +236,9 @@ def test_shards_written_whole_by_earlier_versions_still_load(tmp_path):
     assert (back.pca_residual, back.drift, back.layout) == (0.5, 1.1, ix.layout_fingerprint(template))
     merged, _ = ix.merge_shards(template, [("old", back)])
     assert np.array_equal(np.sort(ix.ivf_ids(merged)), np.arange(300))
+    read_late, _ = ix.merge_shards(template, [("old", ix.ShardFile(str(tmp_path / "old.npz")))])
+    assert np.array_equal(ix.ivf_ids(read_late), ix.ivf_ids(merged))
+    assert ix.ShardFile(str(tmp_path / "old.npz")).drift == 1.1
 
 
 @pytest.mark.parametrize("codec", ["Flat", "SQ8", "PQ4"])

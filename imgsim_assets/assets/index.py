@@ -320,7 +320,7 @@ def evaluate_recall(index: faiss.Index, transform, image_embeddings: dict[str, p
 def faiss_index(
     context: AssetExecutionContext,
     config: IndexConfig,
-    faiss_index_shards: dict[str, ix.Shard],
+    faiss_index_shards: dict[str, ix.ShardFile],
     pca_model: ix.PcaModel,
     index_template: faiss.Index,
     raw_images: dict[str, pq.ParquetFile],

@@ -408,6 +408,9 @@ class Shard:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def load(self) -> "Shard":
+        return self
+
     def to_arrays(self) -> dict[str, np.ndarray]:
         return {"layout": np.array(self.layout), "ids": self.ids, "lists": self.lists, "codes": self.codes,
                 "pca_residual": np.array(self.pca_residual), "drift": np.array(self.drift)}
@@ -420,6 +423,38 @@ class Shard:
             shard.pca_residual, shard.drift = figures
             return shard
         return cls(str(arrays["layout"]), arrays["ids"], arrays["lists"], arrays["codes"], *figures)
+
+
+@dataclass(frozen=True)
+class ShardFile:
+    """A shard on disk (``Shard.to_arrays`` as ``.npz``), read when merged: its fingerprint and
+    ids first (bytes per vector), its codes one shard at a time, so a merge never holds every
+    shard's codes besides the merged index's."""
+
+    path: str
+
+    def _read(self, *names: str):
+        with np.load(self.path, allow_pickle=False) as arrays:
+            if "index" in arrays:  # written whole by earlier versions
+                shard = Shard.from_arrays(arrays)
+                return tuple(getattr(shard, n) for n in names)
+            return tuple(str(arrays[n]) if n == "layout" else arrays[n] for n in names)
+
+    @property
+    def layout(self) -> str:
+        return self._read("layout")[0]
+
+    @property
+    def drift(self) -> float:
+        return float(self._read("drift")[0])
+
+    @property
+    def ids(self) -> np.ndarray:
+        return self._read("ids")[0]
+
+    def load(self) -> Shard:
+        with np.load(self.path, allow_pickle=False) as arrays:
+            return Shard.from_arrays(arrays)
 
 
 def shard_centroids(shard: faiss.Index) -> np.ndarray:
@@ -446,31 +481,37 @@ def list_sizes(index: faiss.Index) -> np.ndarray:
     return np.array([ivf.invlists.list_size(i) for i in range(ivf.nlist)], dtype=np.int64)
 
 
-def merge_shards(template: faiss.IndexIVF, shards: Iterable[tuple[str, Shard]]) -> tuple[faiss.IndexIVF, int]:
-    """Merge shards into one index; an id already present (in an earlier shard) is not added again.
-    Each list holds its entries in shard order, as adding the shards one after another would.
+def merge_shards(template: faiss.IndexIVF, shards: Iterable[tuple[str, Shard | ShardFile]]) -> tuple[faiss.IndexIVF, int]:
+    """Merge shards (in memory, or files read one at a time) into one index; an id already
+    present (in an earlier shard) is not added again. Each list holds its entries in shard
+    order, as adding the shards one after another would.
 
     Returns the merged index and how many duplicate vectors were skipped.
     """
     merged = faiss.clone_index(template)
     expected = layout_fingerprint(merged)
     shards = list(shards)
+    ids = []
     for name, shard in shards:
-        if shard.layout != expected:
+        layout, shard_ids = (shard.layout, shard.ids) if isinstance(shard, Shard) else shard._read("layout", "ids")
+        if layout != expected:
             raise ValueError(
                 f"shard {name!r} was built with another trained index than the current one "
                 f"({type(merged).__name__}, d={merged.d}, nlist={merged.nlist}); "
                 "rebuild it with the current pca_model and cluster_centroids"
             )
+        ids.append(shard_ids)
     # Which entries an earlier shard already holds: one sort over all ids (8 bytes each); the
     # codes are copied shard by shard into the lists, never gathered into one more copy.
-    ids = concat([s.ids for _, s in shards])
+    sizes = [len(i) for i in ids]
+    ids = concat(ids)
     keep = np.zeros(len(ids), bool)
     keep[np.unique(ids, return_index=True)[1]] = True
     invlists, start = merged.invlists, 0
-    for _, shard in shards:
-        kept = keep[start : start + len(shard)]
-        start += len(shard)
+    for (_, source), size in zip(shards, sizes):
+        shard = source.load()
+        kept = keep[start : start + size]
+        start += size
         shard_ids, lists, codes = shard.ids, shard.lists, shard.codes
         if not kept.all():
             shard_ids, lists, codes = shard_ids[kept], lists[kept], codes[kept]

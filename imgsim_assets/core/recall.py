@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import faiss
 import numpy as np
@@ -87,6 +87,21 @@ class _TopK:
         self.ids = np.take_along_axis(all_i, order, axis=1)
         self.payload = np.take_along_axis(all_p, order, axis=1)
         self.ids[~np.isfinite(self.scores)] = -1
+
+
+def _regrouped(chunks: Iterable[tuple[np.ndarray, np.ndarray]], rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The chunks' rows in chunks of at least ``rows`` (the last may be smaller): a database
+    sample of a tenth of each batch file comes in slivers, and scoring costs per call."""
+    ids, vectors, held = [], [], 0
+    for chunk_ids, chunk_vectors in chunks:
+        ids.append(chunk_ids)
+        vectors.append(chunk_vectors)
+        held += len(chunk_ids)
+        if held >= rows:
+            yield np.concatenate(ids), np.concatenate(vectors)
+            ids, vectors, held = [], [], 0
+    if held:
+        yield np.concatenate(ids), np.concatenate(vectors)
 
 
 def tie_aware_recall(found_scores: np.ndarray, truth_scores: np.ndarray, epsilon: float = TIE_EPSILON) -> tuple[float, float]:
@@ -217,7 +232,7 @@ def evaluate(
     chunks = database()
     if fraction < 1.0:  # membership depends on the id alone: sample first, then drop repeats of the few left
         chunks = ((ids[keep], vectors[keep]) for ids, vectors in chunks for keep in [in_sample(ids, fraction)])
-    for ids, vectors in distinct_chunks(chunks):
+    for ids, vectors in _regrouped(distinct_chunks(chunks), BLOCK_ROWS):
         for start in range(0, len(ids), BLOCK_ROWS):
             block_ids = ids[start : start + BLOCK_ROWS]
             block = np.ascontiguousarray(vectors[start : start + BLOCK_ROWS], dtype=np.float32)
