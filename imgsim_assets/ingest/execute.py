@@ -41,7 +41,7 @@ def execute(
     outcomes: dict[str, str | None] = {}
     broken: set[str] = set()  # failed unpartitioned steps, and the steps skipped because of one
     pending: list[Step] = []  # runnable steps of one job for adjacent partitions, not run yet
-    position: dict[str, int] = {}  # partition → its place in the partitions' order (ranges follow it)
+    positions: dict[str, dict[str, int]] = {}  # job → partition → its place in the partitions' order
 
     ledger = Ledger(instance, graph)  # what is materialized: read again after every run
 
@@ -54,10 +54,10 @@ def execute(
 
     for step in steps:
         job = _job_def(defs, step)
-        if step.partition is not None and not position:
+        if step.partition is not None and step.job not in positions:
             keys = job.partitions_def.get_partition_keys(dynamic_partitions_store=instance)
-            position.update((key, i) for i, key in enumerate(keys))
-        if pending and not _extends(graph, job, position, pending, step):
+            positions[step.job] = {key: i for i, key in enumerate(keys)}
+        if pending and not _extends(graph, job, positions.get(step.job, {}), pending, step):
             flush()
         blocked = _blocked_by(graph, instance, step, job, broken)
         reason = blocked or _needless(step, outcomes) or _missing_input(graph, ledger, step, job)
