@@ -1,7 +1,11 @@
 """Listing a batch folder."""
 
+import hashlib
+import os
+
 import pytest
 
+from imgsim_assets.core import images
 from imgsim_assets.core.images import list_batch_files
 
 
@@ -17,3 +21,36 @@ def test_empty_or_missing_batch_folder_is_a_clear_error(tmp_path):
         list_batch_files(tmp_path)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         list_batch_files(tmp_path / "nope")
+
+
+def _fingerprint_file_by_file(files) -> str:
+    """The fingerprint as recorded by earlier versions: one hash update per file."""
+    h = hashlib.sha256()
+    for f in files:
+        try:
+            st = os.stat(f)
+        except OSError:
+            try:
+                st = os.lstat(f)
+            except OSError:
+                h.update(f"{f}\0gone\n".encode("utf-8", "surrogateescape"))
+                continue
+        h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+    return h.hexdigest()[:16]
+
+
+def test_listing_and_fingerprint_keep_the_versions_already_recorded(tmp_path):
+    """Consumed folder versions are stored in the event log: listing and fingerprint must give
+    the same paths and the same value as they always did, or every batch would look changed."""
+    batch = tmp_path / "b1"
+    (batch / "sub").mkdir(parents=True)
+    for i in range(5000):  # more than one hashing chunk
+        (batch / f"img_{i:05d}.jpg").write_bytes(b"x" * (i % 7))
+    (batch / "sub" / "b.jpg").write_bytes(b"y")
+    (batch / "link.jpg").symlink_to(batch / "img_00001.jpg")
+    (batch / "dangling.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    listed = images.list_batch_paths(batch)
+    assert images.list_batch_paths(f"{batch}{os.sep}") == listed  # a trailing separator changes nothing
+    assert listed[-1] == os.path.join(batch, "sub", "b.jpg") and os.path.join(batch, "link.jpg") in listed
+    files = [*listed, str(batch / "vanished.jpg")]
+    assert images.folder_fingerprint(files) == _fingerprint_file_by_file(files)

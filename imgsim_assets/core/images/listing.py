@@ -33,10 +33,9 @@ def list_batch_paths(batch_dir: str | os.PathLike) -> list[str]:
         subfolders = sorted(d for d in dirnames if not d.startswith("."))
         linked = {d for d in subfolders if os.path.islink(os.path.join(dirpath, d))}
         dirnames[:] = [d for d in subfolders if d not in linked]
-        for name in sorted([*filenames, *linked]):
-            if name.startswith(".") or name == DONE_MARKER:
-                continue
-            files.append(os.path.join(dirpath, name))
+        prefix = dirpath if dirpath.endswith(os.sep) else dirpath + os.sep  # os.path.join's result, without its cost per file
+        files += [prefix + name for name in sorted([*filenames, *linked])
+                  if not name.startswith(".") and name != DONE_MARKER]
     if errors and errors[0].filename == batch_dir:
         raise PermissionError(f"image batch folder {batch_dir} cannot be read: {errors[0].strerror}")
     files += sorted(str(Path(e.filename)) for e in errors if e.filename)  # subfolders that cannot be listed
@@ -52,6 +51,7 @@ def folder_fingerprint(files: Iterable[str | os.PathLike]) -> str:
     vanished counts as such (the batch is then stale, which it is).
     """
     h = hashlib.sha256()
+    lines: list[str] = []  # hashed a few thousand at a time: the same bytes, far fewer calls
     for f in files:
         try:
             st = os.stat(f)
@@ -59,7 +59,11 @@ def folder_fingerprint(files: Iterable[str | os.PathLike]) -> str:
             try:
                 st = os.lstat(f)
             except OSError:
-                h.update(f"{f}\0gone\n".encode("utf-8", "surrogateescape"))
+                lines.append(f"{f}\0gone\n")
                 continue
-        h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+        lines.append(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n")
+        if len(lines) >= 4096:
+            h.update("".join(lines).encode("utf-8", "surrogateescape"))
+            lines.clear()
+    h.update("".join(lines).encode("utf-8", "surrogateescape"))
     return h.hexdigest()[:16]
