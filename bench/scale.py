@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import argparse
 import io
-import re
 import os
+import re
 import shutil
 import tempfile
 import threading

@@ -248,17 +248,18 @@ def faiss_index_shards(
     batch's drift: its PCA residual relative to the training sample's. A run over several
     batches holds one batch at a time."""
     shards = {}
+    trained = ix.layout_fingerprint(index_template), ix.shard_centroids(index_template)  # once per run
     for batch in context.partition_keys:
-        shard, metadata = _build_shard(batch, image_embeddings[batch].read(), pca_model, index_template)
+        shard, metadata = _build_shard(batch, image_embeddings[batch].read(), pca_model, index_template, *trained)
         shards[batch] = StagedFile(storage.staging_path(".npz"))
         save_npz(shards[batch].path, shard)
         context.add_asset_metadata(metadata, partition_key=batch)
     return shards
 
 
-def _build_shard(batch: str, embeddings: pa.Table, pca_model: ix.PcaModel,
-                 index_template: faiss.Index) -> tuple[ix.Shard, dict]:
-    """One batch's shard, and its metadata."""
+def _build_shard(batch: str, embeddings: pa.Table, pca_model: ix.PcaModel, index_template: faiss.Index,
+                 layout: str, centroids: np.ndarray) -> tuple[ix.Shard, dict]:
+    """One batch's shard, and its metadata (``layout`` and ``centroids``: the template's)."""
     _check_same_encoder({batch: embeddings.schema}, _encoder_identity(pca_model.provenance))
     vectors = tables.embedding_matrix(embeddings)
     if vectors.shape[1] != pca_model.input_dim:
@@ -267,13 +268,13 @@ def _build_shard(batch: str, embeddings: pa.Table, pca_model: ix.PcaModel,
             f"{pca_model.input_dim}-d; retrain pca_model or re-embed the batch"
         )
     reduced = pca_model.transform(vectors)
-    shard = ix.Shard.build(index_template, pca_model, embeddings.column("image_id").to_numpy(), vectors, reduced)
-    ivf = faiss.extract_index_ivf(index_template)
-    _, sims = ix.nearest_centroid(reduced, ix.shard_centroids(ivf)) if len(vectors) else (None, np.zeros(1))
+    shard = ix.Shard.build(index_template, pca_model, embeddings.column("image_id").to_numpy(), vectors, reduced,
+                           layout)
+    _, sims = ix.nearest_centroid(reduced, centroids) if len(vectors) else (None, np.zeros(1))
     return shard, {
         "num_vectors": len(shard),
-        "dim": int(ivf.d),
-        "nlist": int(ivf.nlist),
+        "dim": int(centroids.shape[1]),
+        "nlist": int(centroids.shape[0]),
         "pca_residual": shard.pca_residual,
         "drift": shard.drift,
         "mean_similarity_to_centroid": float(sims.mean()),

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Iterable, Iterator
 
 import faiss
@@ -355,15 +356,15 @@ def layout_fingerprint(index: faiss.Index) -> str:
     return h.hexdigest()[:16]
 
 
-def build_shard(template: faiss.IndexIVF, ids: np.ndarray, vectors: np.ndarray) -> Shard:
+def build_shard(template: faiss.IndexIVF, ids: np.ndarray, vectors: np.ndarray, layout: str | None = None) -> Shard:
     """A shard: ``vectors`` (PCA-reduced, unit) under ``ids``, encoded and assigned to lists by
-    the trained ``template``."""
+    the trained ``template`` (whose ``layout_fingerprint`` a caller building many may pass)."""
     index = faiss.clone_index(template)
     if vectors.shape[1] != index.d:
         raise ValueError(f"shard vectors have dimension {vectors.shape[1]} but the trained index has {index.d}")
     if len(ids):
         index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.asarray(ids, dtype=np.int64))
-    return Shard.from_index(index, layout_fingerprint(template))
+    return Shard.from_index(index, layout or layout_fingerprint(template))
 
 
 @dataclass
@@ -382,10 +383,10 @@ class Shard:
 
     @classmethod
     def build(cls, template: faiss.IndexIVF, pca: PcaModel, ids: np.ndarray, embeddings: np.ndarray,
-              reduced: np.ndarray | None = None) -> "Shard":
+              reduced: np.ndarray | None = None, layout: str | None = None) -> "Shard":
         """``embeddings`` under ``ids`` in ``template``'s layout; ``reduced``: their PCA transform,
-        when the caller has it already."""
-        shard = build_shard(template, ids, pca.transform(embeddings) if reduced is None else reduced)
+        and ``layout``: the template's fingerprint, when the caller has them already."""
+        shard = build_shard(template, ids, pca.transform(embeddings) if reduced is None else reduced, layout)
         shard.pca_residual = float(pca.residual_fraction(embeddings).mean()) if len(embeddings) else float("nan")
         shard.drift = shard.pca_residual / pca.train_residual if pca.train_residual > 0 else float("nan")
         return shard
@@ -440,17 +441,22 @@ class ShardFile:
                 return tuple(getattr(shard, n) for n in names)
             return tuple(str(arrays[n]) if n == "layout" else arrays[n] for n in names)
 
-    @property
-    def layout(self) -> str:
-        return self._read("layout")[0]
+    @cached_property
+    def _head(self) -> tuple:
+        """What is read before the codes, in one opening: fingerprint, ids and drift."""
+        return self._read("layout", "ids", "drift")
 
     @property
-    def drift(self) -> float:
-        return float(self._read("drift")[0])
+    def layout(self) -> str:
+        return self._head[0]
 
     @property
     def ids(self) -> np.ndarray:
-        return self._read("ids")[0]
+        return self._head[1]
+
+    @property
+    def drift(self) -> float:
+        return float(self._head[2])
 
     def load(self) -> Shard:
         with np.load(self.path, allow_pickle=False) as arrays:
@@ -493,14 +499,13 @@ def merge_shards(template: faiss.IndexIVF, shards: Iterable[tuple[str, Shard | S
     shards = list(shards)
     ids = []
     for name, shard in shards:
-        layout, shard_ids = (shard.layout, shard.ids) if isinstance(shard, Shard) else shard._read("layout", "ids")
-        if layout != expected:
+        if shard.layout != expected:
             raise ValueError(
                 f"shard {name!r} was built with another trained index than the current one "
                 f"({type(merged).__name__}, d={merged.d}, nlist={merged.nlist}); "
                 "rebuild it with the current pca_model and cluster_centroids"
             )
-        ids.append(shard_ids)
+        ids.append(shard.ids)
     # Which entries an earlier shard already holds: one sort over all ids (8 bytes each); the
     # codes are copied shard by shard into the lists, never gathered into one more copy.
     sizes = [len(i) for i in ids]
