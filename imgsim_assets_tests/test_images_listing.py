@@ -54,3 +54,30 @@ def test_listing_and_fingerprint_keep_the_versions_already_recorded(tmp_path):
     assert listed[-1] == os.path.join(batch, "sub", "b.jpg") and os.path.join(batch, "link.jpg") in listed
     files = [*listed, str(batch / "vanished.jpg")]
     assert images.folder_fingerprint(files) == _fingerprint_file_by_file(files)
+
+
+def _many_folders(root, count: int) -> list:
+    folders = []
+    for i in range(count):
+        folder = root / f"b{i:03d}"
+        folder.mkdir()
+        (folder / "img.jpg").write_bytes(b"x" * i)
+        folders.append(folder)
+    folders[7] = root / "vanished"  # cannot be listed: None, wherever it is fingerprinted
+    (folders[8] / "img.jpg").unlink()  # empty: None as well
+    return folders
+
+
+def test_many_folders_are_fingerprinted_in_helper_processes_with_the_same_result(tmp_path, caplog):
+    folders = _many_folders(tmp_path, 3 * images.listing.FOLDERS_PER_PROCESS)
+    one_by_one = [images.fingerprint_folder(f) for f in folders]
+    assert one_by_one[7] is None and one_by_one[8] is None and len(set(one_by_one)) == len(folders) - 1
+    assert images.fingerprint_folders(folders, processes=3) == one_by_one
+    assert "in this process instead" not in caplog.text  # the helpers answered
+
+
+def test_a_failing_helper_process_leaves_its_share_to_this_one(tmp_path, monkeypatch, caplog):
+    folders = _many_folders(tmp_path, 2 * images.listing.FOLDERS_PER_PROCESS)
+    monkeypatch.setattr(images.listing, "_HELPER", [images.listing.sys.executable, "-c", "print('[1, 2]')"])
+    assert images.fingerprint_folders(folders, processes=2) == [images.fingerprint_folder(f) for f in folders]
+    assert "fingerprinting 50 folders in this process instead: 2 answers for 50 folders" in caplog.text

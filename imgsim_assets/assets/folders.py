@@ -38,11 +38,14 @@ MANIFEST = AssetKey("raw_images")
 
 
 def folder_version(folder: Path) -> str:
-    """The data version of a batch folder: the fingerprint of its files, or ``UNREADABLE``."""
-    try:  # resolved, as raw_images reads it: the fingerprint covers the files' paths
-        return images.folder_fingerprint(images.list_batch_paths(folder.resolve()))
-    except (OSError, ValueError):
-        return UNREADABLE
+    """The data version of a batch folder: the fingerprint of its files, or ``UNREADABLE``.
+    (Resolved, as raw_images reads it: the fingerprint covers the files' paths.)"""
+    return images.fingerprint_folder(folder) or UNREADABLE
+
+
+def folder_versions(folders: list[Path]) -> list[str]:
+    """:func:`folder_version` of many folders, over several processes when there are many."""
+    return [version or UNREADABLE for version in images.fingerprint_folders(folders)]
 
 
 def folder_changed(observed: str | None, consumed: str | None) -> bool:
@@ -54,7 +57,7 @@ def folder_changed(observed: str | None, consumed: str | None) -> bool:
 def _observe(context, storage: StorageResource) -> DataVersionsByPartition:
     """The current version of every batch folder."""
     batches = context.instance.get_dynamic_partitions(image_batches.name)
-    return DataVersionsByPartition({b: folder_version(storage.batch_dir(b)) for b in batches})
+    return DataVersionsByPartition(dict(zip(batches, folder_versions([storage.batch_dir(b) for b in batches]))))
 
 
 with warnings.catch_warnings():

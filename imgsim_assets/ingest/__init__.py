@@ -113,8 +113,7 @@ def observe_folders(instance: DagsterInstance, images_dir: Path, log: Callable[[
         instance.delete_dynamic_partition(image_batches.name, batch)
         log(f"batch folder {batch!r} is gone: removed it from the partitions (and from the next index)")
     observed = folders.observed_versions(instance)
-    for batch in batches:
-        version = folders.folder_version(images_dir / batch)
+    for batch, version in zip(batches, folders.folder_versions([images_dir / b for b in batches])):
         if version != observed.get(batch):
             instance.report_runless_asset_event(folders.observation(batch, version))
     return Folders(batches, new, removed, invalid)

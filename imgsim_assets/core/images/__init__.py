@@ -2,7 +2,9 @@
 one :class:`ImageRecord`: ``ok`` with its pixels, or ``rejected`` with a reason and a message."""
 
 from imgsim_assets.core.images.decoding import ORIENTATION_TAG, decode, decode_pixels
-from imgsim_assets.core.images.listing import folder_fingerprint, list_batch_files, list_batch_paths
+from imgsim_assets.core.images.listing import (
+    fingerprint_folder, fingerprint_folders, folder_fingerprint, list_batch_files, list_batch_paths,
+)  # fmt: skip
 from imgsim_assets.core.images.names import (
     DONE_MARKER, as_text, image_id_from_sha256, os_path, record_path, source_path,
 )  # fmt: skip
@@ -20,7 +22,8 @@ __all__ = [
     "CHANGED_WHILE_READING", "DECODE_ERROR", "DECOMPRESSION_BOMB", "DONE_MARKER", "EMPTY_FILE", "NOT_AN_IMAGE",
     "NOT_A_FILE", "OK", "ORIENTATION_TAG", "OUTSIDE_ROOT", "PATCH_SIZE", "REASONS", "REJECTED", "TOO_LARGE",
     "TOO_SMALL", "TRUNCATED", "UNREADABLE", "UNSUPPORTED_MODE", "ImageRecord", "Preprocess", "Rejected", "as_text",
-    "decode", "decode_pixels", "decode_pool", "default_workers", "folder_fingerprint", "image_id_from_sha256",
+    "decode", "decode_pixels", "decode_pool", "default_workers", "fingerprint_folder", "fingerprint_folders",
+    "folder_fingerprint", "image_id_from_sha256",
     "list_batch_files", "list_batch_paths", "os_path", "preprocess_file", "preprocess_files", "read_file", "record_path",
     "records_to_columns", "shutdown_decode_pool", "source_path",
 ]  # fmt: skip
