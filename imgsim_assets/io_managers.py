@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import typing
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -208,10 +209,19 @@ class FaissIOManager(_FileIOManager):
 
 
 class ImageIndexIOManager(_FileIOManager):
-    """:class:`ImageIndex` as a directory (index, catalog, info) published behind a symlink."""
+    """:class:`ImageIndex` as a directory (index, catalog, info) published behind a symlink.
+
+    An index this process published is not loaded a second time while it is still in memory
+    (an in-process run keeps its outputs until it ends): the checks of the run that built it
+    read that object, not a second copy (a gigabyte at a million vectors). A published version
+    directory never changes, so while the symlink points at it, it holds that same index.
+    """
+
+    _published: ClassVar[weakref.WeakValueDictionary[str, ImageIndex]] = weakref.WeakValueDictionary()
 
     def _write(self, path: Path, obj: ImageIndex) -> None:
-        publish_dir(path, obj.save)
+        self._published[str(publish_dir(path, obj.save).resolve())] = obj
 
     def _read(self, path: Path, context: InputContext) -> ImageIndex:
-        return ImageIndex.load(path)
+        published = self._published.get(str(path.resolve()))
+        return published if published is not None else ImageIndex.load(path)

@@ -1,13 +1,17 @@
+import gc
+
 import faiss
 import numpy as np
 import pyarrow as pa
 import pytest
+from dagster import AssetKey, build_input_context, build_output_context
 from sklearn.decomposition import PCA
 
 from imgsim_assets.core import index as ix
 from imgsim_assets.core import recall
 from imgsim_assets.core.search import ImageIndex, similarity_score
 from imgsim_assets.core.storage import publish_dir
+from imgsim_assets.io_managers import ImageIndexIOManager
 
 
 def _clustered(n=3000, d=48, clusters=20, seed=0):
@@ -276,15 +280,21 @@ def test_drift_is_the_pca_residual_relative_to_training():
     assert same == pytest.approx(1.0, abs=0.1) and other > 1.5
 
 
-def test_image_index_search_and_publication(tmp_path):
-    x = _clustered(n=500)
+def _image_index(x: np.ndarray) -> ImageIndex:
+    """An index of ``x`` (ids 100…), with one image found at a second path."""
     pca = ix.fit_pca(x, dim=16)
     template = ix.train_template(ix.train_centroids(pca.transform(x), 4))
-    ids = np.arange(100, 600)
+    ids = np.arange(100, 100 + len(x))
     merged, _ = ix.merge_shards(template, [("a", ix.build_shard(template, ids, pca.transform(x)))])
     merged.nprobe = 4
-    catalog = pa.table({"image_id": np.r_[ids, ids[:1]], "batch": ["a"] * 501, "path": [f"a/{i}.png" for i in ids] + ["b/copy.png"]})
-    index = ImageIndex(ix.with_pretransform(pca, merged), catalog, {"nprobe": 4})
+    catalog = pa.table({"image_id": np.r_[ids, ids[:1]], "batch": ["a"] * (len(x) + 1),
+                        "path": [f"a/{i}.png" for i in ids] + ["b/copy.png"]})
+    return ImageIndex(ix.with_pretransform(pca, merged), catalog, {"nprobe": 4})
+
+
+def test_image_index_search_and_publication(tmp_path):
+    x = _clustered(n=500)
+    index = _image_index(x)
     link = tmp_path / "faiss_index"
     publish_dir(link, index.save)
     publish_dir(link, index.save)  # republishing replaces the version, leaves no garbage
@@ -296,6 +306,23 @@ def test_image_index_search_and_publication(tmp_path):
     assert hits[0].inner_product == pytest.approx(1.0, abs=1e-5)
     with pytest.raises(ValueError, match="dimension 5"):
         loaded.search(np.zeros((1, 5), np.float32))
+
+
+def test_an_index_published_by_this_process_is_read_without_a_second_copy(tmp_path):
+    manager = ImageIndexIOManager(root=str(tmp_path))
+    key = AssetKey("faiss_index")
+    index = _image_index(_clustered(n=300))
+    manager.handle_output(build_output_context(asset_key=key), index)
+    assert manager.load_input(build_input_context(asset_key=key)) is index  # still held: the same object
+    other = _image_index(_clustered(n=200, seed=3))
+    manager.handle_output(build_output_context(asset_key=key), other)
+    assert manager.load_input(build_input_context(asset_key=key)) is other  # the version the link points at
+    ImageIndexIOManager(root=str(tmp_path)).handle_output(build_output_context(asset_key=key), index)
+    assert manager.load_input(build_input_context(asset_key=key)) is index  # by another manager of this process
+    del index, other
+    gc.collect()
+    loaded = manager.load_input(build_input_context(asset_key=key))  # no longer held: read from disk
+    assert loaded.num_vectors == 300 and loaded.search(_clustered(n=300)[:1], k=1)[0][0].image_id == 100
 
 
 def test_shard_with_the_wrong_dimension_names_both():
