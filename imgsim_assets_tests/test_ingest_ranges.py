@@ -1,6 +1,7 @@
 """``imgsim ingest`` runs adjacent batches of one job as one run over the range: each batch still
 gets its own files and its own materialization metadata, the results are those of one run per
-batch, and a batch that fails fails alone."""
+batch, and a batch that fails fails alone. The decode workers do not outlast the job that
+decoded."""
 
 import importlib
 
@@ -11,7 +12,10 @@ from dagster import AssetKey, AssetRecordsFilter, RunsFilter, instance_for_test
 from imgsim_assets.assets import folders
 from imgsim_assets.core import images
 from imgsim_assets.core.sample_data import write_synthetic_batch
+from imgsim_assets.definitions import build_definitions
 from imgsim_assets.ingest import ingest
+from imgsim_assets.resources import EncoderResource, PreprocessResource
+from imgsim_assets.settings import Settings
 from imgsim_assets_tests.run_processes import tiny_definitions
 
 EXECUTE = importlib.import_module("imgsim_assets.ingest.execute")  # the package exports a function of that name
@@ -94,3 +98,22 @@ def test_a_failing_batch_in_a_range_fails_alone(tmp_path, monkeypatch):
     assert any("running its batches one by one" in m for m in messages)
     assert runs["embed_batch"] == 1 + len(SIZES)  # the range, then each batch on its own
     assert report.shards == ["b1", "b3"] and report.merged
+
+
+def test_decode_workers_are_stopped_before_the_runs_of_later_jobs(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    write_synthetic_batch(data / "images" / "b1", 40, seed=0, size=(32, 32))  # more than one chunk of 16
+    defs = build_definitions(
+        Settings(data_dir=data), encoder=EncoderResource(weights="random", depth=1, batch_size=8, device="cpu"),
+        preprocessing=PreprocessResource(crop_size=56, resize_size=64, workers=2))
+    started = []
+    decode_pool = images.pool.decode_pool
+    monkeypatch.setattr(images.pool, "decode_pool", lambda workers=0: started.append(workers) or decode_pool(workers))
+    pool_at_start = {}  # job → the decode pool as its run starts
+    (tmp_path / "home").mkdir()
+    with instance_for_test(temp_dir=str(tmp_path / "home")) as instance:
+        report = ingest(defs, instance, data / "images",
+                        log=lambda m: m.startswith("running ") and pool_at_start.setdefault(m.split()[1], images.pool._pool))
+    assert report.ok and report.merged and set(started) == {2}  # embedding decoded in 2 worker processes
+    assert {"train_index", "index_shard", "merge_index", "analyze_index"} <= set(pool_at_start)
+    assert all(pool is None for job, pool in pool_at_start.items() if job != "embed_batch")
