@@ -76,8 +76,13 @@ def test_many_folders_are_fingerprinted_in_helper_processes_with_the_same_result
     assert "in this process instead" not in caplog.text  # the helpers answered
 
 
-def test_a_failing_helper_process_leaves_its_share_to_this_one(tmp_path, monkeypatch, caplog):
+@pytest.mark.parametrize("answer, why", [
+    ("print('[1, 2]')", "2 answers for 50 folders"),
+    ("print(5)", "a int instead of answers for 50 folders"),
+    ("import sys; sys.exit(3)", "returned non-zero exit status 3"),
+])
+def test_a_failing_helper_process_leaves_its_share_to_this_one(tmp_path, monkeypatch, caplog, answer, why):
     folders = _many_folders(tmp_path, 2 * images.listing.FOLDERS_PER_PROCESS)
-    monkeypatch.setattr(images.listing, "_HELPER", [images.listing.sys.executable, "-c", "print('[1, 2]')"])
+    monkeypatch.setattr(images.listing, "_HELPER", [images.listing.sys.executable, "-c", answer])
     assert images.fingerprint_folders(folders, processes=2) == [images.fingerprint_folder(f) for f in folders]
-    assert "fingerprinting 50 folders in this process instead: 2 answers for 50 folders" in caplog.text
+    assert "fingerprinting 50 folders in this process instead: " in caplog.text and why in caplog.text

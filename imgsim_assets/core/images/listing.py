@@ -130,9 +130,11 @@ def _in_helper_process(share: list[str]) -> list[str | None] | None:
             capture_output=True, check=True, timeout=3600,
         )  # fmt: skip
         result = json.loads(done.stdout)
-        if isinstance(result, list) and len(result) == len(share):
-            return result
-        raise ValueError(f"{len(result)} answers for {len(share)} folders")
+        if not isinstance(result, list):
+            raise ValueError(f"a {type(result).__name__} instead of answers for {len(share)} folders")
+        if len(result) != len(share):
+            raise ValueError(f"{len(result)} answers for {len(share)} folders")
+        return result
     except (OSError, ValueError, subprocess.SubprocessError) as e:
         logging.getLogger(__name__).warning("fingerprinting %d folders in this process instead: %s", len(share), e)
         return None
