@@ -7,7 +7,7 @@ FAISS ?= cpu   # `make FAISS=gpu install` for faiss-gpu (CUDA 12)
 export IMGSIM_DATA_DIR ?= $(CURDIR)/data
 export DAGSTER_HOME ?= $(IMGSIM_DATA_DIR)/dagster_home
 
-.PHONY: install demo test ui serve bench bench-index bench-scale clean-data
+.PHONY: install demo test test-avx2 ui serve bench bench-index bench-scale clean-data
 
 $(VENV)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (set PYTHON=...)"; exit 1; }
@@ -28,6 +28,12 @@ demo: install $(DAGSTER_HOME)/dagster.yaml
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# The suite with every library held to AVX2 kernels (Faiss, OpenBLAS, ATen, oneDNN), as on a CPU
+# without AVX-512; on x86-64 with AVX-512 it checks that no result depends on the SIMD level.
+test-avx2: install
+	FAISS_SIMD_LEVEL=AVX2 OPENBLAS_CORETYPE=Haswell ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 \
+		$(BIN)/python -m pytest -q
 
 # Side-by-side benchmarks (minutes on 2 cores); each prints both sides and the ratio.
 bench: install

@@ -21,15 +21,82 @@ def _clustered(n=3000, d=48, clusters=20, seed=0):
     return x.astype(np.float32)
 
 
-def test_pca_matches_sklearn_and_faiss_pretransform_matches_numpy():
+def test_pca_matches_sklearn_and_its_transform_is_the_published_pretransform():
     x = _clustered()
     model = ix.fit_pca(x, dim=16)
     ref = PCA(n_components=16).fit(x)
     np.testing.assert_allclose(np.abs(model.components), np.abs(ref.components_), atol=1e-4)
     reduced = model.transform(x[:50])
     np.testing.assert_allclose(np.linalg.norm(reduced, axis=1), 1.0, atol=1e-5)
-    via_faiss = faiss.NormalizationTransform(16, 2.0).apply(model.faiss_transform().apply(x[:50]))
-    np.testing.assert_allclose(via_faiss, reduced, atol=1e-5)
+    np.testing.assert_allclose(reduced, ix.normalize_rows((x[:50] - model.mean) @ model.components.T), atol=1e-5)
+    published = ix.with_pretransform(model, faiss.IndexFlatIP(16))
+    assert not ix.has_legacy_pretransform(published)
+    assert np.array_equal(recall.searched_space(published)[1](x[:50]), reduced)  # the same code, the same bits
+
+
+def _near_their_mean(n=300, d=48, spread=1e-5, seed=0):
+    """Unit embeddings within ``spread`` of one another, as a barely trained model gives."""
+    rng = np.random.default_rng(seed)
+    centre = rng.normal(size=d)
+    return ix.normalize_rows(centre / np.linalg.norm(centre) + spread * rng.normal(size=(n, d)))
+
+
+def _bias_form(model, x):
+    """The pre-transform indexes were once published with: the mean folded into a bias."""
+    linear = faiss.LinearTransform(model.input_dim, model.output_dim, True)
+    faiss.copy_array_to_vector(model.components.ravel(), linear.A)
+    faiss.copy_array_to_vector((-model.components @ model.mean).astype(np.float32), linear.b)
+    linear.is_trained = True
+    return ix.normalize_rows(linear.apply(x))
+
+
+def test_pca_of_embeddings_near_their_mean_keeps_its_precision():
+    # Centring after projecting (x·Aᵀ − A·mean) cancels almost everything here: what is left is
+    # rounding, which normalisation blows up. Centring first keeps the float64 answer.
+    x = _near_their_mean()
+    model = ix.fit_pca(x, dim=16)
+    exact = (x.astype(np.float64) - model.mean.astype(np.float64)) @ model.components.T.astype(np.float64)
+    exact /= np.linalg.norm(exact, axis=1, keepdims=True)
+    assert np.abs(model.transform(x) - exact).max() < 1e-4
+    assert np.abs(_bias_form(model, x) - exact).max() > 1e-3  # what the queries of such indexes got
+    legacy = faiss.IndexPreTransform(faiss.IndexFlatIP(16))
+    legacy.prepend_transform(faiss.LinearTransform(48, 16, True))
+    assert ix.has_legacy_pretransform(legacy)
+
+
+def _simd_levels() -> list[int]:
+    """Every Faiss SIMD level this CPU runs (one, the compiled one, without dynamic dispatch)."""
+    config = getattr(faiss, "SIMDConfig", None)
+    if config is None or not hasattr(config, "set_level"):
+        return [-1]
+    return [level for level in range(faiss.SIMDLevel_COUNT) if config.is_simd_level_available(level)]
+
+
+@pytest.mark.parametrize("nlist", [1, 4])
+def test_an_exact_index_measures_exact_at_every_simd_level(nlist):
+    # Exact ties (the same vector under other ids) and near ties 1e-6..1e-4 apart, all close
+    # to the mean: the case that once measured a Flat index at recall@10 0.93.
+    x = _near_their_mean(n=240)
+    rng = np.random.default_rng(1)
+    near = ix.normalize_rows(x[:40] + rng.choice([1e-6, 1e-5, 1e-4], size=(40, 1)) * rng.normal(size=(40, 48)))
+    x = np.concatenate([x, x[:40], near]).astype(np.float32)
+    ids = np.arange(len(x))
+    model = ix.fit_pca(x, dim=16)
+    published = ix.with_pretransform(model, _flat(model.transform(x), ids, nlist=nlist))
+    queries = ix.sample_indices(len(x), 120, seed=2)
+    levels = _simd_levels()
+    config = getattr(faiss, "SIMDConfig", None)
+    saved = config.get_level() if levels != [-1] else None
+    try:
+        for level in levels:
+            if level >= 0:
+                config.set_level(level)
+            evaluation = recall.evaluate(published, x[queries], ids[queries], lambda: [(ids, x)], nprobes=[nlist])
+            point = evaluation.curve[0]
+            assert (point.recall_at_10, point.one_recall_at_1) == (1.0, 1.0), (level, point)
+    finally:
+        if saved is not None:
+            config.set_level(saved)
 
 
 def test_pca_dimension_is_capped_by_the_data_and_can_follow_variance():

@@ -287,23 +287,6 @@ def indexed_embeddings(index: ImageIndex, files: dict[str, pq.ParquetFile]) -> d
     return {b: f for b, f in files.items() if b in batches}
 
 
-def evaluate_recall(index: faiss.Index, transform, image_embeddings: dict[str, pq.ParquetFile], n_queries: int,
-                    seed: int, nprobes=None, target: float | None = None,
-                    max_database: int | None = None) -> recall.Evaluation:
-    """Tie-aware recall of ``index`` (and the PCA loss) on queries sampled from its own
-    embeddings, each searched with itself left out, against exact search over all of them (or
-    a fixed sample of about ``max_database``); with a ``target``, nprobe is tuned
-    (:func:`recall.tune`) instead of measured as set."""
-    indexed = ix.ivf_ids(index)
-    query_ids, raw = tables.sample_embeddings(image_embeddings, n_queries, seed)
-    keep = np.isin(query_ids, indexed)
-    files = [f for _, f in sorted(image_embeddings.items())]
-    args = (index, raw[keep], query_ids[keep], lambda: tables.iter_embeddings(files), transform)
-    if target is not None:
-        return recall.tune(*args, target=target, nprobes=nprobes, max_database=max_database)
-    return recall.evaluate(*args, nprobes=nprobes, max_database=max_database)
-
-
 @asset(
     ins={
         "faiss_index_shards": AssetIn(),
@@ -343,10 +326,11 @@ def faiss_index(
     drift = {b: faiss_index_shards[b].drift for b in batches}
     factory = f"PCA{pca_model.output_dim}{'W' if pca_model.whiten else ''},L2norm,{ix.factory_of(merged)}"
     embedded = {b: f for b, f in image_embeddings.items() if b in faiss_index_shards}
-    evaluation = evaluate_recall(merged, pca_model.transform, embedded, config.recall_queries, config.seed,
-                                 nprobes=[config.nprobe] if config.nprobe else None,
-                                 target=None if config.nprobe else config.recall_target,
-                                 max_database=config.recall_database or None)
+    published = ix.with_pretransform(pca_model, merged)
+    evaluation = recall.measure(published, embedded, config.recall_queries, config.seed,
+                                nprobes=[config.nprobe] if config.nprobe else None,
+                                target=None if config.nprobe else config.recall_target,
+                                max_database=config.recall_database or None)
     chosen = evaluation.cheapest(config.recall_target) if evaluation.curve else recall.RecallPoint(1, 1.0, 1.0, 0.0)
     merged.nprobe = chosen.nprobe
     info = {
@@ -357,6 +341,8 @@ def faiss_index(
         "num_vectors": int(merged.ntotal),
         "batches": batches,
         "recall_target": config.recall_target,
+        "recall_queries": config.recall_queries,
+        "recall_seed": config.seed,
         "recall_database": config.recall_database,
         "recall_at_10": chosen.recall_at_10,
         "one_recall_at_1": chosen.one_recall_at_1,
@@ -367,7 +353,7 @@ def faiss_index(
     }
     if chosen.recall_at_10 < config.recall_target:
         context.log.warning(f"recall@10 {chosen.recall_at_10:.3f} is below the target {config.recall_target}")
-    index = ImageIndex(index=ix.with_pretransform(pca_model, merged), catalog=catalog, info=info)
+    index = ImageIndex(index=published, catalog=catalog, info=info)
     curve = evaluation.curve
     metadata = {
         "num_vectors": int(merged.ntotal),
@@ -416,14 +402,16 @@ def faiss_index(
     ins={"faiss_index": AssetIn(), "image_embeddings": AssetIn()},
 )
 def recall_checks(faiss_index: ImageIndex, image_embeddings: dict[str, pq.ParquetFile]):
-    """Re-measures the published index on queries it was not tuned on: the blocking ANN recall
-    gate and the PCA loss warning, from one pass over the embeddings."""
+    """Re-measures the published index, as the asset measured it (:func:`recall.measure`), on
+    queries it was not tuned on: the blocking ANN recall gate and the PCA loss warning, from
+    one pass over the embeddings."""
     info = faiss_index.info
     target = float(info.get("recall_target", 0.95))
     max_loss = float(info.get("max_pca_loss", 0.05))
     ivf = faiss_index.ivf
-    evaluation = evaluate_recall(ivf, faiss_index.to_index_space, indexed_embeddings(faiss_index, image_embeddings),
-                                 1000, seed=1, max_database=int(info.get("recall_database", 0)) or None)
+    evaluation = recall.measure(faiss_index.index, indexed_embeddings(faiss_index, image_embeddings),
+                                int(info.get("recall_queries", 1000)), seed=int(info.get("recall_seed", 0)) + 1,
+                                max_database=int(info.get("recall_database", 0)) or None)
     point = evaluation.curve[0]
     figures = {"recall_at_10": point.recall_at_10, "one_recall_at_1": point.one_recall_at_1, "target": target,
                "nprobe": int(ivf.nprobe), "queries": evaluation.num_queries, "tie_epsilon": evaluation.epsilon}

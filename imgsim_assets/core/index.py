@@ -66,11 +66,16 @@ class PcaModel:
         return self.components
 
     def transform(self, x: np.ndarray) -> np.ndarray:
-        """Embeddings (N×D) → reduced, L2-normalised vectors (N×d)."""
-        x = np.asarray(x, dtype=np.float32)
+        """Embeddings (N×D) → reduced, L2-normalised vectors (N×d), by :meth:`faiss_chain`: the
+        very code the published index runs on its queries, so stored and query vectors agree."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
         if x.ndim != 2 or x.shape[1] != self.input_dim:
             raise ValueError(f"PCA expects vectors of dimension {self.input_dim}, got shape {x.shape}")
-        return normalize_rows((x - self.mean) @ self._projection().T)
+        if not len(x):
+            return np.zeros((0, self.output_dim), np.float32)
+        for step in self._chain:
+            x = step.apply(x)
+        return x
 
     def residual_fraction(self, x: np.ndarray) -> np.ndarray:
         """Per vector, the share of its (centred) energy the kept axes do not explain.
@@ -82,14 +87,24 @@ class PcaModel:
         total = np.maximum((centred**2).sum(axis=1), 1e-12)
         return np.clip(1.0 - (kept**2).sum(axis=1) / total, 0.0, 1.0)
 
-    def faiss_transform(self) -> faiss.VectorTransform:
-        """The same map as :meth:`transform`, as a Faiss pre-transform chain."""
-        a = self._projection().astype(np.float32)
-        linear = faiss.LinearTransform(self.input_dim, self.output_dim, True)
-        faiss.copy_array_to_vector(a.ravel(), linear.A)
-        faiss.copy_array_to_vector((-a @ self.mean.astype(np.float32)).ravel(), linear.b)
-        linear.is_trained = True
-        return linear
+    def faiss_chain(self) -> list[faiss.VectorTransform]:
+        """This PCA as Faiss pre-transforms: centre, project, L2-normalise.
+
+        Centring comes first, as its own step: folding the mean into the projection's bias
+        (``x·Aᵀ − A·mean``) cancels catastrophically when embeddings lie close to their mean,
+        and after normalisation the rounding, which differs with the CPU's SIMD kernels, grows
+        to 1e-2. ``x − mean`` is exact for nearby values, so nothing is lost."""
+        centre = faiss.CenteringTransform(self.input_dim)
+        faiss.copy_array_to_vector(np.ascontiguousarray(self.mean, dtype=np.float32), centre.mean)
+        centre.is_trained = True
+        project = faiss.LinearTransform(self.input_dim, self.output_dim, False)
+        faiss.copy_array_to_vector(np.ascontiguousarray(self._projection(), dtype=np.float32).ravel(), project.A)
+        project.is_trained = True
+        return [centre, project, faiss.NormalizationTransform(self.output_dim, 2.0)]
+
+    @cached_property
+    def _chain(self) -> list[faiss.VectorTransform]:
+        return self.faiss_chain()
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         return {
@@ -528,11 +543,20 @@ def merge_shards(template: faiss.IndexIVF, shards: Iterable[tuple[str, Shard | S
 
 
 def with_pretransform(pca: PcaModel, ivf: faiss.Index) -> faiss.IndexPreTransform:
-    """Wrap ``ivf`` so that it takes raw embeddings: PCA, then L2-normalisation."""
+    """Wrap ``ivf`` so that it takes raw embeddings: :meth:`PcaModel.faiss_chain` before it."""
     index = faiss.IndexPreTransform(ivf)
-    index.prepend_transform(faiss.NormalizationTransform(pca.output_dim, 2.0))
-    index.prepend_transform(pca.faiss_transform())
+    for step in reversed(pca.faiss_chain()):
+        index.prepend_transform(step)
     return index
+
+
+def has_legacy_pretransform(index: faiss.Index) -> bool:
+    """Whether ``index`` centres by a bias folded into its PCA (indexes published before the
+    pre-transform centred first): its queries then lose precision near the mean."""
+    if not isinstance(index, faiss.IndexPreTransform) or index.chain.size() == 0:
+        return False
+    first = faiss.downcast_VectorTransform(index.chain.at(0))
+    return isinstance(first, faiss.LinearTransform) and bool(first.have_bias)
 
 
 def distinct_chunks(chunks: Iterable[tuple[np.ndarray, np.ndarray]],

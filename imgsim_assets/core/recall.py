@@ -11,6 +11,14 @@ Recall is tie-aware, as ANN benchmarks define it: a returned neighbour counts wh
 score reaches the k-th exact score minus :data:`TIE_EPSILON`. Among near-identical vectors
 (the same photograph re-encoded fifty times) any order is equally right, so comparing ids
 would count correct answers as misses.
+
+A published index is measured by :func:`measure`, once for its metadata and again by its
+recall gate: queries reach the index's space through the index's own pre-transforms, the
+same code its users' queries run through and its vectors were stored with. What then
+separates the index's scores from the exact ones is the rounding of two float32 dot products
+of the same unit vectors, whatever the SIMD kernels (worst case 2·d·2⁻²⁴ apart, 3e-5 at
+d = 256; typically √d times less), inside the tie epsilon: an exact index (Flat, or IVF
+probing every list) measures 1.0 on every CPU.
 """
 
 from __future__ import annotations
@@ -21,7 +29,9 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import faiss
 import numpy as np
+import pyarrow.parquet as pq
 
+from imgsim_assets.core import tables
 from imgsim_assets.core.index import distinct_chunks, ivf_ids
 
 TIE_EPSILON = 1e-4  # on unit vectors: well above float32 rounding, far below any real gap
@@ -173,6 +183,24 @@ def nprobe_ladder(nlist: int, max_nprobe: int | None = None) -> list[int]:
     return ladder
 
 
+def searched_space(index: faiss.Index) -> tuple[faiss.Index, Callable[[np.ndarray], np.ndarray] | None]:
+    """(the index that is searched, the map of raw vectors into its space): a published index
+    carries its PCA as pre-transforms, which are applied here as its queries meet them."""
+    index = faiss.downcast_index(index)
+    if not isinstance(index, faiss.IndexPreTransform):
+        return index, None
+    steps = [index.chain.at(i) for i in range(index.chain.size())]
+
+    def to_space(x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        for step in steps:
+            x = step.apply(x) if len(x) else np.zeros((0, step.d_out), np.float32)
+        return x
+
+    to_space.index = index  # the chain's owner lives as long as the map
+    return faiss.downcast_index(index.index), to_space
+
+
 def evaluate(
     index: faiss.Index,
     queries: np.ndarray,
@@ -196,8 +224,14 @@ def evaluate(
     ``queries`` and the chunks of ``database()`` (``(ids, vectors)``, streamed once, an id met
     twice counted once, as in the index) are raw vectors; a query's own id is left out of
     both the answers and the truth. Queries that are not in the database have id -1.
-    ``pca_loss=False`` skips the raw-space truth (the PCA loss is then reported as 1.0).
+    ``pca_loss=False`` skips the raw-space truth (the PCA loss is then reported as 1.0). An
+    ``index`` with pre-transforms is searched in its own space, ``transform`` being its chain.
     """
+    index, own = searched_space(index)
+    if own is not None:
+        if transform is not None:
+            raise ValueError("an index with pre-transforms maps queries itself: pass no transform")
+        transform = own
     space = transform or (lambda x: np.ascontiguousarray(x, dtype=np.float32))
     raw_q = np.ascontiguousarray(queries, dtype=np.float32)
     q = space(raw_q)
@@ -288,3 +322,21 @@ def tune(
         if any(p.recall_at_10 >= target for p in part.curve):
             break
     return result
+
+
+def measure(index: faiss.Index, embeddings: dict[str, pq.ParquetFile], queries: int, seed: int,
+            nprobes: Sequence[int] | None = None, target: float | None = None,
+            max_database: int | None = None) -> Evaluation:
+    """Tie-aware recall of a published ``index`` (raw embeddings in, its PCA as pre-transforms)
+    and its PCA loss, on ``queries`` of its own ``embeddings`` files sampled with ``seed``, each
+    searched with itself left out, against exact search over all of them (or a fixed sample of
+    about ``max_database``). With a ``target``, nprobe is tuned (:func:`tune`) instead of
+    measured as set. The index's metadata and its recall gate are both measured here."""
+    inner, _ = searched_space(index)
+    query_ids, raw = tables.sample_embeddings(embeddings, queries, seed)
+    keep = np.isin(query_ids, ivf_ids(inner))
+    files = [f for _, f in sorted(embeddings.items())]
+    args = (index, raw[keep], query_ids[keep], lambda: tables.iter_embeddings(files))
+    if target is not None:
+        return tune(*args, target=target, nprobes=nprobes, max_database=max_database)
+    return evaluate(*args, nprobes=nprobes, max_database=max_database)

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import threading
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -19,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from imgsim_assets.core.index import has_legacy_pretransform
 from imgsim_assets.core.recall import set_parallel_mode
 
 INDEX_FILE = "index.faiss"
@@ -171,11 +173,12 @@ class ImageIndex:
         directory = Path(directory)
         if not (directory / INDEX_FILE).is_file():
             raise FileNotFoundError(f"no index at {directory}; materialize faiss_index first (imgsim ingest)")
-        return cls(
-            index=faiss.read_index(str(directory / INDEX_FILE)),
-            catalog=pq.read_table(directory / CATALOG_FILE),
-            info=json.loads((directory / INFO_FILE).read_text()),
-        )
+        index = faiss.read_index(str(directory / INDEX_FILE))
+        if has_legacy_pretransform(index):
+            warnings.warn(f"the index at {directory} folds its PCA mean into a bias, which loses query precision "
+                          "on embeddings close to their mean; rebuild it (imgsim ingest --retrain)", stacklevel=2)
+        return cls(index=index, catalog=pq.read_table(directory / CATALOG_FILE),
+                   info=json.loads((directory / INFO_FILE).read_text()))
 
 
 def preprocess_from_info(info: dict):
