@@ -37,12 +37,13 @@ def _instance(settings):
 
 def encoder_settings(settings, fallback_random: bool = False):
     """``settings`` with its weights checked before any run: an unknown model, a device that is
-    not there, no checkpoint for ``auto``, or a checkpoint that does not fit the model cannot
-    heal by retrying, so they stop here (exit 2, the message once). With ``fallback_random``, no
-    checkpoint for ``auto`` means random weights instead."""
+    not there, no checkpoint for ``auto`` that could be found or fetched, or a checkpoint that
+    does not fit the model cannot heal by retrying, so they stop here (exit 2, the message
+    once). With ``fallback_random``, no checkpoint for ``auto`` means random weights instead.
+    A first ``auto`` fetches the checkpoint here, with a progress bar."""
     from dataclasses import replace
 
-    from imgsim_assets.core import dinov2
+    from imgsim_assets.core import weights
     from imgsim_assets.core.encoder import EncoderSpec, resolve_device
 
     EncoderSpec(model=settings.model, weights=settings.weights)  # names a model that exists
@@ -51,7 +52,7 @@ def encoder_settings(settings, fallback_random: bool = False):
     except RuntimeError as e:
         raise ValueError(f"{e} (IMGSIM_DEVICE={settings.device})") from None
     try:
-        dinov2.check_weights(settings.model, settings.weights)
+        weights.check(settings.model, settings.weights)
     except FileNotFoundError as e:
         if not (fallback_random and settings.weights == "auto"):
             raise
@@ -92,8 +93,10 @@ def open_searcher(args, settings):
         from imgsim_assets.core import milvus
 
         uri = args.milvus_uri or settings.milvus_uri or str(settings.data_dir / "milvus.db")
-        return MilvusSearcher(milvus.connect(uri), args.collection, device=settings.device), f"Milvus {uri}"
-    searcher = FaissSearcher.open(settings.assets_dir, device=settings.device)
+        return (MilvusSearcher(milvus.connect(uri), args.collection, device=settings.device,
+                               allow_other_weights=args.allow_other_weights), f"Milvus {uri}")
+    searcher = FaissSearcher.open(settings.assets_dir, device=settings.device,
+                                  allow_other_weights=args.allow_other_weights)
     return searcher, f"{searcher.num_vectors} images indexed, {searcher.info.get('factory')}"
 
 
@@ -174,7 +177,8 @@ def cmd_serve(args) -> int:
         return 2
     config = ServeConfig(assets_dir=settings.assets_dir, images_dir=settings.images_dir, host=args.host,
                          port=args.port, token=token, device=settings.device,
-                         max_upload_bytes=int(args.max_upload_mb * 2**20), reload_interval_s=args.reload_interval)
+                         max_upload_bytes=int(args.max_upload_mb * 2**20), reload_interval_s=args.reload_interval,
+                         allow_other_weights=args.allow_other_weights)
     app = create_app(config)
     service = app.state.service
     loaded = service.live.current
@@ -183,6 +187,36 @@ def cmd_serve(args) -> int:
     print(f"imgsim serve: {loaded.searcher.num_vectors} images (index {loaded.version}) on http://{args.host}:{args.port}/",
           file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    return 0
+
+
+def cmd_weights(args) -> int:
+    """``list``: every variant, its size and licence, and where it is (or "not fetched");
+    ``fetch``: into the cache now (to copy to an offline machine); ``which``: what would load."""
+    from imgsim_assets.core import dinov2, weights
+    from imgsim_assets.settings import Settings
+
+    settings = Settings.from_env()
+    name = args.model or settings.model
+    if name not in dinov2.VARIANTS:
+        raise ValueError(f"unknown DINOv2 model {name!r}; choose one of {', '.join(dinov2.VARIANTS)}")
+    if args.action == "list":
+        rows = [{"model": a.model, "size": f"{a.size_bytes / 1e6:,.0f} MB", "licence": a.license,
+                 "source": f"hf:{a.repo}", "here": a.found or "not fetched"} for a in weights.available()]
+        print_table(rows, ["model", "size", "licence", "source", "here"])
+        return 0
+    if args.action == "fetch":
+        path = weights.fetch(name) if weights.find_local(name) is None else weights.find_local(name)
+        weights.fits(name, path)
+        print(f"{name}: {path}\n  {weights.fingerprint(str(path.resolve()), name)}")
+        return 0
+    if settings.weights == "auto" and weights.find_local(name) is None:
+        hub = weights.Hub.from_env()
+        print(f"{name}: not fetched; the first use fetches {hub.endpoint}/{weights.hub_repo(name)} into "
+              f"{hub.cache_dir}" + (" (but offline mode is on)" if hub.offline else ""))
+        return 1
+    resolved = weights.check(name, settings.weights)
+    print(f"{name}: {resolved}\n  {weights.fingerprint(resolved, name)}")
     return 0
 
 
@@ -312,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--collection", default="imgsim", help="Milvus collection")
     p.add_argument("--server", default=None, help="ask a running `imgsim serve` at this URL (milliseconds)")
     p.add_argument("--token", default=None, help="the server's token (default: $IMGSIM_SERVE_TOKEN)")
+    p.add_argument("--allow-other-weights", action="store_true",
+                   help="search even when the weights here differ from the index's (vectors are then not comparable)")
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("serve", help="the search service and web page over the live faiss_index")
@@ -321,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
                    "(default: $IMGSIM_SERVE_TOKEN)")
     p.add_argument("--max-upload-mb", type=float, default=32.0, help="larger uploads are refused (413)")
     p.add_argument("--reload-interval", type=float, default=1.0, help="seconds between looks for a new index version")
+    p.add_argument("--allow-other-weights", action="store_true",
+                   help="serve even when the weights here differ from the index's (vectors are then not comparable)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("evaluate", help="how well the index finds edited copies of its own images; recalibrates "
@@ -345,6 +383,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_compare_encoders)
+
+    p = sub.add_parser("weights", help="the DINOv2 checkpoints: list them, fetch one ahead of time, say which "
+                       "would load")
+    p.add_argument("action", choices=["list", "fetch", "which"])
+    p.add_argument("model", nargs="?", default=None, help="default: $IMGSIM_MODEL")
+    p.set_defaults(func=cmd_weights)
 
     p = sub.add_parser("sample-data", help="write the bundled sample corpus (two batches and queries)")
     p.add_argument("--data-dir", default=None)

@@ -19,8 +19,8 @@ class EncoderResource(ConfigurableResource):
     """The DINOv2 model that turns pixels into vectors, and the device it runs on."""
 
     model: str = Field(default=EncoderSpec.model, description="dinov2_vit{s,b,l,g}14, optionally with _reg")
-    weights: str = Field(default=EncoderSpec.weights, description="checkpoint path, 'auto' (HF/torch hub caches) "
-                         "or 'random'")
+    weights: str = Field(default=EncoderSpec.weights, description="checkpoint path, 'auto' (the HF or torch hub "
+                         "cache, else fetched from the Hugging Face hub or HF_ENDPOINT on first use) or 'random'")
     device: str = Field(default=Encoder.DEFAULTS["device"], description="auto (GPU when present), cpu, cuda or cuda:N")
     dtype: str = Field(default=Encoder.DEFAULTS["dtype"], description="auto (bf16 on GPU, fp32 on CPU), float32, "
                        "bfloat16, float16")
@@ -34,10 +34,10 @@ class EncoderResource(ConfigurableResource):
     def spec(self) -> EncoderSpec:
         return EncoderSpec(model=self.model, weights=self.weights, pooling=self.pooling, depth=self.depth)
 
-    def load(self) -> Encoder:
-        return Encoder(
-            self.spec(), device=self.device, dtype=self.dtype, batch_size=self.batch_size, compile=self.compile
-        )
+    def load(self, progress=None) -> Encoder:
+        """The encoder; ``progress`` receives lines while a checkpoint is fetched."""
+        return Encoder(self.spec(), device=self.device, dtype=self.dtype, batch_size=self.batch_size,
+                       compile=self.compile, progress=progress)
 
 
 class PreprocessResource(ConfigurableResource):

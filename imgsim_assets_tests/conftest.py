@@ -4,11 +4,21 @@ import pytest
 
 # Keep CPU tests predictable on small CI machines.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# No test reaches the Hugging Face hub: a test that fetches serves the hub itself on loopback
+# (imgsim_assets_tests/hub.py) and lifts this for itself. Subprocesses inherit it.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.pop("HF_ENDPOINT", None)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_caches(tmp_path_factory):
+    """The checkpoint digests this suite computes are remembered in its own cache folder."""
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
 
 
 @pytest.fixture
 def no_pretrained(tmp_path, monkeypatch):
-    """Empty HF and torch hub caches, so weights='auto' finds nothing."""
+    """Empty HF and torch hub caches, so weights='auto' finds nothing (and, offline, fetches nothing)."""
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))

@@ -3,7 +3,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from imgsim_assets.core import dinov2
+from imgsim_assets.core import dinov2, weights
 from imgsim_assets.core.dinov2 import load_dinov2
 
 
@@ -98,7 +98,7 @@ def test_auto_finds_the_torch_hub_checkpoint(no_pretrained):
     target = no_pretrained / "torch" / "hub" / "checkpoints" / "dinov2_vits14_pretrain.pth"
     target.parent.mkdir(parents=True)
     torch.save(_as_official(ref.state_dict(), 384), target)
-    assert dinov2.resolve_weights("dinov2_vits14", "auto") == str(target)
+    assert weights.resolve("dinov2_vits14", "auto") == str(target)
     model = load_dinov2("dinov2_vits14", "auto")
     assert torch.equal(model.blocks[11].attn.qkv.weight, ref.blocks[11].attn.qkv.weight)
 
@@ -143,7 +143,7 @@ def test_local_clone_of_the_official_repo_loads_through_torch_hub(tmp_path):
     ref = _timm_reference("dinov2_vits14")
     torch.save(_as_official(ref.state_dict(), 384), repo / "dinov2_vits14_pretrain.pth")
 
-    assert dinov2.resolve_weights("dinov2_vits14", repo) == str(repo.resolve())
+    assert weights.resolve("dinov2_vits14", repo) == str(repo.resolve())
     model = load_dinov2("dinov2_vits14", weights=repo, depth=2)
     x = torch.randn(1, 3, 518, 518)
     with torch.no_grad():
@@ -159,15 +159,15 @@ def test_check_weights_finds_what_loading_would_fail_on_without_loading(tmp_path
     ref = _timm_reference("dinov2_vits14")
     official = tmp_path / "dinov2_vits14_pretrain.pth"
     torch.save(_as_official(ref.state_dict(), 384), official)
-    assert dinov2.check_weights("dinov2_vits14", official, depth=2) == str(official.resolve())
-    assert dinov2.check_weights("dinov2_vits14", "random") == "random"
+    assert weights.check("dinov2_vits14", official, depth=2) == str(official.resolve())
+    assert weights.check("dinov2_vits14", "random") == "random"
     with pytest.raises(ValueError, match="wrong shapes"):
-        dinov2.check_weights("dinov2_vitb14", official, depth=2)
+        weights.check("dinov2_vitb14", official, depth=2)
     with pytest.raises(ValueError, match="missing keys"):
-        dinov2.check_weights("dinov2_vits14", official)  # 12 blocks expected, the file has 2
+        weights.check("dinov2_vits14", official)  # 12 blocks expected, the file has 2
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        dinov2.check_weights("dinov2_vits14", tmp_path / "nope.pth")
-    with pytest.raises(FileNotFoundError, match="no pretrained weights for dinov2_vits14"):
-        dinov2.check_weights("dinov2_vits14", "auto")
+        weights.check("dinov2_vits14", tmp_path / "nope.pth")
+    with pytest.raises(FileNotFoundError, match="no weights for dinov2_vits14 in the caches, and offline"):
+        weights.check("dinov2_vits14", "auto")
     with pytest.raises(ValueError, match="unknown DINOv2 model"):
-        dinov2.check_weights("dinov2_vitx14", "random")
+        weights.check("dinov2_vitx14", "random")

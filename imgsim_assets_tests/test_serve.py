@@ -38,6 +38,8 @@ def test_search_by_upload_by_id_and_within_batches(collection, server):
     status, health, _ = get(base + "/healthz")
     assert status == 200 and health["num_vectors"] == 92 and health["random_weights"] is True
     assert health["encoder"]["depth"] == 2 and health["index_version"].startswith("faiss_index.v-")
+    assert health["weights_fingerprint"].startswith("random:seed=0:torch=")  # the index's weights, named
+    assert health["query_encoder"]["weights_fingerprint"] == health["weights_fingerprint"]
 
     original = (settings.images_dir / "batch-0001" / "chelsea.png").read_bytes()
     status, answer, _ = post_image(base + "/search?k=5", original, "chelsea.png")

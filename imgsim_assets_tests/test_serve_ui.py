@@ -82,6 +82,7 @@ def test_search_page(served, page):
     page.goto(f"{base}/")
     expect(page.locator("#index-size")).to_have_text(str(health["num_vectors"]))
     expect(page.locator("#random-weights")).to_be_visible()
+    expect(page.locator("#encoder")).to_contain_text("weights " + health["weights_fingerprint"])
     expect(page.locator("#random-weights")).to_contain_text("Random weights")
     expect(page.locator("#batch-filter input[name=batch]")).to_have_count(2)
 

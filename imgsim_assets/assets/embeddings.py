@@ -38,7 +38,7 @@ def image_embeddings(
     sha256, embedding). Every row names its model, weights, pooling and preprocessing; the
     file metadata holds the full settings. A run over several batches loads the model once."""
     try:
-        model = encoder.load()
+        model = encoder.load(progress=context.log.info)
     except (FileNotFoundError, ValueError) as e:  # no checkpoint, one that does not fit, a bad setting
         raise Failure(str(e), allow_retries=False) from e  # retrying cannot heal it
     if model.random_weights:
@@ -51,6 +51,7 @@ def image_embeddings(
             "dim": model.spec.dim,
             "model": model.spec.model,
             "weights": "RANDOM (not pretrained)" if model.random_weights else model.weights_file,
+            "weights_fingerprint": model.weights_fingerprint,
             "pooling": model.spec.pooling,
             "device": str(model.device),
             "dtype": str(model.dtype).removeprefix("torch."),

@@ -1,7 +1,6 @@
 """Embeddings → PCA → centroids → per-batch IVF shards → the merged, searchable ``faiss_index``."""
 
 
-import json
 import time
 from typing import Optional
 
@@ -27,6 +26,7 @@ from pydantic import Field
 
 from imgsim_assets.core import index as ix
 from imgsim_assets.core import plots, recall, tables
+from imgsim_assets.core.encoder import describe_encoder, same_encoder
 from imgsim_assets.core.search import ImageIndex
 from imgsim_assets.io_managers import StagedFile, save_npz
 from imgsim_assets.partitions import image_batches
@@ -71,21 +71,16 @@ class IndexConfig(Config):
     seed: int = 0
 
 
-def _encoder_identity(provenance: dict) -> dict:
-    """The parts of provenance that must agree for two vectors to be comparable."""
-    keys = ("model", "weights_file", "pooling", "depth", "preprocess")
-    return {k: provenance.get(k) for k in keys}
-
-
 def _check_same_encoder(schemas: dict[str, pa.Schema], expected: dict | None = None) -> dict:
-    identities = {b: _encoder_identity(tables.provenance_of(schema)) for b, schema in schemas.items()}
-    reference = expected if expected is not None else next(iter(identities.values()), {})
-    differing = {b: i for b, i in identities.items() if i != reference}
+    provenances = {b: tables.provenance_of(schema) for b, schema in schemas.items()}
+    reference = expected if expected is not None else next(iter(provenances.values()), {})
+    differing = sorted(b for b, p in provenances.items() if not same_encoder(p, reference))
     if differing:
         raise ValueError(
             "image_embeddings were made with different encoders and cannot share one index. "
-            f"Expected {json.dumps(reference, sort_keys=True)}; batches {sorted(differing)} differ, e.g. "
-            f"{json.dumps(next(iter(differing.values())), sort_keys=True)}. Re-embed them with one encoder."
+            f"Expected {describe_encoder(reference)}; batches {differing} differ, e.g. "
+            f"{describe_encoder(provenances[differing[0]])}. Re-embed them with one encoder "
+            "(imgsim ingest --retrain)."
         )
     return reference
 
@@ -127,6 +122,7 @@ def pca_model(
             "explained_variance": float(model.explained_variance_ratio.sum()),
             "train_residual": model.train_residual,
             "whiten": model.whiten,
+            "weights_fingerprint": str(provenance.get("weights_fingerprint", "")),
             "fit_seconds": round(time.perf_counter() - start, 3),
             "batches": len(image_embeddings),
             "explained_variance_plot": MetadataValue.md(
@@ -260,7 +256,7 @@ def faiss_index_shards(
 def _build_shard(batch: str, embeddings: pa.Table, pca_model: ix.PcaModel, index_template: faiss.Index,
                  layout: str, centroids: np.ndarray) -> tuple[ix.Shard, dict]:
     """One batch's shard, and its metadata (``layout`` and ``centroids``: the template's)."""
-    _check_same_encoder({batch: embeddings.schema}, _encoder_identity(pca_model.provenance))
+    _check_same_encoder({batch: embeddings.schema}, pca_model.provenance)
     vectors = tables.embedding_matrix(embeddings)
     if vectors.shape[1] != pca_model.input_dim:
         raise ValueError(

@@ -60,7 +60,7 @@ VARIANTS: dict[str, Variant] = {
     **{f"{name}_reg": Variant(v.embed_dim, v.depth, v.num_heads, v.swiglu, registers=4) for name, v in _BASE.items()},
 }
 
-# Where pretrained weights are looked for when ``weights="auto"``.
+# timm's copies of the official weights on the Hugging Face hub (``weights="auto"``).
 TIMM_HUB_NAMES = {
     "dinov2_vits14": "vit_small_patch14_dinov2.lvd142m",
     "dinov2_vitb14": "vit_base_patch14_dinov2.lvd142m",
@@ -187,10 +187,18 @@ def convert_timm_state_dict(state_dict: dict[str, torch.Tensor], embed_dim: int)
     return out
 
 
-def _read_checkpoint(path: Path, mmap: bool = False) -> dict[str, torch.Tensor]:
+def _is_safetensors(path: Path) -> bool:
+    """By content, not name (the Hugging Face cache names files by their hash): an 8-byte
+    little-endian header length, then the JSON header."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size
+
+
+def read_checkpoint(path: Path, mmap: bool = False) -> dict[str, torch.Tensor]:
     """The state dict in ``path``; ``mmap`` maps the tensors instead of reading them (to look
     at names and shapes only)."""
-    if path.suffix == ".safetensors":
+    if _is_safetensors(path):
         from safetensors.torch import load_file
 
         return load_file(str(path))
@@ -213,7 +221,7 @@ def load_state_dict_file(model: DinoVisionTransformer, path: str | os.PathLike) 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"DINOv2 checkpoint {path} does not exist")
-    load_state_dict(model, _read_checkpoint(path), source=f"checkpoint {path}")
+    load_state_dict(model, read_checkpoint(path), source=f"checkpoint {path}")
 
 
 def load_state_dict(model: DinoVisionTransformer, state: dict[str, torch.Tensor], source: str) -> None:
@@ -274,38 +282,13 @@ def load_from_hub_repo(model: DinoVisionTransformer, repo_dir: str | os.PathLike
     load_state_dict(model, hub_model.state_dict(), source=f"torch hub repo {repo_dir} ({name})")
 
 
-def candidate_checkpoints(name: str) -> list[Path]:
-    """Places ``weights="auto"`` looks in, in order: the HF hub cache (timm) and torch hub's."""
-    hf_home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
-    hub = Path(os.environ.get("HF_HUB_CACHE", hf_home / "hub"))
-    torch_home = Path(os.environ.get("TORCH_HOME", Path.home() / ".cache" / "torch"))
-    repo = "models--timm--" + TIMM_HUB_NAMES[name]
-    snapshots = sorted((hub / repo / "snapshots").glob("*/model.safetensors"))
-    return [*snapshots, torch_home / "hub" / "checkpoints" / official_checkpoint_name(name)]
-
-
-def find_pretrained(name: str) -> Path:
-    for path in candidate_checkpoints(name):
-        if path.is_file():
-            return path
-    hf_home = os.environ.get("HF_HOME", "~/.cache/huggingface")
-    torch_home = os.environ.get("TORCH_HOME", "~/.cache/torch")
-    raise FileNotFoundError(
-        f"no pretrained weights for {name} found. Put one of these in place, or pass a path:\n"
-        f"  - the official checkpoint {official_checkpoint_name(name)} in {torch_home}/hub/checkpoints/\n"
-        f"  - timm's {TIMM_HUB_NAMES[name]} in the Hugging Face cache under {hf_home}/hub/\n"
-        f"  - weights='/path/to/{official_checkpoint_name(name)}' (or IMGSIM_WEIGHTS=...)\n"
-        f"or use weights='random' for seeded random weights (testing only)."
-    )
-
-
 def load_dinov2(name: str = "dinov2_vits14", weights: str | os.PathLike = "auto", depth: int | None = None) -> DinoVisionTransformer:
     """Build a DINOv2 ViT in eval mode.
 
     ``weights``: a path to an official ``.pth`` or timm ``.safetensors`` checkpoint; a local
     clone of the official repository (a folder with ``hubconf.py``, loaded through
-    ``torch.hub.load(dir, name, source="local")``); ``"auto"`` to look in the HF hub and
-    torch hub caches (never downloads); ``"random"`` for seeded random weights of the same
+    ``torch.hub.load(dir, name, source="local")``); ``"auto"`` for the cached official weights,
+    fetched on first use (:mod:`weights`); ``"random"`` for seeded random weights of the same
     architecture. ``depth`` builds fewer blocks (tests).
     """
     if name not in VARIANTS:
@@ -316,35 +299,12 @@ def load_dinov2(name: str = "dinov2_vits14", weights: str | os.PathLike = "auto"
     elif is_hub_repo(weights):
         load_from_hub_repo(model, weights, name)
     else:
-        path = find_pretrained(name) if str(weights) == "auto" else Path(weights).expanduser()
-        load_state_dict_file(model, path)
+        if str(weights) == "auto":
+            from imgsim_assets.core.weights import resolve
+
+            weights = resolve(name, "auto")
+        load_state_dict_file(model, Path(weights).expanduser())
     return model.eval()
-
-
-def check_weights(name: str, weights: str | os.PathLike = "auto", depth: int | None = None) -> str:
-    """What :func:`load_dinov2` would fail on, found without building or loading the model: an
-    unknown name, no checkpoint for ``auto``, a path that is not there, a checkpoint that does
-    not fit (checked on the meta device, tensors memory-mapped). Returns the resolved weights."""
-    if name not in VARIANTS:
-        raise ValueError(f"unknown DINOv2 model {name!r}; choose one of {', '.join(VARIANTS)}")
-    resolved = resolve_weights(name, weights)
-    if resolved == "random" or is_hub_repo(resolved):
-        return resolved
-    path = Path(resolved)
-    if not path.is_file():
-        raise FileNotFoundError(f"DINOv2 checkpoint {path} does not exist")
-    with torch.device("meta"):
-        model = DinoVisionTransformer(VARIANTS[name], depth=depth)
-    fitting_state(model, _read_checkpoint(path, mmap=True), source=f"checkpoint {path}")
-    return resolved
-
-
-def resolve_weights(name: str, weights: str | os.PathLike) -> str:
-    """What ``weights`` resolves to, for provenance: ``random`` or an absolute file or repo path."""
-    if str(weights) == "random":
-        return "random"
-    path = find_pretrained(name) if str(weights) == "auto" else Path(weights).expanduser()
-    return str(path.resolve())
 
 
 @dataclass(frozen=True)

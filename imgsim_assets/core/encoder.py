@@ -12,7 +12,7 @@ from typing import Callable, Iterable, Iterator, TypeVar
 import numpy as np
 import torch
 
-from imgsim_assets.core import dinov2
+from imgsim_assets.core import dinov2, weights
 from imgsim_assets.core.images import ImageRecord, Preprocess, preprocess_files
 
 T = TypeVar("T")
@@ -42,6 +42,29 @@ class EncoderSpec:
 
     def describe(self) -> dict:
         return asdict(self)
+
+
+IDENTITY_KEYS = ("model", "pooling", "depth", "preprocess")
+
+
+def same_encoder(a: dict, b: dict) -> bool:
+    """Whether vectors with provenance ``a`` and ``b`` are comparable: the same model, weights
+    (by fingerprint; by file where one side predates fingerprints), pooling, depth and
+    preprocessing. The dtype is recorded, not compared: an index built in bf16 on a GPU is
+    searched in fp32 from CPUs."""
+    if any(a.get(k) != b.get(k) for k in IDENTITY_KEYS):
+        return False
+    if a.get("weights_fingerprint") and b.get("weights_fingerprint"):
+        return a["weights_fingerprint"] == b["weights_fingerprint"]
+    return a.get("weights_file") == b.get("weights_file")
+
+
+def describe_encoder(provenance: dict) -> str:
+    """One line naming an encoder: model, weights fingerprint and file, pooling, dtype."""
+    weights_file = str(provenance.get("weights_file") or "?")
+    return (f"{provenance.get('model')}{f' depth={d}' if (d := provenance.get('depth')) else ''}, weights "
+            f"{weights.short(provenance.get('weights_fingerprint'))} ({weights_file.rsplit('/', 1)[-1]}), "
+            f"pooling {provenance.get('pooling')}" + (f", {provenance['dtype']}" if provenance.get("dtype") else ""))
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -79,6 +102,7 @@ class Encoder:
         dtype: str = DEFAULTS["dtype"],
         batch_size: int = DEFAULTS["batch_size"],
         compile: bool = DEFAULTS["compile"],
+        progress: weights.Progress | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -86,7 +110,8 @@ class Encoder:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.batch_size = batch_size
-        self.weights_file = dinov2.resolve_weights(spec.model, spec.weights)
+        self.weights_file = weights.resolve(spec.model, spec.weights, progress)
+        self.weights_fingerprint = weights.fingerprint(self.weights_file, spec.model)
         self.model = dinov2.load_dinov2(spec.model, self.weights_file, depth=spec.depth).to(self.device)
         self._forward = torch.compile(self.model.forward_features) if compile else self.model.forward_features
         self.model_seconds = 0.0  # spent in embed() so far: the model's share of a run
@@ -98,7 +123,9 @@ class Encoder:
         return self.weights_file == "random"
 
     def provenance(self) -> dict:
-        return {**self.spec.describe(), "weights_file": self.weights_file, "dim": self.spec.dim}
+        return {**self.spec.describe(), "weights_file": self.weights_file,
+                "weights_fingerprint": self.weights_fingerprint, "dtype": str(self.dtype).removeprefix("torch."),
+                "dim": self.spec.dim}
 
     def _host_tensor(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
         x = torch.from_numpy(np.ascontiguousarray(pixels)) if isinstance(pixels, np.ndarray) else pixels

@@ -192,13 +192,36 @@ def preprocess_from_info(info: dict):
     return Preprocess(**pre)
 
 
-def encoder_from_info(info: dict, device: str = "auto", dtype: str = "auto"):
-    """The encoder the index was built with (model, weights file, pooling, depth)."""
+def encoder_from_info(info: dict, device: str = "auto", dtype: str = "auto", progress=None):
+    """The encoder the index was built with (model, weights, pooling, depth). Weights recorded
+    as a file that is not on this machine are looked up (or fetched) as ``auto``: their
+    fingerprint, checked by :func:`check_query_encoder`, says whether they are the same."""
     from imgsim_assets.core.encoder import Encoder, EncoderSpec
 
     enc = info.get("encoder", {})
-    spec = EncoderSpec(model=enc["model"], weights=enc["weights_file"], pooling=enc["pooling"], depth=enc.get("depth"))
-    return Encoder(spec, device=device, dtype=dtype)
+    weights_file = enc["weights_file"]
+    if weights_file != "random" and enc.get("weights_fingerprint") and not Path(weights_file).exists():
+        weights_file = "auto"
+    spec = EncoderSpec(model=enc["model"], weights=weights_file, pooling=enc["pooling"], depth=enc.get("depth"))
+    return Encoder(spec, device=device, dtype=dtype, progress=progress)
+
+
+class EncoderMismatch(ValueError):
+    """Queries would be encoded with other weights than the index's vectors."""
+
+
+def check_query_encoder(index_encoder: dict, query_encoder: dict) -> None:
+    """EncoderMismatch unless queries encoded by ``query_encoder`` are comparable with the
+    index's vectors (indexes that predate weights fingerprints are compared by file)."""
+    from imgsim_assets.core.encoder import describe_encoder, same_encoder
+
+    if not same_encoder(index_encoder, query_encoder):
+        raise EncoderMismatch(
+            f"this index was built with {describe_encoder(index_encoder)}, but queries here would be encoded with "
+            f"{describe_encoder(query_encoder)}: their vectors are not comparable. Provide the weights the index "
+            f"was built with (IMGSIM_WEIGHTS, or the Hugging Face cache), rebuild the index with these "
+            f"(imgsim ingest --retrain), or search anyway with --allow-other-weights."
+        )
 
 
 def embed_files(paths, encoder, pre, root=None, workers: int = 1):
@@ -241,9 +264,11 @@ class Searcher:
     :class:`FaissSearcher` (the materialized ``faiss_index``) and :class:`MilvusSearcher`.
     """
 
-    def __init__(self, encoder_info: dict, device: str = "auto", dtype: str = "auto", workers: int = 1) -> None:
+    def __init__(self, encoder_info: dict, device: str = "auto", dtype: str = "auto", workers: int = 1,
+                 allow_other_weights: bool = False) -> None:
         self.encoder_info = dict(encoder_info)
         self.device, self.dtype, self.workers = device, dtype, workers
+        self.allow_other_weights = allow_other_weights  # search even when the query encoder differs
         self._encoder = None
         self._encoder_lock = threading.Lock()
 
@@ -272,7 +297,11 @@ class Searcher:
     def encoder(self):
         with self._encoder_lock:
             if self._encoder is None:
-                self._encoder = encoder_from_info({"encoder": self.encoder_info}, device=self.device, dtype=self.dtype)
+                encoder = encoder_from_info({"encoder": self.encoder_info}, device=self.device, dtype=self.dtype)
+                if not self.allow_other_weights:
+                    check_query_encoder(self.encoder_info, {**encoder.provenance(), "preprocess":
+                                                            self.encoder_info.get("preprocess")})
+                self._encoder = encoder
             return self._encoder
 
     @property

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from dagster import DagsterInstance, Definitions
+from dagster import AssetKey, AssetRecordsFilter, DagsterInstance, Definitions
 
 from imgsim_assets.assets import folders
 from imgsim_assets.ingest.batches import discover_batches, invalid_batch_name
@@ -28,6 +28,7 @@ __all__ = [
     "INGEST_HOST_TAG",
     "LOCK_FILE",
     "MILVUS",
+    "EncoderChanged",
     "Folders",
     "IngestReport",
     "IngestRunning",
@@ -79,13 +80,47 @@ def ingest(
     """Bring every automated asset up to date with the batch folders under ``images_dir``."""
     with ingest_lock(instance):
         report = IngestReport(recovered=recover_abandoned_runs(instance, log))
+        reembed = encoder_changed(defs, instance, retrain)
+        if reembed:
+            log("the encoder's weights changed: every batch is embedded again and the index retrained")
         seen = observe_folders(instance, images_dir, log)
         report.new_batches, report.removed_batches, report.invalid_folders = seen.new, seen.removed, seen.invalid
-        steps = plan(defs, instance, retrain=retrain, extra=[MILVUS] if milvus else [], removed=seen.removed)
+        steps = plan(defs, instance, retrain=retrain, extra=[MILVUS] if milvus else [], removed=seen.removed,
+                     refresh=[EMBEDDINGS] if reembed else [])
         outcomes = execute(defs, instance, steps, log)
         fill_report(report, steps, outcomes)
         report.failed.update(failed_checks(defs, instance))
         return report
+
+
+EMBEDDINGS = AssetKey("image_embeddings")
+
+
+class EncoderChanged(ValueError):
+    """The configured weights are not the ones the trained models (and the index) were made with."""
+
+
+def encoder_changed(defs: Definitions, instance: DagsterInstance, retrain: bool) -> bool:
+    """Whether the configured encoder's weights differ from those ``pca_model`` was trained on,
+    so that every batch must be embedded again. Without ``retrain`` that is refused: it
+    replaces every vector of the collection."""
+    from imgsim_assets.core import weights
+
+    records = instance.fetch_materializations(AssetRecordsFilter(asset_key=AssetKey("pca_model")), limit=1).records
+    entry = records[0].asset_materialization.metadata.get("weights_fingerprint") if records else None
+    trained = entry.value if entry is not None else ""
+    encoder = defs.resources.get("encoder")
+    if not trained or encoder is None:
+        return False
+    configured = weights.fingerprint(weights.resolve(encoder.model, encoder.weights), encoder.model)
+    if configured == trained:
+        return False
+    if not retrain:
+        raise EncoderChanged(
+            f"the configured weights ({encoder.model}, {encoder.weights}: {weights.short(configured)}) are not the "
+            f"ones the index was trained with ({weights.short(trained)}). Vectors of the two cannot share an index: "
+            "run `imgsim ingest --retrain` to embed every batch again and retrain, or set IMGSIM_WEIGHTS back.")
+    return True
 
 
 @dataclass

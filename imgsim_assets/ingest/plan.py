@@ -73,16 +73,18 @@ def plan(
     retrain: bool = False,
     extra: Iterable[AssetKey] = (),
     removed: Iterable[str] = (),
+    refresh: Iterable[AssetKey] = (),
 ) -> list[Step]:
     """The job runs that bring every automated asset (and ``extra``) up to date, in the order
-    to run them. ``removed``: partitions deleted since the last ingest."""
+    to run them. ``removed``: partitions deleted since the last ingest; ``refresh``: assets to
+    materialize again in every partition, whatever their state (embeddings under new weights)."""
     graph = defs.resolve_asset_graph()
     ledger = Ledger(instance, graph)
-    removed = set(removed)
+    removed, refresh = set(removed), set(refresh)
     planned: dict[AssetKey, dict[str | None, bool]] = {}  # asset → partition → stale on its own
     for key in _in_scope(graph, extra):
         for partition in ledger.partitions(key):
-            stale = _stale(graph, ledger, key, partition, retrain, bool(removed))
+            stale = key in refresh or _stale(graph, ledger, key, partition, retrain, bool(removed))
             if stale or any(_planned(graph, planned, key, partition, p) for p in _followed(graph, key)):
                 planned.setdefault(key, {})[partition] = stale
     return _steps(defs, graph, planned)

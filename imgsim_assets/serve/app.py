@@ -43,10 +43,19 @@ class ServeConfig:
     max_upload_bytes: int = 32 << 20
     max_k: int = 1000
     reload_interval_s: float = 1.0
+    allow_other_weights: bool = False  # serve even when this machine's weights differ from the index's
     batch_window_ms: float = 2.0
     max_batch: int = 16
     max_queue: int = 64  # image queries waiting for the model; more are answered 503
     max_in_flight: int = 256  # id queries being searched; more are answered 503
+
+
+def _public_encoder(encoder_info: dict) -> dict:
+    """The index's encoder as clients see it: the weights file by name, not by path."""
+    out = dict(encoder_info)
+    if out.get("weights_file") and out["weights_file"] != "random":
+        out["weights_file"] = str(out["weights_file"]).rsplit("/", 1)[-1]
+    return out
 
 
 def is_loopback(host: str) -> bool:
@@ -91,7 +100,8 @@ class Service:
 
     def __init__(self, config: ServeConfig, live: LiveIndex | None = None) -> None:
         self.config = config
-        self.live = live or LiveIndex(config.assets_dir, config.device, config.reload_interval_s)
+        self.live = live or LiveIndex(config.assets_dir, config.device, config.reload_interval_s,
+                                         allow_other_weights=config.allow_other_weights)
         self.meters = Metrics()
         self.batcher = ModelBatcher(config.batch_window_ms / 1000, config.max_batch, config.max_queue,
                                     on_batch=self.meters.batch.observe)
@@ -199,7 +209,10 @@ class Service:
         searcher = loaded.searcher
         return JSONResponse({
             "status": "ok", "num_vectors": searcher.num_vectors, "index_version": loaded.version,
-            "loaded_at": loaded.loaded_at, "reloads": self.live.reloads, "encoder": searcher.encoder_info,
+            "loaded_at": loaded.loaded_at, "reloads": self.live.reloads, "encoder": _public_encoder(searcher.encoder_info),
+            "weights_fingerprint": searcher.encoder_info.get("weights_fingerprint"),
+            "query_encoder": {"weights_fingerprint": searcher.encoder.weights_fingerprint,
+                              "dtype": str(searcher.encoder.dtype).removeprefix("torch.")},
             "random_weights": searcher.random_weights, "factory": searcher.info.get("factory"),
             "nprobe": searcher.info.get("nprobe"), "queue_depth": self.batcher.depth,
         })

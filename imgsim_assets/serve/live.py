@@ -47,8 +47,10 @@ def index_version(link: Path) -> str:
 class LiveIndex:
     """The current version of ``faiss_index`` under ``assets_dir``, kept current by a thread."""
 
-    def __init__(self, assets_dir: Path, device: str = "auto", reload_interval_s: float = 1.0) -> None:
+    def __init__(self, assets_dir: Path, device: str = "auto", reload_interval_s: float = 1.0,
+                 allow_other_weights: bool = False) -> None:
         self.assets_dir = Path(assets_dir)
+        self.allow_other_weights = allow_other_weights
         self.link = artifact_path(self.assets_dir, "faiss_index")
         self.device = device
         self.reload_interval_s = reload_interval_s
@@ -60,7 +62,7 @@ class LiveIndex:
 
     def _load(self, previous: Loaded | None) -> Loaded:
         version = index_version(self.link)
-        searcher = FaissSearcher.open(self.assets_dir, device=self.device)
+        searcher = FaissSearcher.open(self.assets_dir, device=self.device, allow_other_weights=self.allow_other_weights)
         if previous is not None and previous.searcher.encoder_info == searcher.encoder_info:
             searcher._encoder = previous.searcher._encoder  # same model: keep it loaded
         searcher.encoder  # noqa: B018  (load it now, not on the first query)

@@ -242,12 +242,19 @@
     const parts = [];
     if (enc.model) parts.push(String(enc.model));
     if (enc.pooling) parts.push('pooling: ' + enc.pooling);
+    if (h.weights_fingerprint) parts.push('weights ' + shortFingerprint(h.weights_fingerprint));
     el.encoder.textContent = parts.length ? parts.join(', ') : 'unknown';
+    el.encoder.dataset.weightsFingerprint = h.weights_fingerprint ? String(h.weights_fingerprint) : '';
     el.encoder.dataset.model = enc.model ? String(enc.model) : '';
     el.encoder.dataset.pooling = enc.pooling ? String(enc.pooling) : '';
     el.encoder.title = enc.weights_file ? 'Weights: ' + enc.weights_file : '';
     el.indexVersion.textContent = h.index_version ? String(h.index_version) : '—';
     el.randomWeights.hidden = h.random_weights !== true;
+  }
+
+  function shortFingerprint(f) {
+    const text = String(f);
+    return text.startsWith('sha256:') ? text.slice(0, 19) + '…' : text;
   }
 
   function setIndexSize(n) {
