@@ -35,6 +35,13 @@ def _instance(settings):
     return instance
 
 
+def _above_the_bar(line: str) -> None:
+    """A progress line on stderr, above the terminal's progress bar (tqdm's, while it runs)."""
+    from tqdm import tqdm
+
+    tqdm.write(line, file=sys.stderr)
+
+
 def encoder_settings(settings, fallback_random: bool = False):
     """``settings`` with its weights checked before any run: an unknown model, a device that is
     not there, no checkpoint for ``auto`` that could be found or fetched, or a checkpoint that
@@ -52,7 +59,7 @@ def encoder_settings(settings, fallback_random: bool = False):
     except RuntimeError as e:
         raise ValueError(f"{e} (IMGSIM_DEVICE={settings.device})") from None
     try:
-        weights.check(settings.model, settings.weights)
+        weights.check(settings.model, settings.weights, progress=_above_the_bar)
     except FileNotFoundError as e:
         if not (fallback_random and settings.weights == "auto"):
             raise
@@ -206,7 +213,7 @@ def cmd_weights(args) -> int:
         print_table(rows, ["model", "size", "licence", "source", "here"])
         return 0
     if args.action == "fetch":
-        path = weights.fetch(name) if weights.find_local(name) is None else weights.find_local(name)
+        path = weights.find_local(name) or weights.fetch(name, progress=_above_the_bar)
         weights.fits(name, path)
         print(f"{name}: {path}\n  {weights.fingerprint(str(path.resolve()), name)}")
         return 0

@@ -24,6 +24,7 @@ class Hub:
         self.fault: str | None = None
         self.stall_s = 30.0
         self.requests: list[tuple[str, str]] = []  # (method, path)
+        self.proxied = 0  # requests that came as to a proxy
         self._lock = threading.Lock()
         hub = self
 
@@ -55,7 +56,12 @@ class Hub:
     def _answer(self, handler: BaseHTTPRequestHandler, body: bool) -> None:
         with self._lock:
             self.requests.append((handler.command, handler.path))
-        match = re.fullmatch(r"/(.+)/resolve/([^/]+)/(.+)", handler.path.split("?")[0])
+        path = handler.path.split("?")[0]
+        if not path.startswith("/"):  # asked as a forwarding proxy: http://host/path
+            path = "/" + path.split("://", 1)[-1].split("/", 1)[-1]
+            with self._lock:
+                self.proxied += 1
+        match = re.fullmatch(r"/(.+)/resolve/([^/]+)/(.+)", path)
         name = f"{match.group(1)}/{match.group(3)}" if match else ""
         fault = self.fault
         if fault in ("403", "404", "500") or name not in self.files:

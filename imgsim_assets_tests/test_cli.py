@@ -92,13 +92,20 @@ def test_first_run_without_a_checkpoint_stops_before_any_run(tmp_path):
            "TORCH_HOME": str(tmp_path / "torch")}
     for name in ("DAGSTER_HOME", "HF_HUB_CACHE"):
         env.pop(name, None)
-    result = _run(["ingest"], env)
-    assert result.returncode == 2, result.stderr[-2000:]
-    message = result.stderr
-    assert message.count("no pretrained weights for dinov2_vits14 found") == 1
-    assert "dinov2_vits14_pretrain.pth" in message and "weights='random'" in message  # whole, last line too
-    assert "Traceback" not in message and "RUN_START" not in message and result.stdout == ""
-    assert not (data / "assets").exists()  # nothing ran
+    offline = _run(["ingest"], env)  # the suite runs with HF_HUB_OFFLINE=1
+    with socket.socket() as s:  # and a hub where nothing listens: no network
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}"
+    unreachable = _run(["ingest"], {**env, "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": closed})
+    for result, why in ((offline, "no weights for dinov2_vits14 in the caches, and offline mode"),
+                        (unreachable, f"cannot fetch dinov2_vits14 weights: {closed} is not reachable")):
+        assert result.returncode == 2, result.stderr[-2000:]
+        message = result.stderr
+        assert message.count(why) == 1
+        assert "dinov2_vits14_pretrain.pth" in message and "--fallback-random" in message  # whole, last line too
+        assert "imgsim weights fetch dinov2_vits14" in message
+        assert "Traceback" not in message and "RUN_START" not in message and result.stdout == ""
+        assert not (data / "assets").exists()  # nothing ran
 
     bad = _run(["ingest"], {**env, "IMGSIM_MODEL": "dinov2_vitx14"})
     assert bad.returncode == 2 and "unknown DINOv2 model 'dinov2_vitx14'" in bad.stderr

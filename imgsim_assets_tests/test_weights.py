@@ -50,8 +50,11 @@ def test_first_use_fetches_with_progress_then_never_asks_again(hub, monkeypatch)
     lines = []
     path = weights.resolve(MODEL, "auto", progress=lines.append)
     assert weights.sha256_of(path) == hub.sha256[REPO_FILE]
-    assert lines and lines[-1].startswith(f"fetching {weights.hub_repo(MODEL)}: ") and "(100%)" in lines[-1]
-    assert "MB/s" in lines[-1] and "ETA" in lines[-1]
+    assert lines[0].startswith(f"fetching {MODEL} weights (88 MB, Apache-2.0) from {hub.url}/")
+    done = lines[-2]
+    assert done.startswith(f"fetching {weights.hub_repo(MODEL)}: 88.2/88.2 MB (100%)")
+    assert "MB/s" in done and "ETA 0 s" in done
+    assert lines[-1].startswith(f"{MODEL} weights verified (sha256:{hub.sha256[REPO_FILE]}")
     model = load_dinov2(MODEL, "auto")
     assert model.blocks[11].attn.qkv.weight.shape == (1152, 384)
     assert weights.fingerprint(path, MODEL) == "sha256:" + hub.sha256[REPO_FILE]
@@ -88,6 +91,15 @@ def test_a_fault_is_a_clear_error_leaves_nothing_to_load_and_a_retry_succeeds(hu
     hub.fault = None
     path = weights.resolve(MODEL, "auto")
     assert weights.sha256_of(path) == hub.sha256[REPO_FILE]
+
+
+def test_a_mirror_behind_a_proxy(hub, monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", "http://mirror.invalid")  # resolvable by the proxy alone
+    monkeypatch.setenv("HTTP_PROXY", hub.url)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    path = weights.resolve(MODEL, "auto")
+    assert weights.sha256_of(path) == hub.sha256[REPO_FILE] and hub.proxied == hub.count() == 2  # HEAD, GET
 
 
 def test_no_network_is_one_clear_message_within_seconds(hub, monkeypatch):
@@ -210,3 +222,35 @@ def test_an_index_refuses_queries_of_other_weights_and_ingest_asks_for_retrain(t
         rebuilt = ImageIndex.load(settings.assets_dir / "faiss_index")
         assert rebuilt.info["encoder"]["weights_fingerprint"] == fb
         assert FaissSearcher.open(settings.assets_dir, device="cpu").encoder.weights_fingerprint == fb
+
+
+def test_a_fresh_machine_fetches_once_with_progress_in_the_run_log(hub, tmp_path):
+    from dagster import instance_for_test
+
+    from imgsim_assets.core.sample_data import write_synthetic_batch
+    from imgsim_assets.core.search import ImageIndex
+    from imgsim_assets.definitions import build_definitions
+    from imgsim_assets.ingest import ingest
+    from imgsim_assets.resources import EncoderResource, PreprocessResource
+    from imgsim_assets.settings import Settings
+
+    settings = Settings(data_dir=tmp_path / "data")
+    defs = build_definitions(settings, encoder=EncoderResource(weights="auto", batch_size=16, device="cpu"),
+                             preprocessing=PreprocessResource(crop_size=56, resize_size=64, workers=1))
+    write_synthetic_batch(settings.images_dir / "b1", 12, seed=1)
+    (tmp_path / "dagster_home").mkdir()
+    with instance_for_test(temp_dir=str(tmp_path / "dagster_home")) as instance:
+        report = ingest(defs, instance, settings.images_dir, log=lambda m: None)
+        assert report.ok, report.failed
+        embed_runs = [r for r in instance.get_runs() if r.job_name == "embed_batch"]
+        messages = [e.user_message for r in embed_runs for e in instance.all_logs(r.run_id)]
+        assert any(m.startswith("fetching dinov2_vits14 weights (88 MB, Apache-2.0) from " + hub.url) for m in messages)
+        assert any(m.startswith(f"fetching {weights.hub_repo(MODEL)}: 88.2/88.2 MB (100%)") for m in messages)
+        assert any(f"verified (sha256:{hub.sha256[REPO_FILE]}" in m for m in messages)
+        index = ImageIndex.load(settings.assets_dir / "faiss_index")
+        assert index.info["encoder"]["weights_fingerprint"] == "sha256:" + hub.sha256[REPO_FILE]
+
+        served = hub.count()
+        write_synthetic_batch(settings.images_dir / "b2", 12, seed=2)
+        report = ingest(defs, instance, settings.images_dir, log=lambda m: None)
+        assert report.ok and report.embedded == ["b2"] and hub.count() == served  # the cache answers

@@ -169,6 +169,7 @@ def cluster_centroids(
             "num_training_samples": len(sample),
             "imbalance_factor": float((sizes**2).sum() * nlist / max(sizes.sum() ** 2, 1)),
             "mean_similarity_to_centroid": float(sims.mean()),
+            "weights_fingerprint": str(pca_model.provenance.get("weights_fingerprint", "")),
             "gpu": faiss.get_num_gpus() > 0,
             "train_seconds": round(time.perf_counter() - start, 3),
             "fallbacks": MetadataValue.json(fallbacks),
@@ -215,6 +216,7 @@ def index_template(
             "memory_bytes_estimate": plan.memory_bytes(total),
             "memory_budget_bytes": config.memory_budget_mb << 20,
             "num_vectors": total,
+            "weights_fingerprint": str(pca_model.provenance.get("weights_fingerprint", "")),
             "fallbacks": MetadataValue.json(list(plan.notes)),
             "train_seconds": round(time.perf_counter() - start, 3),
         }
@@ -367,6 +369,7 @@ def faiss_index(
         "memory_bytes": ix.memory_bytes(merged),
         "build_seconds": round(time.perf_counter() - start, 3),
         "random_weights": info["encoder"].get("weights_file") == "random",
+        "weights_fingerprint": str(info["encoder"].get("weights_fingerprint", "")),
         "max_drift": max((d for d in drift.values() if np.isfinite(d)), default=0.0),
         "recall_curve": MetadataValue.md(
             f"PCA loss (exact search after PCA vs raw embeddings): recall@10 {evaluation.pca_recall_at_10:.4f}, "

@@ -118,6 +118,8 @@ def fetch(name: str, progress: Progress | None = None, hub: Hub | None = None) -
                                  f"IMGSIM_OFFLINE) forbids fetching {url}.\n" + _ways_out(name, hub))
     meta = _metadata(name, url, hub)
     repo_dir = hub.cache_dir / ("models--" + repo.replace("/", "--"))
+    if progress is not None:
+        progress(f"fetching {name} weights ({meta.size / 1e6:,.0f} MB, {LICENSE}) from {url} into {hub.cache_dir}")
     blob = _transfer(name, url, repo_dir / "blobs", meta, hub, progress)
     snapshot = repo_dir / "snapshots" / meta.commit / HUB_FILENAME
     snapshot.parent.mkdir(parents=True, exist_ok=True)
@@ -135,6 +137,8 @@ def fetch(name: str, progress: Progress | None = None, hub: Hub | None = None) -
         snapshot.unlink(missing_ok=True)
         blob.unlink(missing_ok=True)
         raise WeightsUnavailable(f"the file fetched from {url} does not hold {name}'s weights and was removed: {e}")
+    if progress is not None:
+        progress(f"{name} weights verified (sha256:{meta.etag}, commit {meta.commit[:12]}): {snapshot}")
     return snapshot
 
 
