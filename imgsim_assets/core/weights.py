@@ -245,7 +245,8 @@ def _get(url: str, partial: Path, have: int, size: int, hub: Hub, bar) -> None:
         headers["Range"] = f"bytes={have}-"
     request = urllib.request.Request(url, headers=headers)
     try:
-        response = urllib.request.urlopen(request, timeout=hub.timeout)
+        # A fresh opener reads the proxy variables now (urlopen's is built once per process).
+        response = urllib.request.build_opener().open(request, timeout=hub.timeout)
     except urllib.error.HTTPError as e:
         if e.code >= 500 or e.code == 429:
             raise OSError(f"HTTP {e.code}") from None  # the server's trouble: worth resuming
