@@ -51,31 +51,34 @@ def encoder_settings(settings, fallback_random: bool = False):
     from dataclasses import replace
 
     from imgsim_assets.core import weights
-    from imgsim_assets.core.encoder import EncoderSpec, resolve_device
+    from imgsim_assets.core.models import EncoderSpec
 
     EncoderSpec(model=settings.model, weights=settings.weights)  # names a model that exists
-    try:
-        resolve_device(settings.device)
-    except RuntimeError as e:
-        raise ValueError(f"{e} (IMGSIM_DEVICE={settings.device})") from None
-    try:
+    try:  # before torch is imported: no weights to be had is said within a second
         weights.check(settings.model, settings.weights, progress=_above_the_bar)
     except FileNotFoundError as e:
         if not (fallback_random and settings.weights == "auto"):
             raise
         print(f"{e}\n\nfalling back to random weights (--fallback-random).", file=sys.stderr)
         settings = replace(settings, weights="random")
+    from imgsim_assets.core.encoder import resolve_device
+
+    try:
+        resolve_device(settings.device)
+    except RuntimeError as e:
+        raise ValueError(f"{e} (IMGSIM_DEVICE={settings.device})") from None
     if settings.weights == "random":
         print(RANDOM_BANNER, file=sys.stderr)
     return settings
 
 
 def cmd_ingest(args) -> int:
-    from imgsim_assets.definitions import build_definitions
-    from imgsim_assets.ingest import IngestRunning, ingest
     from imgsim_assets.settings import Settings
 
     settings = encoder_settings(Settings.from_env(), fallback_random=args.fallback_random)
+    from imgsim_assets.definitions import build_definitions
+    from imgsim_assets.ingest import IngestRunning, ingest
+
     instance = _instance(settings)
     try:
         report = ingest(build_definitions(settings), instance, settings.images_dir, retrain=args.retrain,

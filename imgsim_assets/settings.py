@@ -1,5 +1,6 @@
 """The environment, read once: where data lives and which encoder to use by default. The
-defaults themselves belong to the core classes (``EncoderSpec``, ``Encoder``)."""
+defaults themselves belong to the core (``EncoderSpec`` and the encoder's ``RUN_DEFAULTS``,
+in :mod:`core.models`, which imports no torch)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-from imgsim_assets.core.encoder import Encoder, EncoderSpec
+from imgsim_assets.core.models import RUN_DEFAULTS, EncoderSpec
 
 
 @dataclass(frozen=True)
@@ -16,7 +17,7 @@ class Settings:
     data_dir: Path = Path("data")
     model: str = EncoderSpec.model
     weights: str = EncoderSpec.weights
-    device: str = Encoder.DEFAULTS["device"]
+    device: str = RUN_DEFAULTS["device"]
     milvus_uri: str = ""  # empty: a Milvus Lite file, <data>/milvus.db
 
     @classmethod

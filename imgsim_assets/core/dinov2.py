@@ -23,59 +23,11 @@ from torch import nn
 from timm.layers import Mlp, PatchEmbed, SwiGLUPacked
 from timm.models.vision_transformer import Block
 
-PATCH_SIZE = 14
-PRETRAIN_IMG_SIZE = 518
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-RANDOM_SEED = 0
-
-
-@dataclass(frozen=True)
-class Variant:
-    embed_dim: int
-    depth: int
-    num_heads: int
-    swiglu: bool = False
-    registers: int = 0
-
-    @property
-    def interpolate_offset(self) -> float:
-        # Official hub models: the plain ones scale by (grid + 0.1) / M without antialias,
-        # the register ones interpolate to the target size with antialias.
-        return 0.0 if self.registers else 0.1
-
-    @property
-    def interpolate_antialias(self) -> bool:
-        return bool(self.registers)
-
-
-_BASE = {
-    "dinov2_vits14": Variant(384, 12, 6),
-    "dinov2_vitb14": Variant(768, 12, 12),
-    "dinov2_vitl14": Variant(1024, 24, 16),
-    "dinov2_vitg14": Variant(1536, 40, 24, swiglu=True),
-}
-VARIANTS: dict[str, Variant] = {
-    **_BASE,
-    **{f"{name}_reg": Variant(v.embed_dim, v.depth, v.num_heads, v.swiglu, registers=4) for name, v in _BASE.items()},
-}
-
-# timm's copies of the official weights on the Hugging Face hub (``weights="auto"``).
-TIMM_HUB_NAMES = {
-    "dinov2_vits14": "vit_small_patch14_dinov2.lvd142m",
-    "dinov2_vitb14": "vit_base_patch14_dinov2.lvd142m",
-    "dinov2_vitl14": "vit_large_patch14_dinov2.lvd142m",
-    "dinov2_vitg14": "vit_giant_patch14_dinov2.lvd142m",
-    "dinov2_vits14_reg": "vit_small_patch14_reg4_dinov2.lvd142m",
-    "dinov2_vitb14_reg": "vit_base_patch14_reg4_dinov2.lvd142m",
-    "dinov2_vitl14_reg": "vit_large_patch14_reg4_dinov2.lvd142m",
-    "dinov2_vitg14_reg": "vit_giant_patch14_reg4_dinov2.lvd142m",
-}
-
-
-def official_checkpoint_name(name: str) -> str:
-    """File name of the official release checkpoint, e.g. ``dinov2_vits14_reg4_pretrain.pth``."""
-    return f"{name}4_pretrain.pth" if name.endswith("_reg") else f"{name}_pretrain.pth"
+from imgsim_assets.core.weights import is_hub_repo  # noqa: F401  (re-exported)
+from imgsim_assets.core.models import (  # noqa: F401  (the model's vocabulary, re-exported)
+    IMAGENET_MEAN, IMAGENET_STD, PATCH_SIZE, POOLING_WIDTHS, PRETRAIN_IMG_SIZE, RANDOM_SEED, TIMM_HUB_NAMES,
+    VARIANTS, Variant, official_checkpoint_name, pooled_dim,
+)  # fmt: skip
 
 
 class DinoVisionTransformer(nn.Module):
@@ -256,11 +208,6 @@ def fitting_state(model: DinoVisionTransformer, state: dict[str, torch.Tensor], 
     return state
 
 
-def is_hub_repo(path: str | os.PathLike) -> bool:
-    """A local clone of facebookresearch/dinov2 (or any folder with a ``hubconf.py``)."""
-    return Path(path).expanduser().joinpath("hubconf.py").is_file()
-
-
 def load_from_hub_repo(model: DinoVisionTransformer, repo_dir: str | os.PathLike, name: str) -> None:
     """Weights of ``name`` from ``torch.hub.load(repo_dir, name, source="local")``.
 
@@ -321,10 +268,12 @@ def _gem(patches: torch.Tensor, p: float = 4.0) -> torch.Tensor:
 
 
 POOLINGS = {
-    "cls": Pooling(lambda cls, patches: cls, 1, "the normalised CLS token"),
-    "mean": Pooling(lambda cls, patches: patches.mean(dim=1), 1, "the mean of the patch tokens (the seed article's)"),
+    "cls": Pooling(lambda cls, patches: cls, POOLING_WIDTHS["cls"], "the normalised CLS token"),
+    "mean": Pooling(lambda cls, patches: patches.mean(dim=1), POOLING_WIDTHS["mean"],
+                    "the mean of the patch tokens (the seed article's)"),
     "cls+gem": Pooling(lambda cls, patches: torch.cat((F.normalize(cls, dim=-1), F.normalize(_gem(patches), dim=-1)),
-                                                      dim=-1), 2, "CLS and GeM (p=4) of the patch tokens, concatenated"),
+                                                      dim=-1), POOLING_WIDTHS["cls+gem"],
+                       "CLS and GeM (p=4) of the patch tokens, concatenated"),
 }
 
 
@@ -335,6 +284,3 @@ def pool(features: dict[str, torch.Tensor], pooling: str = "cls") -> torch.Tenso
     v = POOLINGS[pooling].pool(features["x_norm_clstoken"].float(), features["x_norm_patchtokens"].float())
     return F.normalize(v, dim=-1)
 
-
-def pooled_dim(embed_dim: int, pooling: str) -> int:
-    return POOLINGS[pooling].width * embed_dim

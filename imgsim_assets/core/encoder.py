@@ -6,42 +6,19 @@ import os
 import queue
 import threading
 import time
-from dataclasses import asdict, dataclass
 from typing import Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 import torch
 
 from imgsim_assets.core import dinov2, weights
+from imgsim_assets.core.models import RUN_DEFAULTS, EncoderSpec  # noqa: F401  (EncoderSpec re-exported)
 from imgsim_assets.core.images import ImageRecord, Preprocess, preprocess_files
 
 T = TypeVar("T")
 K = TypeVar("K")  # what identifies a batch: its ids, or its file records
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass(frozen=True)
-class EncoderSpec:
-    """Everything that decides what vector an image gets. Recorded with every vector."""
-
-    model: str = "dinov2_vits14"
-    weights: str = "auto"
-    pooling: str = "cls"
-    depth: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.model not in dinov2.VARIANTS:
-            raise ValueError(f"unknown DINOv2 model {self.model!r}; choose one of {', '.join(dinov2.VARIANTS)}")
-        if self.pooling not in dinov2.POOLINGS:
-            raise ValueError(f"unknown pooling {self.pooling!r}; choose one of {', '.join(dinov2.POOLINGS)}")
-
-    @property
-    def dim(self) -> int:
-        return dinov2.pooled_dim(dinov2.VARIANTS[self.model].embed_dim, self.pooling)
-
-    def describe(self) -> dict:
-        return asdict(self)
 
 
 IDENTITY_KEYS = ("model", "pooling", "depth", "preprocess")
@@ -91,9 +68,7 @@ class Encoder:
     ``compile=True`` wraps the forward pass in ``torch.compile`` (first batch is slow).
     """
 
-    # How an encoder runs (not what it computes: that is the spec). The one place these
-    # defaults are written; the Dagster resource and the settings take them from here.
-    DEFAULTS = {"device": "auto", "dtype": "auto", "batch_size": 64, "compile": False}
+    DEFAULTS = RUN_DEFAULTS  # how an encoder runs, not what it computes (that is the spec)
 
     def __init__(
         self,

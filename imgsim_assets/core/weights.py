@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
 
-from imgsim_assets.core import dinov2
+from imgsim_assets.core import models
 
 HUB_FILENAME = "model.safetensors"
 LICENSE = "Apache-2.0"  # DINOv2's code and weights
@@ -77,9 +77,14 @@ class Hub:
         )
 
 
+def is_hub_repo(path: str | os.PathLike) -> bool:
+    """A local clone of facebookresearch/dinov2 (or any folder with a ``hubconf.py``)."""
+    return Path(path).expanduser().joinpath("hubconf.py").is_file()
+
+
 def hub_repo(name: str) -> str:
     """The Hugging Face repository of ``name``'s official weights (timm's copy)."""
-    return f"timm/{dinov2.TIMM_HUB_NAMES[name]}"
+    return f"timm/{models.TIMM_HUB_NAMES[name]}"
 
 
 def local_candidates(name: str, hub: Hub | None = None) -> list[Path]:
@@ -88,7 +93,7 @@ def local_candidates(name: str, hub: Hub | None = None) -> list[Path]:
     repo = hub.cache_dir / ("models--" + hub_repo(name).replace("/", "--"))
     snapshots = sorted((repo / "snapshots").glob(f"*/{HUB_FILENAME}"), key=lambda p: p.stat().st_mtime
                        if p.exists() else 0, reverse=True)
-    return [*snapshots, hub.torch_home / "hub" / "checkpoints" / dinov2.official_checkpoint_name(name)]
+    return [*snapshots, hub.torch_home / "hub" / "checkpoints" / models.official_checkpoint_name(name)]
 
 
 def find_local(name: str, hub: Hub | None = None) -> Path | None:
@@ -100,7 +105,7 @@ def _ways_out(name: str, hub: Hub) -> str:
         f"Ways out:\n"
         f"  - on a machine with network: `imgsim weights fetch {name}`, then copy {hub.cache_dir} here "
         f"(or point HF_HUB_CACHE at a copy)\n"
-        f"  - IMGSIM_WEIGHTS=/path/to/{dinov2.official_checkpoint_name(name)} (the official release file) or a "
+        f"  - IMGSIM_WEIGHTS=/path/to/{models.official_checkpoint_name(name)} (the official release file) or a "
         f"timm model.safetensors; or put the official file in {hub.torch_home}/hub/checkpoints/\n"
         f"  - `imgsim ingest --fallback-random` (or IMGSIM_WEIGHTS=random): seeded random weights, for trying "
         f"the pipeline only\n"
@@ -270,8 +275,10 @@ def fits(name: str, path: str | os.PathLike, depth: int | None = None) -> None:
     """ValueError unless ``path`` holds ``name``'s weights (names and shapes, on the meta device)."""
     import torch
 
+    from imgsim_assets.core import dinov2
+
     with torch.device("meta"):
-        model = dinov2.DinoVisionTransformer(dinov2.VARIANTS[name], depth=depth)
+        model = dinov2.DinoVisionTransformer(models.VARIANTS[name], depth=depth)
     dinov2.fitting_state(model, dinov2.read_checkpoint(Path(path), mmap=True), source=f"checkpoint {path}")
 
 
@@ -289,10 +296,10 @@ def check(name: str, weights: str | os.PathLike = "auto", depth: int | None = No
           progress: Progress | None = None) -> str:
     """What loading would fail on, found without loading (an unknown name, nothing to fetch, a
     missing path, a checkpoint that does not fit). Returns the resolved weights."""
-    if name not in dinov2.VARIANTS:
-        raise ValueError(f"unknown DINOv2 model {name!r}; choose one of {', '.join(dinov2.VARIANTS)}")
+    if name not in models.VARIANTS:
+        raise ValueError(f"unknown DINOv2 model {name!r}; choose one of {', '.join(models.VARIANTS)}")
     resolved = resolve(name, weights, progress)
-    if resolved == "random" or dinov2.is_hub_repo(resolved):
+    if resolved == "random" or is_hub_repo(resolved):
         return resolved
     if not Path(resolved).is_file():
         raise FileNotFoundError(f"DINOv2 checkpoint {resolved} does not exist")
@@ -307,10 +314,10 @@ def fingerprint(resolved: str, name: str | None = None) -> str:
         import timm
         import torch
 
-        return f"random:seed={dinov2.RANDOM_SEED}:torch={torch.__version__}:timm={timm.__version__}"
+        return f"random:seed={models.RANDOM_SEED}:torch={torch.__version__}:timm={timm.__version__}"
     path = Path(resolved)
-    if dinov2.is_hub_repo(path):  # the official hubconf loads the release file from torch hub's folder
-        release = Hub.from_env().torch_home / "hub" / "checkpoints" / dinov2.official_checkpoint_name(name or "")
+    if is_hub_repo(path):  # the official hubconf loads the release file from torch hub's folder
+        release = Hub.from_env().torch_home / "hub" / "checkpoints" / models.official_checkpoint_name(name or "")
         path = release if name and release.is_file() else path / "hubconf.py"
     return "sha256:" + sha256_of(path)
 
@@ -374,15 +381,17 @@ def parameter_bytes(name: str) -> int:
     """The fp32 checkpoint's size, from the architecture (built on the meta device)."""
     import torch
 
+    from imgsim_assets.core import dinov2
+
     with torch.device("meta"):
-        model = dinov2.DinoVisionTransformer(dinov2.VARIANTS[name])
+        model = dinov2.DinoVisionTransformer(models.VARIANTS[name])
     return 4 * sum(p.numel() for p in model.parameters())
 
 
 def available(hub: Hub | None = None) -> list[Available]:
     hub = hub or Hub.from_env()
     return [Available(name, hub_repo(name), parameter_bytes(name), LICENSE, str(find_local(name, hub) or ""))
-            for name in dinov2.VARIANTS]
+            for name in models.VARIANTS]
 
 
 def _first_line(e: BaseException) -> str:
