@@ -416,7 +416,7 @@ def _progress_bar(progress: Progress | None, label: str, total: int):
                 progress(_progress_line(label, self._done, total, now - self._began))
             return super().update(n)
 
-    return Reporting(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=label, leave=False)
+    return Reporting(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc=label, leave=False)
 
 
 def _progress_line(label: str, done: int, total: int, seconds: float) -> str:
