@@ -173,22 +173,43 @@ def _print_answer(args, answer: dict, source: str, images_dir: Path | None = Non
     return 0
 
 
+def serve_token(args) -> str:
+    """The service's token: ``--token-file`` or ``$IMGSIM_SERVE_TOKEN_FILE`` (first line), else
+    ``$IMGSIM_SERVE_TOKEN``, else ``--token`` (which ``ps`` shows to every user: warned)."""
+    path = args.token_file or os.environ.get("IMGSIM_SERVE_TOKEN_FILE", "")
+    if path:
+        try:
+            token = Path(path).expanduser().read_text().strip().splitlines()[0].strip()
+        except (OSError, IndexError) as e:
+            raise ValueError(f"cannot read a token from {path}: {e}") from None
+        if not token:
+            raise ValueError(f"the token file {path} is empty")
+        return token
+    if args.token:
+        print("imgsim serve: a token given with --token is visible to every user of this machine (ps); "
+              "prefer --token-file or IMGSIM_SERVE_TOKEN", file=sys.stderr)
+        return args.token
+    return os.environ.get("IMGSIM_SERVE_TOKEN", "")
+
+
 def cmd_serve(args) -> int:
     import uvicorn
 
     from imgsim_assets.serve.app import ServeConfig, create_app, is_loopback
+    from imgsim_assets.serve.connections import guarded_protocol
     from imgsim_assets.settings import Settings
 
     settings = Settings.from_env()
-    token = args.token or os.environ.get("IMGSIM_SERVE_TOKEN", "")
+    token = serve_token(args)
     if not is_loopback(args.host) and not token:
-        print(f"imgsim serve: binding to {args.host} (not loopback) needs a token: --token or IMGSIM_SERVE_TOKEN",
-              file=sys.stderr)
+        print(f"imgsim serve: binding to {args.host} (not loopback) needs a token: --token-file, IMGSIM_SERVE_TOKEN "
+              "or --token", file=sys.stderr)
         return 2
     config = ServeConfig(assets_dir=settings.assets_dir, images_dir=settings.images_dir, host=args.host,
                          port=args.port, token=token, device=settings.device,
                          max_upload_bytes=int(args.max_upload_mb * 2**20), reload_interval_s=args.reload_interval,
-                         allow_other_weights=args.allow_other_weights)
+                         allow_other_weights=args.allow_other_weights, allowed_hosts=tuple(args.allowed_host or ()),
+                         max_decode_bytes=int(args.max_decode_mb * 2**20))
     app = create_app(config)
     service = app.state.service
     loaded = service.live.current
@@ -196,7 +217,9 @@ def cmd_serve(args) -> int:
         print(RANDOM_BANNER, file=sys.stderr)
     print(f"imgsim serve: {loaded.searcher.num_vectors} images (index {loaded.version}) on http://{args.host}:{args.port}/",
           file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False,
+                http=guarded_protocol(config.header_timeout_s, config.max_connections), timeout_keep_alive=5,
+                h11_max_incomplete_event_size=16 * 1024)
     return 0
 
 
@@ -365,7 +388,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--token", default=None, help="required on every request; needed to bind beyond loopback "
                    "(default: $IMGSIM_SERVE_TOKEN)")
+    p.add_argument("--token-file", default=None, help="read the token from this file's first line "
+                   "(default: $IMGSIM_SERVE_TOKEN_FILE); keeps it out of ps")
+    p.add_argument("--allowed-host", action="append", default=None, metavar="NAME",
+                   help="a Host name to answer besides loopback's and the bound host (repeatable; '*': any)")
     p.add_argument("--max-upload-mb", type=float, default=32.0, help="larger uploads are refused (413)")
+    p.add_argument("--max-decode-mb", type=float, default=256.0, help="an upload whose decoded pixels would take "
+                   "more (read from its header) is refused (422)")
     p.add_argument("--reload-interval", type=float, default=1.0, help="seconds between looks for a new index version")
     p.add_argument("--allow-other-weights", action="store_true",
                    help="serve even when the weights here differ from the index's (vectors are then not comparable)")

@@ -21,6 +21,7 @@ from imgsim_assets.definitions import build_definitions
 from imgsim_assets.ingest import ingest, run_job
 from imgsim_assets.resources import EncoderResource, PreprocessResource
 from imgsim_assets.serve.app import ServeConfig, create_app
+from imgsim_assets.serve.connections import guarded_protocol
 from imgsim_assets.settings import Settings
 
 
@@ -65,7 +66,8 @@ def running_server(settings: Settings, **options):
     config = replace(config, **options)
     app = create_app(config)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=config.port, log_level="warning",
-                                           access_log=False))
+                                           access_log=False, timeout_keep_alive=5,
+                                           http=guarded_protocol(config.header_timeout_s, config.max_connections)))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{config.port}"

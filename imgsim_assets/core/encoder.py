@@ -14,6 +14,7 @@ import torch
 from imgsim_assets.core import dinov2, weights
 from imgsim_assets.core.models import RUN_DEFAULTS, EncoderSpec  # noqa: F401  (EncoderSpec re-exported)
 from imgsim_assets.core.images import ImageRecord, Preprocess, preprocess_files
+from imgsim_assets.core.images.protocol import LIMITS
 
 T = TypeVar("T")
 K = TypeVar("K")  # what identifies a batch: its ids, or its file records
@@ -29,11 +30,19 @@ def same_encoder(a: dict, b: dict) -> bool:
     (by fingerprint; by file where one side predates fingerprints), pooling, depth and
     preprocessing. The dtype is recorded, not compared: an index built in bf16 on a GPU is
     searched in fp32 from CPUs."""
-    if any(a.get(k) != b.get(k) for k in IDENTITY_KEYS):
+    if any(_meaning(a, k) != _meaning(b, k) for k in IDENTITY_KEYS):
         return False
     if a.get("weights_fingerprint") and b.get("weights_fingerprint"):
         return a["weights_fingerprint"] == b["weights_fingerprint"]
     return a.get("weights_file") == b.get("weights_file")
+
+
+def _meaning(provenance: dict, key: str):
+    """``provenance[key]``, for preprocessing without the limits (what is refused, not how)."""
+    value = provenance.get(key)
+    if key == "preprocess" and isinstance(value, dict):
+        return {k: v for k, v in value.items() if k not in LIMITS}
+    return value
 
 
 def describe_encoder(provenance: dict) -> str:

@@ -321,12 +321,17 @@ class Searcher:
         """Neighbours of indexed images (each is its own first neighbour)."""
         return self.search(self.vectors_of(image_ids), k, nprobe, batches)
 
-    def decode_upload(self, data: bytes, name: str = "upload"):
+    def decode_upload(self, data: bytes, name: str = "upload", max_decode_bytes: int | None = None):
         """An image given as bytes → (its record, uint8 pixels or None when rejected), preprocessed
-        as the index's images were. Never raises for a bad image."""
+        as the index's images were, within ``max_decode_bytes`` of decoded pixels when given.
+        Never raises for a bad image."""
+        from dataclasses import replace
+
         from imgsim_assets.core import images
 
         pre = self.preprocess
+        if max_decode_bytes is not None:
+            pre = replace(pre, max_decode_bytes=min(pre.max_decode_bytes, max_decode_bytes))
         record = images.ImageRecord(path=name)
         if len(data) > pre.max_file_bytes:
             record.reject(images.Rejected(images.TOO_LARGE, f"{len(data)} bytes exceeds {pre.max_file_bytes}"))

@@ -26,6 +26,7 @@ from imgsim_assets.serve import thumbnails
 from imgsim_assets.serve.openapi import SPEC
 from imgsim_assets.serve.batching import ModelBatcher, Overloaded
 from imgsim_assets.serve.live import LiveIndex
+from imgsim_assets.serve.uploads import UploadDecoder
 
 STATIC = Path(__file__).parent / "static"
 
@@ -48,6 +49,13 @@ class ServeConfig:
     max_batch: int = 16
     max_queue: int = 64  # image queries waiting for the model; more are answered 503
     max_in_flight: int = 256  # id queries being searched; more are answered 503
+    max_decode_bytes: int = 256 << 20  # an upload's decoded pixels, read from its header; more is refused (422)
+    decode_workers: int = 1  # threads decoding uploads, apart from everything else
+    max_decoding: int = 16  # uploads decoding or waiting to; more are answered 503
+    allowed_hosts: tuple[str, ...] = ()  # Host names accepted besides loopback's and the bound host; "*": any
+    header_timeout_s: float = 10.0  # a connection must send a request's head within this
+    body_timeout_s: float = 30.0  # and then its body without pausing longer than this
+    max_connections: int = 1024  # connections beyond this are closed at once
 
 
 def _public_encoder(encoder_info: dict) -> dict:
@@ -105,6 +113,8 @@ class Service:
         self.meters = Metrics()
         self.batcher = ModelBatcher(config.batch_window_ms / 1000, config.max_batch, config.max_queue,
                                     on_batch=self.meters.batch.observe)
+        self.uploads = UploadDecoder(config.decode_workers, config.max_decoding, config.max_decode_bytes)
+        self.thumbnails = thumbnails.Thumbnails(config.images_dir, config.assets_dir / ".thumbnails")
         self.in_flight = 0
         self.started = time.time()
 
@@ -154,7 +164,9 @@ class Service:
         data, name = await self._upload(request)
         self.batcher.decoding += 1
         try:
-            record, pixels = await asyncio.to_thread(loaded.searcher.decode_upload, data, name)
+            record, pixels = await self.uploads.decode(loaded.searcher, data, name)
+        except Overloaded as e:
+            raise ApiError(503, "busy", str(e), {"Retry-After": str(e.retry_after)}) from None
         finally:
             self.batcher.decoding -= 1
         if pixels is None:
@@ -162,7 +174,7 @@ class Service:
         try:
             vector = await self.batcher.embed(loaded.searcher, pixels)
         except Overloaded as e:
-            raise ApiError(503, "busy", str(e), {"Retry-After": "1"}) from None
+            raise ApiError(503, "busy", str(e), {"Retry-After": str(e.retry_after)}) from None
         hits = (await asyncio.to_thread(loaded.searcher.search, vector, k, nprobe, batches))[0]
         query = {"name": name, "image_id": record.image_id, "width": record.width, "height": record.height}
         return JSONResponse(self._answer(loaded, hits, started, query=query))
@@ -170,11 +182,13 @@ class Service:
     async def _upload(self, request: Request) -> tuple[bytes, str]:
         limit = self.config.max_upload_bytes
         if int(request.headers.get("content-length") or 0) > limit + 64 * 1024:
-            raise ApiError(413, "too_large", f"uploads are limited to {limit} bytes")
+            raise ApiError(413, "too_large", f"uploads are limited to {limit} bytes", CLOSE)
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
             raise ApiError(400, "not_multipart", "upload the image as multipart/form-data, field 'image'")
         try:
             form = await request.form(max_files=1, max_fields=16)
+        except ApiError:  # the body grew past the limit, or stalled, as it streamed
+            raise
         except Exception as e:  # python-multipart's own errors: a malformed body
             raise ApiError(400, "bad_form", f"could not read the form: {e}") from None
         upload = form.get("image")
@@ -197,11 +211,10 @@ class Service:
         if not copies:
             raise ApiError(404, "unknown_image", f"image_id {image_id} is not in the index")
         try:
-            file = await asyncio.to_thread(thumbnails.file_for, self.config.images_dir, self.config.assets_dir,
-                                           image_id, path, size)
+            file, media_type = await asyncio.to_thread(self.thumbnails.file_for, image_id, path, size)
         except thumbnails.Unavailable as e:
             raise ApiError(e.status, e.error, str(e)) from None
-        return FileResponse(file, headers={"Cache-Control": "max-age=3600"})
+        return FileResponse(file, media_type=media_type, headers={"Cache-Control": "max-age=3600"})
 
     async def healthz(self, request: Request) -> JSONResponse:
         """Status, index version and size, encoder."""
@@ -333,12 +346,29 @@ def _finite(value):
     return value
 
 
+# On every response: no content sniffing, no framing, scripts and styles from this origin only.
+SECURITY_HEADERS = [
+    (b"x-content-type-options", b"nosniff"),
+    (b"content-security-policy", b"default-src 'self'; img-src 'self' data: blob:; object-src 'none'; "
+                                 b"base-uri 'none'; form-action 'self'; frame-ancestors 'none'"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),
+]
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+CLOSE = {"Connection": "close"}
+
+
 class _Guard:
-    """ASGI middleware: the token check, JSON errors, and metrics by endpoint."""
+    """ASGI middleware: the Host allow-list, the token, the upload size and pace while the
+    body streams, security headers, JSON errors, and metrics by endpoint."""
 
     def __init__(self, app, service: Service) -> None:
         self.app, self.service = app, service
-        self.token = service.config.token.encode()
+        config = service.config
+        self.token = config.token.encode()
+        # A tokenless service on loopback is what DNS rebinding reaches: only its own names.
+        self.hosts = None if "*" in config.allowed_hosts else {
+            *LOOPBACK_NAMES, config.host.strip("[]").lower(), *(h.lower() for h in config.allowed_hosts)}
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -347,30 +377,79 @@ class _Guard:
         started = time.perf_counter()
         status = [500]
 
-        async def send_status(message) -> None:
+        async def send_secured(message) -> None:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
+                message = {**message, "headers": [*message.get("headers", []), *SECURITY_HEADERS]}
             await send(message)
 
         try:
-            if self.token and not _public(scope["path"]) and not self._authorized(scope):
-                await _error(ApiError(401, "unauthorized", "this server needs its token: "
-                                      "'Authorization: Bearer TOKEN' or ?token=TOKEN"))(scope, receive, send_status)
+            refusal = self._refusal(scope)
+            if refusal is not None:
+                await _error(refusal)(scope, receive, send_secured)
             else:
-                await self.app(scope, receive, send_status)
+                await self.app(scope, self._paced(receive, scope), send_secured)
         finally:
             meters = self.service.meters
             meters.requests.labels(endpoint, str(status[0])).inc()
             meters.latency.labels(endpoint).observe(time.perf_counter() - started)
 
-    def _authorized(self, scope) -> bool:
+    def _refusal(self, scope) -> ApiError | None:
         headers = dict(scope.get("headers") or [])
-        given = headers.get(b"authorization", b"").removeprefix(b"Bearer ").strip()
-        if not given:
+        if self.hosts is not None and not self.token and _host_name(headers.get(b"host", b"")) not in self.hosts:
+            return ApiError(421, "unknown_host", "this service answers to its own host names only "
+                            "(imgsim serve --allowed-host NAME)")
+        if self.token and not _public(scope["path"]) and not self._authorized(scope, headers):
+            return ApiError(401, "unauthorized", "this server needs its token: 'Authorization: Bearer TOKEN' "
+                            "or ?token=TOKEN", {"WWW-Authenticate": "Bearer"})
+        return None
+
+    def _paced(self, receive, scope):
+        """``receive`` that refuses a body past the upload limit (413) or one that stalls (408),
+        as it streams: chunked bodies carry no length to check beforehand."""
+        config = self.service.config
+        limit = config.max_upload_bytes + 64 * 1024  # the multipart envelope around the file
+        received = 0
+
+        async def paced():
+            nonlocal received
+            try:
+                message = await asyncio.wait_for(receive(), config.body_timeout_s)
+            except asyncio.TimeoutError:
+                raise ApiError(408, "too_slow", f"the request body paused for over {config.body_timeout_s:g} s",
+                               CLOSE) from None
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:  # answered, and the connection closed: the rest is never read
+                    raise ApiError(413, "too_large", f"uploads are limited to {config.max_upload_bytes} bytes", CLOSE)
+            return message
+
+        return paced if scope.get("method") == "POST" else receive
+
+    def _authorized(self, scope, headers) -> bool:
+        scheme, _, given = headers.get(b"authorization", b"").partition(b" ")
+        if scheme.lower() != b"bearer":
             from urllib.parse import parse_qs
 
             given = (parse_qs(scope.get("query_string", b"").decode()).get("token") or [""])[0].encode()
-        return hmac.compare_digest(given, self.token)
+        return bool(given) and hmac.compare_digest(given.strip(), self.token)
+
+
+def _relative(text: str, config: ServeConfig) -> str:
+    """``text`` with the data directory's absolute paths made relative to it: clients learn
+    nothing of the server's file system."""
+    roots = {config.assets_dir.parent, config.images_dir.parent, config.assets_dir, config.images_dir}
+    for root in sorted({str(r) for r in roots} | {str(Path(r).resolve()) for r in roots}, key=len, reverse=True):
+        text = text.replace(root + "/", "").replace(root, ".")
+    return text
+
+
+def _host_name(host: bytes) -> str:
+    """The name in a Host header, without its port: ``[::1]:8000`` → ``::1``."""
+    text = host.decode("latin-1").strip().lower()
+    if text.startswith("["):
+        return text[1 : text.find("]")] if "]" in text else text
+    return text.rsplit(":", 1)[0] if text.count(":") == 1 else text
 
 
 def _public(path: str) -> bool:
@@ -431,7 +510,8 @@ def create_app(config: ServeConfig, live: LiveIndex | None = None) -> Starlette:
         return _error(e)
 
     async def crashed(request: Request, e: Exception) -> Response:
-        return JSONResponse({"error": "internal", "detail": f"{type(e).__name__}: {e}"}, status_code=500)
+        detail = _relative(f"{type(e).__name__}: {e}", config)
+        return JSONResponse({"error": "internal", "detail": detail}, status_code=500)
 
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={ApiError: refused, Exception: crashed})
     app.state.service = service

@@ -11,6 +11,8 @@ under load the model sees batches instead of single images. A full queue answers
 from __future__ import annotations
 
 import asyncio
+import math
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
@@ -19,7 +21,11 @@ import numpy as np
 
 
 class Overloaded(Exception):
-    """The queue of image queries is full: try again shortly."""
+    """Too many queries wait already: try again after ``retry_after`` seconds."""
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 @dataclass
@@ -43,6 +49,7 @@ class ModelBatcher:
         self._queue: asyncio.Queue[_Query] | None = None
         self._task: asyncio.Task | None = None
         self.in_model = 0
+        self._seconds_per_query = 0.05  # moving average, measured on the batches run
 
     @property
     def depth(self) -> int:
@@ -58,10 +65,14 @@ class ModelBatcher:
             self._task.cancel()
         self._model_thread.shutdown(wait=False, cancel_futures=True)
 
+    def retry_after(self) -> int:
+        """Seconds until the queries waiting now are answered, at the measured rate."""
+        return max(1, math.ceil((self.depth + self.in_model) * self._seconds_per_query))
+
     async def embed(self, searcher, pixels: np.ndarray) -> np.ndarray:
         """The raw embedding of one preprocessed image, computed in a batch with its neighbours in time."""
         if self.depth >= self.max_queue:
-            raise Overloaded(f"{self.depth} image queries are waiting")
+            raise Overloaded(f"{self.depth} image queries are waiting", self.retry_after())
         future = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_Query(pixels, searcher, future))
         return await future
@@ -91,9 +102,12 @@ class ModelBatcher:
             by_searcher.setdefault(id(query.searcher), []).append(query)
         for queries in by_searcher.values():
             self.in_model = len(queries)
+            began = time.perf_counter()
             try:
                 vectors = await asyncio.get_running_loop().run_in_executor(
                     self._model_thread, queries[0].searcher.embed_pixels, [q.pixels for q in queries])
+                per_query = (time.perf_counter() - began) / len(queries)
+                self._seconds_per_query = 0.8 * self._seconds_per_query + 0.2 * per_query
             except Exception as e:  # the model failed: every query of the batch gets the error
                 for q in queries:
                     if not q.future.done():

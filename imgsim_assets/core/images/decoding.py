@@ -91,12 +91,15 @@ def _decode(data: bytes, pre: Preprocess, record: ImageRecord) -> np.ndarray:
     im = Image.open(io.BytesIO(data), formats=_open_formats())
     record.format = im.format or ""
     width, height = im.size
+    record.width, record.height = width, height
+    if width * height > pre.max_pixels:
+        raise Rejected(DECOMPRESSION_BOMB, f"{width}x{height} pixels exceeds the limit of {pre.max_pixels}")
+    if im.format != "JPEG":  # before the EXIF is read: a PNG's may follow its pixels, and reading it decodes them
+        _within_budget(im, pre, rotated=False)
     orientation, exif_remark = _orientation(im)
     transposed = orientation in (5, 6, 7, 8)
     # The manifest reports the size as displayed, i.e. after EXIF rotation.
     record.width, record.height = (height, width) if transposed else (width, height)
-    if width * height > pre.max_pixels:
-        raise Rejected(DECOMPRESSION_BOMB, f"{width}x{height} pixels exceeds the limit of {pre.max_pixels}")
     if width < PATCH_SIZE or height < PATCH_SIZE:
         raise Rejected(TOO_SMALL, f"{width}x{height} is smaller than one {PATCH_SIZE}px patch")
     if pre.draft and im.format == "JPEG":
@@ -104,6 +107,7 @@ def _decode(data: bytes, pre: Preprocess, record: ImageRecord) -> np.ndarray:
         # target. The target is for the upright image; draft works before the rotation.
         target_w, target_h = pre.resized_size(*record.size)
         im.draft("RGB", (target_h, target_w) if transposed else (target_w, target_h))
+    _within_budget(im, pre, rotated=orientation != 1)  # after draft: what will really be decoded
     im.load()
     if orientation != 1 and _orientation(im)[0] != orientation:
         # The reader rotated the pixels itself while loading and dropped the tag; it reported
@@ -111,7 +115,11 @@ def _decode(data: bytes, pre: Preprocess, record: ImageRecord) -> np.ndarray:
         orientation = 1
         record.width, record.height = width, height
     upright = im.transpose(UPRIGHT[orientation]) if orientation != 1 else im
-    pixels = np.asarray(resize_and_crop(_to_rgb(upright), pre), dtype=np.uint8).transpose(2, 0, 1).copy()
+    if _is_grey(upright):  # resized as one band, made RGB at the output size: the same pixels, a third of the memory
+        picture = resize_and_crop(_to_l(upright), pre).convert("RGB")
+    else:
+        picture = resize_and_crop(_to_rgb(upright), pre)
+    pixels = np.asarray(picture, dtype=np.uint8).transpose(2, 0, 1).copy()
     frames, frames_remark = _frame_count(im)
     if frames > 1:
         record.note(f"first of {frames} frames")
@@ -119,6 +127,13 @@ def _decode(data: bytes, pre: Preprocess, record: ImageRecord) -> np.ndarray:
         if remark:
             record.note(remark)
     return pixels
+
+
+def _within_budget(im: Image.Image, pre: Preprocess, rotated: bool) -> None:
+    cost = decode_bytes(im.mode, *im.size, rotated=rotated, transparent="transparency" in im.info)
+    if cost > pre.max_decode_bytes:
+        raise Rejected(DECOMPRESSION_BOMB, f"decoding {im.size[0]}x{im.size[1]} {im.mode} takes about "
+                       f"{cost / 2**20:,.0f} MiB, over the budget of {pre.max_decode_bytes / 2**20:,.0f} MiB")
 
 
 def _open_formats() -> list[str]:
@@ -145,24 +160,74 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         im = im.convert("RGBA")
     if im.mode == "RGB":
         return im
-    if im.mode.startswith("I;16") or im.mode in ("I", "F"):
-        # 16/32-bit and float greyscale: scale to 8 bits instead of clipping above 255. 16-bit
-        # data spans 0-65535; 32-bit integers and floats are scaled by their maximum (floats
-        # in 0-1, the usual convention, by 1).
-        a = np.asarray(im, dtype=np.float64)
-        peak = float(np.nanmax(a)) if a.size else 0.0
-        top = 65535.0 if im.mode.startswith("I;16") else (1.0 if im.mode == "F" and peak <= 1.0 else max(peak, 1.0))
-        a = np.clip(np.nan_to_num(a / top * 255.0 + 0.5), 0, 255).astype(np.uint8)
-        return Image.fromarray(a, "L").convert("RGB")
     try:
         if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-            rgba = im.convert("RGBA")
+            rgba = im if im.mode == "RGBA" else im.convert("RGBA")
             canvas = Image.new("RGB", rgba.size, BACKGROUND)
             canvas.paste(rgba, mask=rgba.getchannel("A"))
             return canvas
         return im.convert("RGB")
     except ValueError as e:  # Pillow: "conversion from X to Y not supported"
         raise Rejected(UNSUPPORTED_MODE, f"mode {im.mode}: {e}") from e
+
+
+_GREY_MODES = ("1", "L", "I", "F", "I;16", "I;16L", "I;16B", "I;16N")
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+# Bytes per pixel of a decoded frame as Pillow holds it (three bands are stored in four).
+_PIXEL_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}
+
+
+def _is_grey(im: Image.Image) -> bool:
+    return im.mode in _GREY_MODES and "transparency" not in im.info
+
+
+def decode_bytes(mode: str, width: int, height: int, rotated: bool = False, transparent: bool = False) -> int:
+    """Memory a decode takes at its peak, from the header alone: the frame as Pillow holds it
+    (twice when EXIF rotates it), plus the copies the way to RGB makes: one band for greyscale
+    (resized before it becomes RGB), RGBA and an RGB canvas for alpha, RGB for the rest."""
+    frame = _PIXEL_BYTES.get(mode, 4)
+    if mode in _GREY_MODES and not transparent:
+        extra = 0 if mode == "L" else 1
+    elif mode == "RGB" and not transparent:
+        extra = 0
+    elif mode in _ALPHA_MODES or mode == "P" or transparent:
+        extra = 4 if mode == "RGBA" else 8
+    else:
+        extra = 4
+    return width * height * (frame * (2 if rotated else 1) + extra)
+
+
+def _to_l(im: Image.Image) -> Image.Image:
+    """Greyscale of any depth as 8-bit ``L``."""
+    if im.mode == "L":
+        return im
+    if im.mode == "1":
+        return im.convert("L")
+    return Image.fromarray(_to_8_bits(im), "L")
+
+
+def _to_8_bits(im: Image.Image, rows: int = 256) -> np.ndarray:
+    """16/32-bit and float greyscale scaled to uint8, not clipped: 16-bit data spans 0-65535,
+    32-bit integers and floats are scaled by their maximum (floats in 0-1, the usual
+    convention, by 1). A few rows at a time, in the data's own width: no float64 copy of the
+    whole image (a 13,376² 16-bit PNG took 5 GB that way)."""
+    width, height = im.size
+    out = np.empty((height, width), np.uint8)
+
+    def blocks():
+        for r in range(0, height, rows):
+            yield r, np.asarray(im.crop((0, r, width, min(r + rows, height))))
+
+    if im.mode.startswith("I;16"):
+        for r, block in blocks():  # round(x / 65535 · 255) = (x + 128) // 257, exactly
+            out[r : r + len(block)] = (block.astype(np.uint32) + 128) // 257
+        return out
+    peak = max((float(np.nanmax(b)) for _, b in blocks() if not np.isnan(b).all()), default=0.0)
+    top = 1.0 if im.mode == "F" and peak <= 1.0 else max(peak, 1.0)
+    for r, block in blocks():
+        scaled = block.astype(np.float32) * np.float32(255.0 / top) + np.float32(0.5)
+        out[r : r + len(block)] = np.clip(np.nan_to_num(scaled), 0, 255)
+    return out
 
 
 def _frame_count(im: Image.Image) -> tuple[int, str]:

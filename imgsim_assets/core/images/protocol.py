@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 from PIL import Image
 
 PATCH_SIZE = 14
+LIMITS = ("max_pixels", "max_file_bytes", "max_decode_bytes")  # what is refused, not how pixels are made
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,7 @@ class Preprocess:
     draft: bool = True
     max_pixels: int = 178_956_970  # Pillow's own default limit
     max_file_bytes: int = 256 * 2**20  # a file is read whole into memory
+    max_decode_bytes: int = 1 << 30  # decoded frame and its RGB copy, from the header: a larger image is refused
 
     def __post_init__(self) -> None:
         if self.protocol not in ("dinov2_eval", "grid"):
@@ -55,6 +57,7 @@ class Preprocess:
         return (new_short, new_long) if width <= height else (new_long, new_short)
 
     def describe(self) -> dict:
+        """Everything, limits included; :data:`LIMITS` do not change what a vector means."""
         d = asdict(self)
         d["output_size"] = list(self.output_size)
         return d
