@@ -6,6 +6,11 @@ Valid small files of every common format are truncated at random offsets or have
 bytes overwritten (anywhere, or within the header), then go through ``images.decode``.
 The standard: every variant ends ``ok`` or ``rejected`` with a reason, none raises.
 Prints the outcome counts, the exceptions that escaped (must be 0) and the decode rate.
+
+    python -m bench.hostile --service [--before REV]
+
+attacks the search service instead (:mod:`bench.attacks`): each way a hostile client can
+hurt it, measured on real server processes, before and after side by side.
 """
 
 from __future__ import annotations
@@ -71,7 +76,15 @@ def main(argv: list[str] | None = None) -> tuple[collections.Counter, collection
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", type=int, default=20_000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--service", action="store_true", help="instead: attack `imgsim serve` (bench.attacks)")
+    parser.add_argument("--before", default=None, metavar="REV",
+                        help="with --service: attack this git revision's server too, side by side")
     args = parser.parse_args(argv)
+    if args.service:
+        from bench import attacks
+
+        attacks.run(args.before)
+        return collections.Counter(), collections.Counter()
 
     rng = np.random.default_rng(args.seed)
     seeds = _seed_files(rng)

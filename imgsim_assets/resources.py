@@ -51,6 +51,8 @@ class PreprocessResource(ConfigurableResource):
     draft: bool = Field(default=Preprocess.draft, description="JPEG DCT-domain downscale before decoding")
     max_pixels: int = Field(default=Preprocess.max_pixels, description="larger images are rejected as decompression bombs")
     max_file_bytes: int = Field(default=Preprocess.max_file_bytes, description="larger files are rejected unread (too_large)")
+    max_decode_bytes: int = Field(default=Preprocess.max_decode_bytes, description="an image whose decoded pixels "
+                                  "would take more (read from its header) is rejected (decompression_bomb)")
     workers: int = Field(default=0, description="decoding processes; 0 = one per CPU, 1 = inline")
 
     def preprocess(self) -> Preprocess:
@@ -62,6 +64,7 @@ class PreprocessResource(ConfigurableResource):
             draft=self.draft,
             max_pixels=self.max_pixels,
             max_file_bytes=self.max_file_bytes,
+            max_decode_bytes=self.max_decode_bytes,
         )
 
 

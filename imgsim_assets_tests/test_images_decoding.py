@@ -227,3 +227,48 @@ def test_multi_frame_files_use_the_first_frame_and_say_so(tmp_path, fmt):
     assert (record.status, record.format, record.message) == ("ok", fmt, "first of 3 frames")
     _, first = _decoded(encode(frames[0], fmt, **kw))
     np.testing.assert_array_equal(px, first)
+
+
+def _png(array: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(array).save(out, format="PNG", compress_level=1)
+    return out.getvalue()
+
+
+def test_the_decode_budget_is_read_from_the_header_before_decoding():
+    deep = _png((np.arange(3000 * 2000, dtype=np.uint32) % 65536).astype(np.uint16).reshape(2000, 3000))
+    budget = Preprocess(crop_size=56, resize_size=64, max_decode_bytes=16 << 20)  # 6 Mpx × 3 B = 17 MiB
+    record, pixels = _decoded(deep, budget)
+    assert pixels is None and record.reason == images.DECOMPRESSION_BOMB
+    assert record.message == "decoding 3000x2000 I;16 takes about 17 MiB, over the budget of 16 MiB"
+    assert (record.width, record.height) == (3000, 2000)
+    record, pixels = _decoded(deep, Preprocess(crop_size=56, resize_size=64, max_decode_bytes=18 << 20))
+    assert record.status == "ok" and pixels.shape == (3, 56, 56)
+    # What each mode costs: the frame as Pillow holds it plus the copies on the way to RGB.
+    assert [images.decoding.decode_bytes(m, 10, 10) for m in ("RGB", "L", "1", "I;16", "RGBA", "P", "CMYK")] == [
+        400, 100, 200, 300, 800, 900, 800]
+    assert images.decoding.decode_bytes("RGB", 10, 10, rotated=True) == 800
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I", "F"])
+def test_deep_greyscale_is_scaled_as_before_without_a_float64_copy(mode):
+    rng = np.random.default_rng(3)
+    if mode == "I;16":
+        a = rng.integers(0, 65536, (150, 200)).astype(np.uint16)
+        expected_8 = np.floor(a.astype(np.float64) / 65535 * 255 + 0.5).astype(np.uint8)
+        im = Image.fromarray(a)
+    elif mode == "I":
+        a = rng.integers(0, 5_000_000, (150, 200)).astype(np.int32)
+        expected_8 = np.clip(a / a.max() * 255 + 0.5, 0, 255).astype(np.uint8)
+        im = Image.fromarray(a, "I")
+    else:
+        a = rng.random((150, 200)).astype(np.float32)
+        expected_8 = np.clip(a.astype(np.float64) * 255 + 0.5, 0, 255).astype(np.uint8)
+        im = Image.fromarray(a, "F")
+    got = images.decoding._to_8_bits(im, rows=64)  # several blocks
+    assert np.abs(got.astype(int) - expected_8).max() <= (0 if mode == "I;16" else 1)
+    # Resized as one band, then made RGB: the same pixels as resizing the RGB picture.
+    pre = Preprocess(crop_size=56, resize_size=64)
+    one_band = np.asarray(images.protocol.resize_and_crop(Image.fromarray(got, "L"), pre).convert("RGB"))
+    three = np.asarray(images.protocol.resize_and_crop(Image.fromarray(got, "L").convert("RGB"), pre))
+    assert np.array_equal(one_band, three)
