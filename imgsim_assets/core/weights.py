@@ -41,6 +41,7 @@ HUB_FILENAME = "model.safetensors"
 LICENSE = "Apache-2.0"  # DINOv2's code and weights
 DEFAULT_ENDPOINT = "https://huggingface.co"
 DEFAULT_TIMEOUT_S = 10.0
+METADATA_TIMEOUT_S = 3.0  # the first question: a hub answers in well under a second; no answer means no network
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _TRUE = {"1", "true", "yes", "on"}
 
@@ -164,7 +165,8 @@ def _metadata(name: str, url: str, hub: Hub) -> _Meta:
 
     request = urllib.request.Request(url, method="HEAD", headers=_headers())
     try:
-        with urllib.request.build_opener(NoRedirect).open(request, timeout=min(hub.timeout, 5.0)) as response:
+        opener = urllib.request.build_opener(NoRedirect)
+        with opener.open(request, timeout=min(hub.timeout, METADATA_TIMEOUT_S)) as response:
             headers = response.headers
     except urllib.error.HTTPError as e:
         if not 300 <= e.code < 400:
