@@ -43,6 +43,7 @@ bench: install
 	$(BIN)/python -m bench.memory
 	$(BIN)/python -m bench.throughput --models dinov2_vits14 --decode workers --images 256 --batch-size 64
 	$(BIN)/python -m bench.hostile --variants 50000 2>/dev/null
+	$(BIN)/python -m bench.hostile --service 2>/dev/null
 	$(BIN)/python -m bench.serve
 
 # 1M vectors against autofaiss in its own venv (about half an hour on 2 cores, 3 GB of disk).
