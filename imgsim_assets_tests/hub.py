@@ -22,6 +22,8 @@ class Hub:
         self.files = {name: Path(path).read_bytes() for name, path in files.items()}
         self.sha256 = {name: hashlib.sha256(data).hexdigest() for name, data in self.files.items()}
         self.fault: str | None = None
+        self.redirect = False  # answer resolve with a 302 to file storage on another host name, as the hub does
+        self.authorization: list[tuple[str, str]] = []  # (path, Authorization header) of every request
         self.stall_s = 30.0
         self.requests: list[tuple[str, str]] = []  # (method, path)
         self.proxied = 0  # requests that came as to a proxy
@@ -57,12 +59,24 @@ class Hub:
         with self._lock:
             self.requests.append((handler.command, handler.path))
         path = handler.path.split("?")[0]
+        with self._lock:
+            self.authorization.append((path, handler.headers.get("Authorization") or ""))
         if not path.startswith("/"):  # asked as a forwarding proxy: http://host/path
             path = "/" + path.split("://", 1)[-1].split("/", 1)[-1]
             with self._lock:
                 self.proxied += 1
+        storage = path.startswith("/storage/")
         match = re.fullmatch(r"/(.+)/resolve/([^/]+)/(.+)", path)
-        name = f"{match.group(1)}/{match.group(3)}" if match else ""
+        name = path.removeprefix("/storage/") if storage else f"{match.group(1)}/{match.group(3)}" if match else ""
+        if self.redirect and not storage and name in self.files:  # the hub's answer for an LFS file
+            handler.send_response(302)
+            handler.send_header("Location", f"http://localhost:{self.server.server_port}/storage/{name}")
+            handler.send_header("X-Repo-Commit", COMMIT)
+            handler.send_header("X-Linked-Etag", f'"{self.sha256[name]}"')
+            handler.send_header("X-Linked-Size", str(len(self.files[name])))
+            handler.send_header("Content-Length", "0")
+            handler.end_headers()
+            return
         fault = self.fault
         if fault in ("403", "404", "500") or name not in self.files:
             code = int(fault) if fault in ("403", "404", "500") else 404

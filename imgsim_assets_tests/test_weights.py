@@ -102,6 +102,16 @@ def test_a_mirror_behind_a_proxy(hub, monkeypatch):
     assert weights.sha256_of(path) == hub.sha256[REPO_FILE] and hub.proxied == hub.count() == 2  # HEAD, GET
 
 
+def test_the_token_goes_to_the_hub_and_not_to_its_file_storage(hub, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    hub.redirect = True  # resolve answers 302 to storage on another host name, as huggingface.co does
+    path = weights.resolve(MODEL, "auto")
+    assert weights.sha256_of(path) == hub.sha256[REPO_FILE]
+    seen = dict(hub.authorization)
+    assert seen[f"/{weights.hub_repo(MODEL)}/resolve/main/{weights.HUB_FILENAME}"] == "Bearer hf_secret"
+    assert seen[f"/storage/{REPO_FILE}"] == ""
+
+
 def test_no_network_is_one_clear_message_within_seconds(hub, monkeypatch):
     hub.close()  # a refused connection: nothing listens there any more
     began = time.monotonic()

@@ -30,6 +30,7 @@ import os
 import re
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -245,6 +246,17 @@ def _headers() -> dict[str, str]:
     return headers
 
 
+class _TokenStaysHome(urllib.request.HTTPRedirectHandler):
+    """Follows the hub's redirect to its file storage without the token: that host signs its
+    URLs itself and has no business seeing the token (huggingface_hub does the same)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None and urllib.parse.urlsplit(newurl).netloc != urllib.parse.urlsplit(req.full_url).netloc:
+            new.remove_header("Authorization")
+        return new
+
+
 def _get(url: str, partial: Path, have: int, size: int, hub: Hub, bar) -> None:
     """Append the bytes after ``have`` to ``partial`` (all of them when the server ignores the range)."""
     headers = _headers()
@@ -253,7 +265,7 @@ def _get(url: str, partial: Path, have: int, size: int, hub: Hub, bar) -> None:
     request = urllib.request.Request(url, headers=headers)
     try:
         # A fresh opener reads the proxy variables now (urlopen's is built once per process).
-        response = urllib.request.build_opener().open(request, timeout=hub.timeout)
+        response = urllib.request.build_opener(_TokenStaysHome).open(request, timeout=hub.timeout)
     except urllib.error.HTTPError as e:
         if e.code >= 500 or e.code == 429:
             raise OSError(f"HTTP {e.code}") from None  # the server's trouble: worth resuming
