@@ -68,6 +68,7 @@ def test_search_by_upload_by_id_and_within_batches(collection, server):
     status, spec, _ = get(base + "/openapi.json")
     assert status == 200 and {"get", "post"} <= set(spec["paths"]["/search"])
     assert "404" in spec["paths"]["/evaluation"]["get"]["responses"]
+    assert {"408", "413", "421", "422"} <= set(spec["paths"]["/search"]["post"]["responses"])
 
 
 def test_bad_input_is_a_clear_4xx_and_the_server_keeps_serving(collection, server, tmp_path):

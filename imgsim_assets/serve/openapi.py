@@ -68,8 +68,12 @@ def _json(schema: dict, description: str = "OK") -> dict:
 
 def _errors(*codes: int) -> dict:
     return {str(c): _json(_ERROR, d) for c, d in ((400, "bad request"), (401, "token missing or wrong"),
-                                                  (404, "unknown image"), (413, "upload too large"),
-                                                  (422, "bad parameter or not a usable image"),
+                                                  (404, "unknown image"), (408, "the body paused too long"),
+                                                  (413, "upload too large"),
+                                                  (415, "the original no longer decodes as an image"),
+                                                  (421, "a Host name this service does not answer to"),
+                                                  (422, "bad parameter, not a usable image, or over the decode "
+                                                        "budget"),
                                                   (503, "busy: retry after Retry-After seconds")) if c in codes}
 
 
@@ -82,17 +86,19 @@ SPEC = {
         "/search": {
             "get": {"summary": "Neighbours of an indexed image",
                     "parameters": [_param("image_id", "an indexed image", required=True), _K, _BATCH, _NPROBE],
-                    "responses": {"200": _json(_ANSWER), **_errors(400, 401, 404, 422, 503)}},
+                    "responses": {"200": _json(_ANSWER), **_errors(400, 401, 404, 421, 422, 503)}},
             "post": {"summary": "Neighbours of an uploaded image", "parameters": [_K, _BATCH, _NPROBE],
                      "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
                          "type": "object", "properties": {"image": {"type": "string", "format": "binary"}}}}}},
-                     "responses": {"200": _json(_ANSWER), **_errors(400, 401, 413, 422, 503)}},
+                     "responses": {"200": _json(_ANSWER), **_errors(400, 401, 408, 413, 421, 422, 503)}},
         },
         "/images/{image_id}": {"get": {
             "summary": "An indexed image: the original, or a JPEG thumbnail",
             "parameters": [{"name": "image_id", "in": "path", "required": True, "schema": {"type": "integer"}},
-                           _param("size", "thumbnail box in pixels (16 to 1024)")],
-            "responses": {"200": {"description": "the image"}, **_errors(400, 401, 404, 422)}}},
+                           _param("size", "thumbnail box in pixels (16 to 1024; drawn at the next of "
+                                          "64, 128, 256, 512)")],
+            "responses": {"200": {"description": "the image, typed by what it decodes as"},
+                          **_errors(400, 401, 404, 415, 421, 422)}}},
         "/batches": {"get": {"summary": "Indexed batches and their file counts",
                              "responses": {"200": _json({"type": "object"})}}},
         "/duplicates": {"get": {"summary": "Near-duplicate groups, largest first", "parameters": _PAGE,
