@@ -159,7 +159,7 @@ def main(argv=None) -> None:
     new = mixture(max(1, args.n // 100), args.dim, seed=4)
     t0 = time.perf_counter()
     shard = ix.build_shard(info["template"], np.arange(args.n, args.n + len(new)), new)
-    grown, _ = ix.merge_shards(faiss.downcast_index(info["template"]), [("old", ours), ("new", shard)])
+    grown, _ = ix.merge_shards(faiss.downcast_index(info["template"]), [("old", ix.Shard.from_index(ours)), ("new", shard)])
     add_s = time.perf_counter() - t0
     ratio_line("  adding 1% new vectors vs a full build", f"{add_s:.2f} s", f"{build_s:.1f} s", add_s / build_s,
                "<= 0.05x", add_s / build_s <= 0.05)

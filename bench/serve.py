@@ -185,7 +185,7 @@ def build_index(cache: Path, n: int, dim: int) -> dict:
     # The next version: one more batch of 1% new vectors, a new shard merged with the index.
     new = mixture(new_n, dim, seed=4)
     shard = ix.build_shard(template, new_ids, pca.transform(new))
-    grown, _ = ix.merge_shards(faiss.downcast_index(template), [("index", merged), (f"b{batches:04d}", shard)])
+    grown, _ = ix.merge_shards(faiss.downcast_index(template), [("index", ix.Shard.from_index(merged)), (f"b{batches:04d}", shard)])
     grown.nprobe = chosen.nprobe
     grown_catalog = pa.concat_tables([catalog, _catalog(new_ids, np.full(new_n, batches, np.int32), n)])
     grown_info = {**info, "num_vectors": int(grown.ntotal), "batches": [*names, f"b{batches:04d}"]}

@@ -5,7 +5,8 @@ few threads, never on the pool that id queries, thumbnails and pages use: a burs
 uploads waits for those threads while everything else is answered at once. At most
 ``max_pending`` uploads decode or wait; more are refused (503) with a ``Retry-After`` from the
 measured decode time. Each decode is held to a budget of decoded bytes read from the image's
-header (:func:`images.decoding.decode_bytes`), and memory is handed back after a large one.
+header (:func:`images.decoding.decode_bytes`), and memory is handed back when a burst of large
+ones is over.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from imgsim_assets.core.images.decoding import decode_bytes
 from imgsim_assets.serve import memory
 from imgsim_assets.serve.batching import Overloaded
 
-TRIM_AFTER = 32 << 20  # decoded bytes from which memory is handed back after the decode
+TRIM_AFTER = 32 << 20  # an upload this large (as RGB) asks for memory to be handed back after its burst
 
 
 class UploadDecoder:
@@ -30,6 +31,7 @@ class UploadDecoder:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="imgsim-decode")
         self.pending = 0
         self._seconds = 0.05  # moving average of one decode's wall time
+        self._large = False  # a large decode since the last trim
         memory.map_large_blocks()
 
     def retry_after(self) -> int:
@@ -41,17 +43,21 @@ class UploadDecoder:
         if self.pending >= self.max_pending:
             raise Overloaded(f"{self.pending} uploads are being decoded", self.retry_after())
         self.pending += 1
+        loop = asyncio.get_running_loop()
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._pool, self._decode, searcher, data, name)
+            return await loop.run_in_executor(self._pool, self._decode, searcher, data, name)
         finally:
             self.pending -= 1
+            if not self.pending and self._large:  # the burst is over: hand its memory back
+                self._large = False
+                loop.run_in_executor(self._pool, memory.trim)
 
     def _decode(self, searcher, data: bytes, name: str):
         began = time.perf_counter()
         record, pixels = searcher.decode_upload(data, name, self.max_decode_bytes)
         self._seconds = 0.8 * self._seconds + 0.2 * (time.perf_counter() - began)
         if pixels is not None and decode_bytes("RGB", record.width, record.height) >= TRIM_AFTER:
-            memory.trim()
+            self._large = True
         return record, pixels
 
     def close(self) -> None:
