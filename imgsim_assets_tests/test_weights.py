@@ -112,6 +112,20 @@ def test_the_token_goes_to_the_hub_and_not_to_its_file_storage(hub, monkeypatch)
     assert seen[f"/storage/{REPO_FILE}"] == ""
 
 
+def test_a_file_of_another_size_than_the_model_is_not_fetched(hub, tmp_path, monkeypatch):
+    small = tmp_path / "small.safetensors"
+    small.write_bytes(b"\0" * 4096)
+    hub.close()
+    liar = Hub({REPO_FILE: small})
+    monkeypatch.setenv("HF_ENDPOINT", liar.url)
+    try:
+        with pytest.raises(weights.WeightsUnavailable, match=r"announces 4,096 bytes, but dinov2_vits14's weights"):
+            weights.resolve(MODEL, "auto")
+        assert liar.count("GET") == 0 and weights.find_local(MODEL) is None
+    finally:
+        liar.close()
+
+
 def test_no_network_is_one_clear_message_within_seconds(hub, monkeypatch):
     hub.close()  # a refused connection: nothing listens there any more
     began = time.monotonic()

@@ -124,6 +124,10 @@ def fetch(name: str, progress: Progress | None = None, hub: Hub | None = None) -
         raise WeightsUnavailable(f"no weights for {name} in the caches, and offline mode (HF_HUB_OFFLINE / "
                                  f"IMGSIM_OFFLINE) forbids fetching {url}.\n" + _ways_out(name, hub))
     meta = _metadata(name, url, hub)
+    expected = parameter_bytes(name)
+    if not expected // 2 <= meta.size <= expected * 2:  # a budget for the disk, from the architecture
+        raise WeightsUnavailable(f"{url} announces {meta.size:,} bytes, but {name}'s weights take about "
+                                 f"{expected:,}: not fetched.\n" + _ways_out(name, hub))
     repo_dir = hub.cache_dir / ("models--" + repo.replace("/", "--"))
     if progress is not None:
         progress(f"fetching {name} weights ({meta.size / 1e6:,.0f} MB, {LICENSE}) from {url} into {hub.cache_dir}")
@@ -276,8 +280,8 @@ def _get(url: str, partial: Path, have: int, size: int, hub: Hub, bar) -> None:
             have = 0
         expected = size - have
         received = 0
-        with open(partial, "ab" if have else "wb") as out:
-            while chunk := response.read(1 << 20):
+        with open(partial, "ab" if have else "wb") as out:  # never past the announced size
+            while received < expected and (chunk := response.read(min(1 << 20, expected - received))):
                 out.write(chunk)
                 received += len(chunk)
                 bar.update(len(chunk))
