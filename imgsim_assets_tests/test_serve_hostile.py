@@ -7,45 +7,26 @@ import http.client
 import io
 import os
 import socket
-import struct
 import subprocess
 import sys
 import threading
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from bench.attacks import heavy_photo, png_bomb
 from imgsim_assets.serve import thumbnails
 from imgsim_assets.serve.uploads import UploadDecoder
 from imgsim_assets_tests.serving import free_port, get, post_image, running_server, sample_collection
-
-
-def png_header_bomb(side: int, bit_depth: int, colour_type: int = 0) -> bytes:
-    """A real greyscale PNG of ``side``² zero pixels: a few hundred KB that decode to gigabytes."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    row = b"\0" + bytes((side * bit_depth + 7) // 8)
-    packer = zlib.compressobj(9)
-    idat = b"".join(packer.compress(row) for _ in range(side)) + packer.flush()
-    header = struct.pack(">IIBBBBB", side, side, bit_depth, colour_type, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
 def png(array: np.ndarray) -> bytes:
     out = io.BytesIO()
     Image.fromarray(array).save(out, format="PNG", compress_level=1)
     return out.getvalue()
-
-
-def heavy_photo(width: int = 4000, height: int = 3000) -> bytes:
-    """A smooth RGB picture: a few MB to upload, 12 Mpx to decode."""
-    y, x = np.mgrid[0:height, 0:width]
-    return png(np.stack([(x // 16) % 256, (y // 12) % 256, ((x + y) // 20) % 256], -1).astype(np.uint8))
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +73,7 @@ def test_bombs_are_refused_from_their_header_and_large_uploads_stay_within_budge
     base, pid = served_process
     peak_before, rss_before = _status(pid, "VmHWM"), _status(pid, "VmRSS")
     for bit_depth in (16, 1):  # 13,376² pixels: 16-bit greyscale and 1-bit, a few hundred KB each
-        bomb = png_header_bomb(13376, bit_depth)
+        bomb = png_bomb(13376, bit_depth)
         assert len(bomb) < 600_000
         began = time.monotonic()
         status, body, _ = post_image(base + "/search", bomb, "bomb.png")

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from imgsim_assets.core.index import has_legacy_pretransform
-from imgsim_assets.core.recall import set_parallel_mode
+from imgsim_assets.core.recall import searched_space, set_parallel_mode
 
 INDEX_FILE = "index.faiss"
 CATALOG_FILE = "catalog.parquet"
@@ -79,11 +79,7 @@ class ImageIndex:
 
     def to_index_space(self, embeddings: np.ndarray) -> np.ndarray:
         """Raw embeddings → the vectors the IVF stores (the index's own PCA + normalisation)."""
-        x = np.ascontiguousarray(embeddings, dtype=np.float32)
-        chain = faiss.downcast_index(self.index).chain
-        for i in range(chain.size()):
-            x = chain.at(i).apply(x)
-        return x
+        return searched_space(self.index)[1](embeddings)
 
     def describe(self, image_id: int) -> tuple[str, str, int]:
         """(first path, its batch, number of files) of an indexed image_id; empty if unknown."""
