@@ -4,8 +4,14 @@ from dagster import AssetSelection, define_asset_job
 
 from imgsim_assets.partitions import image_batches
 
+# What each job materializes (``imgsim ingest``'s stages name the same tuples).
 EMBED_ASSETS = ("raw_images", "cropped_tensors", "image_embeddings")
 TRAIN_ASSETS = ("pca_model", "cluster_centroids", "index_template")
+SHARD_ASSETS = ("faiss_index_shards",)
+MERGE_ASSETS = ("faiss_index",)
+MILVUS_ASSETS = ("milvus_collection",)
+EVALUATE_ASSETS = ("retrieval_eval",)
+ANALYZE_ASSETS = ("near_duplicates", "image_clusters")
 
 embed_batch_job = define_asset_job(
     "embed_batch",
@@ -20,24 +26,24 @@ train_index_job = define_asset_job(
 )
 index_shard_job = define_asset_job(
     "index_shard",
-    selection=AssetSelection.assets("faiss_index_shards"),
+    selection=AssetSelection.assets(*SHARD_ASSETS),
     partitions_def=image_batches,
     description="Encode one batch into its IVF shard with the current PCA and centroids.",
 )
 merge_index_job = define_asset_job(
     "merge_index",
-    selection=AssetSelection.assets("faiss_index"),
+    selection=AssetSelection.assets(*MERGE_ASSETS),
     description="Merge all shards into the searchable faiss_index and measure its recall.",
 )
 milvus_sync_job = define_asset_job(
     "milvus_sync",
-    selection=AssetSelection.assets("milvus_collection"),
+    selection=AssetSelection.assets(*MILVUS_ASSETS),
     partitions_def=image_batches,
     description="Upsert one batch's embeddings into the Milvus collection.",
 )
 evaluate_index_job = define_asset_job(
     "evaluate_index",
-    selection=AssetSelection.assets("retrieval_eval"),
+    selection=AssetSelection.assets(*EVALUATE_ASSETS),
     description="Edited copies of sampled images searched in faiss_index: recall, mAP and the calibrated duplicate threshold.",
 )
 compare_encoders_job = define_asset_job(
@@ -47,7 +53,7 @@ compare_encoders_job = define_asset_job(
 )
 analyze_index_job = define_asset_job(
     "analyze_index",
-    selection=AssetSelection.assets("near_duplicates", "image_clusters"),
+    selection=AssetSelection.assets(*ANALYZE_ASSETS),
     description="Near-duplicate groups (range search on faiss_index) and every image's cluster.",
 )
 similar_images_job = define_asset_job(

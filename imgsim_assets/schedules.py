@@ -10,6 +10,7 @@ from dagster import (
     schedule,
 )
 
+from imgsim_assets.dagster_private import latest_check_results
 from imgsim_assets.jobs import train_index_job
 
 DRIFT_CHECK = AssetCheckKey(AssetKey("faiss_index"), "retraining_due")
@@ -19,11 +20,11 @@ DRIFT_CHECK = AssetCheckKey(AssetKey("faiss_index"), "retraining_due")
 def retrain_index(context: ScheduleEvaluationContext):
     """Weekly (Monday 03:00): if the latest ``retraining_due`` check failed, retrain; the
     shards then become stale and their eager automation rebuilds them."""
-    record = context.instance.event_log_storage.get_latest_asset_check_execution_by_key([DRIFT_CHECK]).get(DRIFT_CHECK)
-    evaluation = record.event.asset_check_evaluation if record is not None and record.event is not None else None
-    if evaluation is None:
+    latest = latest_check_results(context.instance, [DRIFT_CHECK]).get(DRIFT_CHECK)
+    if latest is None:
         return SkipReason("no drift measured yet: faiss_index has not been checked")
+    evaluation = latest.evaluation
     drift = evaluation.metadata.get("max_drift")
     if evaluation.passed:
         return SkipReason(f"no batch drifted (max drift {drift.value if drift else 'n/a'})")
-    return RunRequest(run_key=f"retrain-after-check-{record.id}", tags={"imgsim/reason": "drift"})
+    return RunRequest(run_key=f"retrain-after-check-{latest.storage_id}", tags={"imgsim/reason": "drift"})

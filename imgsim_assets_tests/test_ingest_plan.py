@@ -1,5 +1,5 @@
-"""``ingest.plan`` on a real instance and real folders, without running a model: the event log
-of a complete ingest is written directly, then folders, materializations and the asset graph
+"""``ingest``'s stages on a real instance and real folders, without running a model: the event
+log of a complete ingest is written directly, then folders, materializations and the asset graph
 change and the plan must follow."""
 
 import pytest
@@ -9,7 +9,6 @@ from dagster import (
     AssetKey,
     AssetMaterialization,
     AssetRecordsFilter,
-    AutomationCondition,
     Definitions,
     asset,
     define_asset_job,
@@ -22,7 +21,8 @@ from dagster._core.definitions.asset_checks.asset_check_evaluation import (
 
 from imgsim_assets.assets import folders
 from imgsim_assets.core.sample_data import write_synthetic_batch
-from imgsim_assets.ingest import MILVUS, execute, failed_checks, ingest, observe_folders, plan
+from imgsim_assets.ingest import STAGES, IngestReport, Stage, failed_checks, ingest, observe_folders, plan, run_stages
+from imgsim_assets.policies import TRAINED
 from imgsim_assets_tests.run_processes import tiny_definitions
 
 BATCHES = ["b1", "b2"]
@@ -67,10 +67,10 @@ def test_a_fresh_instance_plans_the_whole_chain_in_order(world):
     defs, instance, _ = world
     steps = plan(defs, instance)
     assert _labels(steps) == FULL_PLAN
-    assert [s.job for s in steps] == ["embed_batch"] * 2 + ["train_index"] + ["index_shard"] * 2 + [
+    assert [s.stage.job for s in steps] == ["embed_batch"] * 2 + ["train_index"] + ["index_shard"] * 2 + [
         "merge_index", "evaluate_index", "analyze_index"]
-    assert instance.get_runs() == []  # planning runs nothing
-    with_milvus = plan(defs, instance, extra=[MILVUS])
+    assert instance.get_run_records() == []  # planning runs nothing
+    with_milvus = plan(defs, instance, milvus=True)
     assert _labels(with_milvus) == FULL_PLAN[:2] + ["milvus b1", "milvus b2"] + FULL_PLAN[2:]
 
 
@@ -90,14 +90,8 @@ def test_a_file_added_to_a_batch_plans_its_chain_down_to_the_index(world):
     observe_folders(instance, images, log=lambda m: None)
     versions = folders.FolderVersions.read(instance)
     assert versions.changed("b2") and not versions.changed("b1")
-    steps = plan(defs, instance)
-    assert _labels(steps) == ["embed b2", "shard b2", "merge index", "analyze index"]
-    embed, shard, merge, analyze = steps
-    assert embed.due and set(embed.assets) >= {AssetKey("raw_images"), AssetKey("image_embeddings")}
-    # The rest runs only if what it reads is rebuilt.
-    assert (shard.due, shard.after) == (False, ("embed b2",))
-    assert not merge.due and set(merge.after) == {"embed b2", "shard b2"}
-    assert not analyze.due and set(analyze.after) == {"embed b2", "merge index"}
+    # Each stage decides when its turn comes: these run only if the embedding succeeds.
+    assert _labels(plan(defs, instance)) == ["embed b2", "shard b2", "merge index", "analyze index"]
 
 
 def test_an_unreadable_folder_counts_as_changed(world):
@@ -133,8 +127,8 @@ def test_a_removed_batch_plans_the_merge(world):
     assert _labels(plan(defs, instance, removed=["b3"])) == ["merge index", "analyze index"]
 
 
-def test_the_plan_follows_a_new_edge_of_the_asset_graph(world):
-    """An extra input of faiss_index, declared only in the definitions, is planned and followed."""
+def test_the_stages_follow_a_new_edge_of_the_asset_graph(world):
+    """An extra input of faiss_index, declared only in the definitions, is followed by the merge."""
     defs, instance, images = world
 
     @asset
@@ -153,18 +147,42 @@ def test_the_plan_follows_a_new_edge_of_the_asset_graph(world):
         asset_checks=defs.asset_checks, jobs=defs.jobs, resources=defs.resources,
     )
     _complete_ingest(defs, instance, images)
-    # Missing, and read by an automated asset: planned, in Dagster's implicit job (no job selects it).
-    (step, *rest) = plan(extended, instance)
-    assert (step.label, step.job) == ("materialize extra_feature", "__ASSET_JOB")
-    assert step.assets == (AssetKey("extra_feature"),)
-    assert _labels(rest) == ["merge index", "analyze index"] and rest[0].after == ("materialize extra_feature",)
+    assert plan(extended, instance) == []  # nothing newer than the index yet
+    messages = []
+    _materialize(instance, "faiss_index_shards", "b1")
+    report = IngestReport()
+    run_stages(extended, instance, [s for s in STAGES if s.name == "merge index"], report, messages.append)
+    assert messages == ["not running merge index: extra_feature has not been materialized yet"]
 
+    for name in ("faiss_index", "near_duplicates", "image_clusters"):
+        _materialize(instance, name)
+    assert plan(defs, instance) == plan(extended, instance) == []
     _materialize(instance, "extra_feature")
-    assert _labels(plan(defs, instance)) == []  # the code location's own graph has no such edge
+    assert plan(defs, instance) == []  # the code location's own graph has no such edge
     assert _labels(plan(extended, instance)) == ["merge index", "analyze index"]
-    _materialize(instance, "faiss_index")
-    _materialize(instance, "near_duplicates")
-    assert plan(extended, instance) == []
+
+
+def test_every_asset_has_its_stage_and_the_stages_agree_with_the_automation_conditions(world):
+    """The daemon follows the assets' automation conditions, ingest its stages: they must agree."""
+    defs, _, _ = world
+    on_demand = {"similar_images", "encoder_comparison"}  # answers to a request: jobs, the CLI
+    staged = {AssetKey(a): stage for stage in STAGES for a in stage.assets}
+    graph = defs.resolve_asset_graph()
+    assert set(staged) | {AssetKey(a) for a in on_demand} == set(graph.materializable_asset_keys)
+    for key, stage in staged.items():
+        condition = graph.get(key).automation_condition
+        if stage.trained:
+            assert condition == TRAINED, key
+        elif stage.on_request or stage.name == "embed":  # milvus: on request; embedding: the sensor's runs
+            assert condition is None, key
+        else:
+            assert condition is not None and condition != TRAINED, key
+        assert graph.get(key).is_partitioned == stage.per_batch, key
+        policy = graph.get(key).backfill_policy
+        assert stage.batches_per_run == (policy.max_partitions_per_run if policy else 1), key
+    for stage in STAGES:
+        job = defs.resolve_job_def(stage.job)
+        assert {AssetKey(a) for a in stage.assets} == set(job.asset_layer.executable_asset_keys), stage.name
 
 
 def _fail_recall_check(instance, target_storage_id, recall=0.612, described=True):
@@ -208,7 +226,7 @@ def test_a_failed_recall_gate_blocks_what_reads_the_index(world):
     report = ingest(defs, instance, images, log=messages.append)
     assert not report.analyzed and list(report.failed) == ["check faiss_index_recall"]
     assert any(m.startswith("not running analyze index: check faiss_index_recall failed") for m in messages), messages
-    assert instance.get_runs() == []
+    assert instance.get_run_records() == []
 
 
 def test_dagster_itself_marks_the_manifest_of_a_changed_folder_stale(world):
@@ -231,19 +249,26 @@ def test_dagster_itself_marks_the_manifest_of_a_changed_folder_stale(world):
 def test_a_failed_unpartitioned_step_is_reported_by_its_first_line_and_blocks_its_readers(world):
     _, instance, _ = world
 
-    @asset(automation_condition=AutomationCondition.eager())
+    @asset
     def model() -> int:
         raise ValueError("cannot fit: 3 vectors for 8 clusters\n(the whole story is in the run's event log)")
 
-    @asset(automation_condition=AutomationCondition.eager())
+    @asset
     def reader(model: int) -> int:
         return model
 
-    defs = Definitions(assets=[model, reader], jobs=[define_asset_job("fit", selection=["model"])])
-    steps = plan(defs, instance)
-    assert [(s.label, s.job, s.after) for s in steps] == [
-        ("materialize model", "fit", ()), ("materialize reader", "__ASSET_JOB", ("materialize model",))]
-    messages = []
-    assert execute(defs, instance, steps, log=messages.append) == {
-        "materialize model": "ValueError: cannot fit: 3 vectors for 8 clusters"}
-    assert messages[-1] == "not running materialize reader: materialize model did not succeed"
+    @asset
+    def reader_of_reader(reader: int) -> int:
+        return reader
+
+    defs = Definitions(assets=[model, reader, reader_of_reader], jobs=[
+        define_asset_job("fit", selection=["model"]), define_asset_job("read", selection=["reader"]),
+        define_asset_job("read_more", selection=["reader_of_reader"])])
+    stages = [Stage("fit model", "fit", ("model",)), Stage("read model", "read", ("reader",)),
+              Stage("read more", "read_more", ("reader_of_reader",))]
+    assert [step.label for step in plan(defs, instance, stages=stages)] == ["fit model", "read model", "read more"]
+    messages, report = [], IngestReport()
+    run_stages(defs, instance, stages, report, log=messages.append)
+    assert report.failed == {"fit model": "ValueError: cannot fit: 3 vectors for 8 clusters"} and report.done == {}
+    assert messages[-2:] == ["not running read model: fit model did not succeed",
+                             "not running read more: read model did not succeed"]

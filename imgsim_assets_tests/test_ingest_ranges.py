@@ -3,6 +3,7 @@ gets its own files and its own materialization metadata, the results are those o
 batch, and a batch that fails fails alone. The decode workers do not outlast the job that
 decoded."""
 
+import dataclasses
 import importlib
 
 import numpy as np
@@ -18,7 +19,7 @@ from imgsim_assets.resources import EncoderResource, PreprocessResource
 from imgsim_assets.settings import Settings
 from imgsim_assets_tests.run_processes import tiny_definitions
 
-EXECUTE = importlib.import_module("imgsim_assets.ingest.execute")  # the package exports a function of that name
+STAGES = importlib.import_module("imgsim_assets.ingest.stages")
 SIZES = {"b1": 3, "b2": 6, "b3": 4}
 
 
@@ -67,7 +68,8 @@ def test_adjacent_batches_run_once_with_their_own_files_and_metadata_and_the_res
         assert metadata[batch]["faiss_index_shards"]["num_vectors"] == n
         assert pq.read_metadata(data / "assets" / "image_embeddings" / f"{batch}.parquet").num_rows == n
 
-    monkeypatch.setattr(EXECUTE, "_range_limit", lambda graph, job: 1)  # one run per batch, as before
+    # One run per batch, as before ranges.
+    monkeypatch.setattr(STAGES, "STAGES", tuple(dataclasses.replace(s, batches_per_run=1) for s in STAGES.STAGES))
     single, single_report, single_runs, _, _ = _ingest(tmp_path / "single")
     assert single_report.ok and single_runs["embed_batch"] == single_runs["index_shard"] == len(SIZES)
     for batch in SIZES:

@@ -21,9 +21,9 @@ from dagster import (
     DataVersionsByPartition,
     observable_source_asset,
 )
-from dagster._core.definitions.data_version import DATA_VERSION_TAG
 
 from imgsim_assets.core import images
+from imgsim_assets.dagster_private import data_version_tags
 from imgsim_assets.partitions import image_batches
 from imgsim_assets.resources import StorageResource
 
@@ -74,7 +74,7 @@ with warnings.catch_warnings():
 
 def observation(batch: str, version: str) -> AssetObservation:
     """The event recording that ``batch``'s folder is at ``version``."""
-    return AssetObservation(batch_folders.key, partition=batch, tags={DATA_VERSION_TAG: version})
+    return AssetObservation(batch_folders.key, partition=batch, tags=data_version_tags(version))
 
 
 def _observed(record) -> str | None:

@@ -17,6 +17,8 @@ from typing import Callable, Iterator
 
 from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 
+from imgsim_assets.dagster_private import mark_run_failed
+
 # Runs started by `imgsim ingest` carry the host they ran on; the ingest is their retry
 # policy (the next one redoes what failed), so Dagster's run retries stay off for them.
 INGEST_HOST_TAG = "imgsim/ingest_host"
@@ -52,11 +54,10 @@ def recover_abandoned_runs(instance: DagsterInstance, log: Callable[[str], None]
 
     Only sound while holding :func:`ingest_lock`: then no other ingest here is running them.
     """
-    runs = instance.get_runs(RunsFilter(statuses=_UNFINISHED, tags={INGEST_HOST_TAG: socket.gethostname()}))
+    records = instance.get_run_records(RunsFilter(statuses=_UNFINISHED, tags={INGEST_HOST_TAG: socket.gethostname()}))
+    runs = [record.dagster_run for record in records]
     for run in runs:
-        instance.report_run_failed(run, "abandoned: the imgsim ingest that ran it stopped before it finished")
-        if instance.event_log_storage.supports_global_concurrency_limits:
-            instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
+        mark_run_failed(instance, run, "abandoned: the imgsim ingest that ran it stopped before it finished")
         partition = run.tags.get("dagster/partition")
         log(f"run {run.run_id[:8]} ({run.job_name}{' for ' + partition if partition else ''}) was abandoned by an "
             "interrupted ingest: marked failed, its work will be redone")
