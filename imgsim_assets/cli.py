@@ -102,7 +102,7 @@ def open_searcher(args, settings):
     if args.backend == "milvus":
         from imgsim_assets.core import milvus
 
-        uri = args.milvus_uri or settings.milvus_uri or str(settings.data_dir / "milvus.db")
+        uri = args.milvus_uri or settings.milvus
         return (MilvusSearcher(milvus.connect(uri), args.collection, device=settings.device,
                                allow_other_weights=args.allow_other_weights), f"Milvus {uri}")
     searcher = FaissSearcher.open(settings.assets_dir, device=settings.device,
@@ -375,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--backend", choices=["faiss", "milvus"], default="faiss",
                    help="faiss: the materialized faiss_index; milvus: the milvus_collection")
-    p.add_argument("--milvus-uri", default=None, help="default: $IMGSIM_MILVUS_URI, else <data>/milvus.db")
+    p.add_argument("--milvus-uri", default=None, help="default: $IMGSIM_MILVUS_URI, else the data root's Milvus Lite file (milvus.db)")
     p.add_argument("--collection", default="imgsim", help="Milvus collection")
     p.add_argument("--server", default=None, help="ask a running `imgsim serve` at this URL (milliseconds)")
     p.add_argument("--token", default=None, help="the server's token (default: $IMGSIM_SERVE_TOKEN)")

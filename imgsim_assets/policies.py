@@ -16,6 +16,12 @@ TRANSIENT_RETRY = RetryPolicy(max_retries=2, delay=10, backoff=Backoff.EXPONENTI
 # stale, and the shards' eager condition rebuilds them.
 TRAINED = AutomationCondition.on_missing()
 
+# When the new_image_batches sensor takes a folder without ``_SUCCESS`` as complete (no change
+# for this long), and how much of the images root one tick looks at (``WatchResource``).
+QUIET_SECONDS = 60.0
+MAX_BATCHES_PER_TICK = 25
+TIME_BUDGET_SECONDS = 20.0
+
 # A batch asset handles a range of batches in one run (``context.partition_keys``), each written
 # to its own files: a Dagster run costs about 0.3 s of orchestration, which one run per batch pays
 # per batch. ``imgsim ingest`` and the UI's backfills run up to this many batches per run.

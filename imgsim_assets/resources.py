@@ -9,10 +9,11 @@ from typing import Optional
 from dagster import ConfigurableResource
 from pydantic import Field
 
+from imgsim_assets import policies
 from imgsim_assets.core import dinov2
 from imgsim_assets.core.encoder import Encoder, EncoderSpec
 from imgsim_assets.core.images import Preprocess
-from imgsim_assets.core.storage import remove_stale_temporaries
+from imgsim_assets.core.storage import DataLayout, remove_stale_temporaries
 
 
 class EncoderResource(ConfigurableResource):
@@ -74,12 +75,16 @@ class StorageResource(ConfigurableResource):
     data_dir: str
 
     @property
+    def layout(self) -> DataLayout:
+        return DataLayout(Path(self.data_dir))
+
+    @property
     def images_dir(self) -> Path:
-        return Path(self.data_dir) / "images"
+        return self.layout.images
 
     @property
     def assets_dir(self) -> Path:
-        return Path(self.data_dir) / "assets"
+        return self.layout.assets
 
     def batch_dir(self, batch: str) -> Path:
         path = (self.images_dir / batch).resolve()
@@ -103,17 +108,19 @@ class StorageResource(ConfigurableResource):
 class WatchResource(ConfigurableResource):
     """How the ``new_image_batches`` sensor decides that a batch folder is complete."""
 
-    quiet_seconds: float = Field(default=60.0, description="a folder without _SUCCESS is complete after this "
-                                 "long without changes")
-    max_batches_per_tick: int = Field(default=25, description="folders examined per sensor tick (round-robin)")
-    time_budget_seconds: float = Field(default=20.0, description="stop examining folders after this long")
+    quiet_seconds: float = Field(default=policies.QUIET_SECONDS, description="a folder without _SUCCESS is complete "
+                                 "after this long without changes")
+    max_batches_per_tick: int = Field(default=policies.MAX_BATCHES_PER_TICK, description="folders examined per sensor "
+                                      "tick (round-robin)")
+    time_budget_seconds: float = Field(default=policies.TIME_BUDGET_SECONDS, description="stop examining folders after "
+                                       "this long")
 
 
 class MilvusResource(ConfigurableResource):
     """Where ``milvus_collection`` puts the vectors: a Milvus Lite file or a server/cluster URI."""
 
     uri: str = Field(default="", description="http(s)://host:19530 for a server; a .db path for Milvus Lite; "
-                     "empty: <data>/milvus.db")
+                     "empty: a Milvus Lite file in the data root, milvus.db")
     token: str = Field(default="", description="user:password or API token for a server")
     collection: str = "imgsim"
     index_type: str = Field(default="FLAT", description="Milvus index type (FLAT works everywhere; "
@@ -121,4 +128,4 @@ class MilvusResource(ConfigurableResource):
     timeout_seconds: float = 10.0
 
     def resolved_uri(self, data_dir: str) -> str:
-        return self.uri or str(Path(data_dir) / "milvus.db")
+        return self.uri or str(DataLayout(Path(data_dir)).milvus_lite)

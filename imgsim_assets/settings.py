@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Mapping
 
 from imgsim_assets.core.models import RUN_DEFAULTS, EncoderSpec
+from imgsim_assets.core.storage import DataLayout
 
 
 @dataclass(frozen=True)
@@ -18,7 +19,7 @@ class Settings:
     model: str = EncoderSpec.model
     weights: str = EncoderSpec.weights
     device: str = RUN_DEFAULTS["device"]
-    milvus_uri: str = ""  # empty: a Milvus Lite file, <data>/milvus.db
+    milvus_uri: str = ""  # empty: a Milvus Lite file in the data root (DataLayout.milvus_lite)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> "Settings":
@@ -31,13 +32,22 @@ class Settings:
         )
 
     @property
+    def layout(self) -> DataLayout:
+        return DataLayout(self.data_dir)
+
+    @property
     def images_dir(self) -> Path:
-        return self.data_dir / "images"
+        return self.layout.images
 
     @property
     def assets_dir(self) -> Path:
-        return self.data_dir / "assets"
+        return self.layout.assets
 
     @property
     def dagster_home(self) -> Path:
-        return self.data_dir / "dagster_home"
+        return self.layout.dagster_home
+
+    @property
+    def milvus(self) -> str:
+        """The configured Milvus URI, else the data root's Milvus Lite file."""
+        return self.milvus_uri or str(self.layout.milvus_lite)

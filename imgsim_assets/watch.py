@@ -23,6 +23,7 @@ from imgsim_assets.assets import folders
 from imgsim_assets.assets.folders import UNREADABLE, folder_changed, folder_version
 from imgsim_assets.core import images
 from imgsim_assets.partitions import image_batches
+from imgsim_assets.policies import MAX_BATCHES_PER_TICK, QUIET_SECONDS, TIME_BUDGET_SECONDS
 
 # Characters Dagster does not allow in partition keys, plus path separators.
 _INVALID_KEY = re.compile(r"[\[\],*/\\]|^\.|\.\.")
@@ -79,9 +80,9 @@ def plan_tick(
     known_partitions: set[str],
     now: float,
     consumed: Callable[[str], str | None] = _nothing_consumed,
-    quiet_seconds: float = 60.0,
-    max_batches: int | None = 25,
-    time_budget_s: float | None = 20.0,
+    quiet_seconds: float = QUIET_SECONDS,
+    max_batches: int | None = MAX_BATCHES_PER_TICK,
+    time_budget_s: float | None = TIME_BUDGET_SECONDS,
     as_is: bool = False,
 ) -> Tick:
     """Look at up to ``max_batches`` folders (round-robin from where the last tick stopped) for

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from imgsim_assets.core.storage import atomic_path
+from imgsim_assets.core.storage import DataLayout, atomic_path
 
 # Photographs and scans that ship inside scikit-image (no download needed).
 SKIMAGE_NAMES = (
@@ -61,7 +61,7 @@ def _variants(im: Image.Image) -> dict[str, Image.Image]:
 def write_sample_corpus(data_dir: str | Path, batches: tuple[str, str] = ("batch-0001", "batch-0002")) -> dict[str, Path]:
     """Write the sample corpus under ``data_dir``; idempotent (same files, same bytes)."""
     data_dir = Path(data_dir)
-    originals, edits = (data_dir / "images" / b for b in batches)
+    originals, edits = (DataLayout(data_dir).images / b for b in batches)
     queries = data_dir / "queries"
     for name, im in _skimage_pictures().items():
         _save(im, originals / f"{name}.png", format="PNG")

@@ -12,8 +12,36 @@ import contextlib
 import os
 import shutil
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
+
+
+@dataclass(frozen=True)
+class DataLayout:
+    """What lives where under the data root."""
+
+    root: Path
+
+    @property
+    def images(self) -> Path:
+        """The inputs: one folder per batch."""
+        return self.root / "images"
+
+    @property
+    def assets(self) -> Path:
+        """The artifacts (:func:`artifact_path`)."""
+        return self.root / "assets"
+
+    @property
+    def dagster_home(self) -> Path:
+        """The Dagster instance: run and event storage, ``dagster.yaml``."""
+        return self.root / "dagster_home"
+
+    @property
+    def milvus_lite(self) -> Path:
+        """The Milvus Lite file used when no Milvus server is configured."""
+        return self.root / "milvus.db"
 
 
 def artifact_path(root: str | os.PathLike, asset: str | tuple[str, ...], partition: str | None = None,
