@@ -4,7 +4,7 @@
                              [--database-size 1000] [--device auto] [--json FILE]
 
 Drives the code the ``compare_encoders`` job and the ``retrieval_eval`` asset run
-(:func:`comparison.compare`, :func:`evaluation.evaluate`) without Dagster, so it also runs
+(:func:`comparison.compare`, :func:`evaluation.detect_copies`) without Dagster, so it also runs
 where only the model's dependencies are installed (a GPU machine). The index must have been
 built (``imgsim ingest``) over ``<data-dir>/images``.
 """
@@ -51,7 +51,7 @@ def main() -> None:
     ids = ev.sample_sources(searcher.index.catalog.column("image_id").to_numpy(), args.eval_sample_size, 0)
     sources = ev.indexed_sources(searcher.index, data / "images", ids)
     began = time.perf_counter()
-    result = ev.evaluate(sources, lambda paths, root: embed_files(paths, encoder, searcher.preprocess, root=root,
+    result = ev.detect_copies(sources, lambda paths, root: embed_files(paths, encoder, searcher.preprocess, root=root,
                                                                   workers=args.workers),
                          ev.IndexSpace(searcher.index), random_weights=searcher.random_weights)
     seconds = time.perf_counter() - began

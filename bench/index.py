@@ -5,12 +5,10 @@
 Data: a synthetic mixture that looks like image embeddings (Zipf-sized clusters around unit
 centres, spread within a shared low-rank subspace plus isotropic noise, L2-normalised),
 with held-out queries from the same distribution and exact top-10 by brute force.
-imgsim: the calls the Dagster assets make, in their order (``cluster_centroids``:
-``feasible_nlist`` and spherical k-means on a sample of 64 vectors per list;
-``index_template``: a sample of ``code_training_size(nlist)`` vectors, ``plan_index`` for the budget,
-``build_template``; ``faiss_index_shards``: ``build_shard``; ``faiss_index``: ``merge_shards``,
-then ``recall.tune`` (nprobe 1, 2, 4, … a few at a time) on separate held-out queries to the
-cheapest nprobe reaching recall@10 ≥ 0.95), all counted as build time. autofaiss 2.18 runs in its own
+imgsim: the assets' own chain, ``core.build`` with its default settings (``train_centroids``,
+``train_template`` for the budget, ``build_shard``, ``merge``, then ``tune``: nprobe 1, 2, 4, …
+a few at a time, on queries drawn from the collection, to the cheapest nprobe reaching
+recall@10 ≥ 0.95), all counted as build time. autofaiss 2.18 runs in its own
 virtual environment (it needs numpy < 2), created on first use from PyPI. Both indexes are
 then judged by the same ``recall.evaluate`` on the same held-out queries (tie-aware recall@10
 and 1-recall@1 against exact search, median single-query latency). Both work on the raw
@@ -32,15 +30,16 @@ import faiss
 import numpy as np
 
 from bench._common import header, ratio_line
+from imgsim_assets.core import build
 from imgsim_assets.core import index as ix
 from imgsim_assets.core import recall
+from imgsim_assets.core.build import CentroidSettings, IndexSettings, TemplateSettings
+from imgsim_assets.core.vectors import Arrays
 
 # autofaiss 2.18 needs numpy < 2, hence pyarrow < 18, and the faiss API of its time (OPQMatrix keywords);
 # faiss-cpu 1.8.0 imports packaging without declaring it.
 AUTOFAISS = ["autofaiss==2.18.0", "pyarrow<18", "faiss-cpu==1.8.0", "packaging"]
-TARGET_RECALL = 0.95  # IndexConfig.recall_target's default
-EXACT_MAX = 20_000  # TemplateConfig.exact_max's default
-SEED = 0  # the configs' default seed
+TARGET_RECALL = IndexSettings.recall_target
 
 AUTOFAISS_DRIVER = r"""
 import json, sys, time
@@ -75,43 +74,31 @@ def mixture(n: int, dim: int, seed: int, clusters: int = 2000, rank: int = 64) -
     return out
 
 
-def judge(index: faiss.Index, queries: np.ndarray, x: np.ndarray, nprobes=None) -> recall.Evaluation:
+def judge(index: faiss.Index, queries: np.ndarray, x: np.ndarray, nprobes=None) -> recall.RecallCurve:
     """``recall.evaluate`` on queries that are not in the database (id -1), the database being
     ``x`` under ids 0..n-1 (imgsim's ids, and autofaiss' positions)."""
     return recall.evaluate(index, queries, np.full(len(queries), -1, np.int64), lambda: [(np.arange(len(x)), x)],
                            nprobes=nprobes)
 
 
-def build_imgsim(x: np.ndarray, budget_mb: int, tune_q: np.ndarray) -> tuple[faiss.Index, dict]:
-    """The assets' calls, in order, with their default configs (raw vectors stand in for the PCA output)."""
-    n, d = x.shape
+def build_imgsim(x: np.ndarray, budget_mb: int) -> tuple[faiss.Index, dict]:
+    """``core.build``'s chain, as the assets run it, with their default settings (the raw
+    vectors stand in for the PCA output: no PCA)."""
+    data = Arrays(np.arange(len(x)), x)
     times = {}
     t0 = time.perf_counter()
-    # cluster_centroids
-    nlist, _ = ix.feasible_nlist(n)
-    per_centroid = min(max(ix.TRAIN_POINTS_PER_CENTROID, 30), ix.MAX_POINTS_PER_CENTROID)
-    sample = x[ix.sample_indices(n, per_centroid * nlist, SEED)]
-    centroids = ix.train_centroids(sample, nlist, seed=SEED, niter=ix.KMEANS_ITERATIONS)
-    # index_template
-    raw = x[ix.sample_indices(n, ix.code_training_size(len(centroids)), SEED)]
-    plan = ix.plan_index(n, d, memory_budget_bytes=budget_mb << 20, exact_max=EXACT_MAX,
-                         nlist=1 if n <= EXACT_MAX else len(centroids), train_samples=len(raw))
-    template = ix.build_template(plan, raw, centroids, seed=SEED)
-    del raw
+    trained = build.train_centroids(data, None, CentroidSettings())
+    template, plan = build.train_template(data, None, trained.centroids, TemplateSettings(memory_budget_mb=budget_mb))
+    del trained
     times["train"] = time.perf_counter() - t0
-    # faiss_index_shards: one shard holding everything
-    t1 = time.perf_counter()
-    shard = ix.build_shard(template, np.arange(n), x)
+    t1 = time.perf_counter()  # one shard holding everything
+    shard = build.build_shard(template, None, data.ids, x)
     times["add"] = time.perf_counter() - t1
-    # faiss_index: merge, then tune nprobe on held-out queries
     t2 = time.perf_counter()
-    merged, _ = ix.merge_shards(faiss.downcast_index(template), [("all", shard)])
+    merged, _ = build.merge(template, [("all", shard)])
     times["merge"] = time.perf_counter() - t2
     t3 = time.perf_counter()
-    evaluation = recall.tune(merged, tune_q, np.full(len(tune_q), -1, np.int64), lambda: [(np.arange(n), x)],
-                             target=TARGET_RECALL)
-    chosen = evaluation.cheapest(TARGET_RECALL) if evaluation.curve else recall.RecallPoint(1, 1.0, 1.0, 0.0)
-    merged.nprobe = chosen.nprobe
+    _, chosen = build.tune(merged, None, data, IndexSettings())
     times["tune"] = time.perf_counter() - t3
     return merged, {"plan": plan, "nprobe": chosen.nprobe, "template": template, **times}
 
@@ -142,10 +129,9 @@ def main(argv=None) -> None:
 
     x = mixture(args.n, args.dim, seed=1)
     queries = mixture(args.queries, args.dim, seed=2)
-    tune_q = mixture(args.queries, args.dim, seed=3)
     header(f"{args.n:,} x {args.dim} vectors, memory budget {args.budget_mb} MB, {faiss.omp_get_max_threads()} threads")
 
-    ours, info = build_imgsim(x, args.budget_mb, tune_q)
+    ours, info = build_imgsim(x, args.budget_mb)
     build_s = info["train"] + info["add"] + info["merge"] + info["tune"]
     point = judge(ours, queries, x, [info["nprobe"]]).curve[0]
     for note in info["plan"].notes:
@@ -158,8 +144,8 @@ def main(argv=None) -> None:
     # Adding 1% new vectors: one new shard from the same template, merged with the existing index.
     new = mixture(max(1, args.n // 100), args.dim, seed=4)
     t0 = time.perf_counter()
-    shard = ix.build_shard(info["template"], np.arange(args.n, args.n + len(new)), new)
-    grown, _ = ix.merge_shards(faiss.downcast_index(info["template"]), [("old", ix.Shard.from_index(ours)), ("new", shard)])
+    shard = build.build_shard(info["template"], None, np.arange(args.n, args.n + len(new)), new)
+    grown, _ = build.merge(info["template"], [("old", ix.Shard.from_index(ours)), ("new", shard)])
     add_s = time.perf_counter() - t0
     ratio_line("  adding 1% new vectors vs a full build", f"{add_s:.2f} s", f"{build_s:.1f} s", add_s / build_s,
                "<= 0.05x", add_s / build_s <= 0.05)

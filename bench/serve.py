@@ -4,12 +4,11 @@
 
 Index: ``--vectors`` synthetic embeddings (``bench.index.mixture``: Zipf-sized clusters in a
 shared low-rank subspace, L2-normalised) under random 63-bit image_ids, in 1,000 batches
-(``b0000/000000.jpg`` ...), built by the calls the assets make, in their order, with their
-default configs: ``fit_pca`` (256 dimensions, 100,000 samples), ``train_centroids`` (about
-4·sqrt(N) lists, 64 samples per list), ``plan_index`` (4 GiB budget) and ``build_template``,
-``build_shard`` per 100 batches, ``merge_shards``, nprobe tuned by ``recall.evaluate`` over
-``nprobe_ladder`` on 1,000 indexed vectors searched without themselves (the cheapest reaching
-recall@10 0.95), ``with_pretransform``. Its info names a full-size ViT-S/14 (12 blocks, 224 px,
+(``b0000/000000.jpg`` ...), built by the assets' own chain, ``core.build`` with its default
+settings: ``train_pca`` (256 dimensions, 100,000 samples), ``train_centroids`` (about
+4·sqrt(N) lists, 64 samples per list), ``train_template`` (4 GiB budget), ``build_shard`` per
+100 batches, ``merge``, ``tune`` (nprobe raised until 1,000 indexed vectors, searched without
+themselves, reach recall@10 0.95), ``publish``. Its info names a full-size ViT-S/14 (12 blocks, 224 px,
 seeded random weights) as the encoder, so an image query costs what it costs in real use. The
 index and a copy with 1% more vectors (one more batch) are cached in the temp dir, keyed by size:
 the first run builds them (minutes at 1M).
@@ -64,11 +63,7 @@ from bench._common import PHOTO_SIZES, header, peak_rss_mb, ratio_line, write_ph
 SEED = 0
 BATCHES = 1000
 SHARD_BATCHES = 100  # batches per shard (1,000 one-batch shards would make merge_shards quadratic here)
-TUNE_QUERIES = 1000  # IndexConfig.recall_queries
-RECALL_TARGET = 0.95  # IndexConfig.recall_target
-PCA_DIM, PCA_SAMPLES = 256, 100_000  # PcaConfig
-BUDGET_MB, EXACT_MAX = 4096, 20_000  # TemplateConfig
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 RELOAD_CLIENTS = 8
 MODELS_BY_DIM = {384: "dinov2_vits14", 768: "dinov2_vitb14", 1024: "dinov2_vitl14", 1536: "dinov2_vitg14"}
 
@@ -106,13 +101,13 @@ def _catalog(ids: np.ndarray, batch_of_row: np.ndarray, first_row: int = 0):
 
 def build_index(cache: Path, n: int, dim: int) -> dict:
     """Build the index and its grown copy into ``cache`` (``index/``, ``grown/``, ``build.json``)."""
-    import faiss
     import pyarrow as pa
 
     from bench.index import mixture
+    from imgsim_assets.core import build
     from imgsim_assets.core import index as ix
-    from imgsim_assets.core import recall
-    from imgsim_assets.core.search import ImageIndex
+    from imgsim_assets.core.build import CentroidSettings, IndexSettings, PcaSettings, TemplateSettings
+    from imgsim_assets.core.vectors import Arrays
 
     work = cache.with_name(cache.name + f".tmp-{os.getpid()}")
     shutil.rmtree(work, ignore_errors=True)
@@ -133,20 +128,13 @@ def build_index(cache: Path, n: int, dim: int) -> dict:
     batch_of_row = (np.arange(n, dtype=np.int64) * batches // n).astype(np.int32)
     times["data"] = time.perf_counter() - t0
 
-    t = time.perf_counter()  # pca_model
+    t = time.perf_counter()  # the assets' chain, with their default settings
+    data = Arrays(ids, x)
     encoder = encoder_entry(dim)
-    pca = ix.fit_pca(x[ix.sample_indices(n, PCA_SAMPLES, SEED)], dim=min(PCA_DIM, dim), seed=SEED, provenance=encoder)
-    # cluster_centroids
-    nlist, _ = ix.feasible_nlist(n)
-    sample = pca.transform(x[ix.sample_indices(n, ix.TRAIN_POINTS_PER_CENTROID * nlist, SEED)])
-    centroids = ix.train_centroids(sample, nlist, seed=SEED, niter=ix.KMEANS_ITERATIONS)
-    del sample
-    # index_template
-    raw = x[ix.sample_indices(n, ix.code_training_size(len(centroids)), SEED)]
-    plan = ix.plan_index(n, pca.output_dim, memory_budget_bytes=BUDGET_MB << 20, exact_max=EXACT_MAX,
-                         nlist=1 if n <= EXACT_MAX else len(centroids), train_samples=len(raw))
-    template = ix.build_template(plan, pca.transform(raw), centroids, seed=SEED)
-    del raw
+    pca, _ = build.train_pca(data, PcaSettings(dim=min(PcaSettings.dim, dim)), provenance=encoder)
+    trained = build.train_centroids(data, pca, CentroidSettings())
+    template, plan = build.train_template(data, pca, trained.centroids, TemplateSettings())
+    del trained
     times["train"] = time.perf_counter() - t
     _log(f"trained {plan.factory} in {times['train']:.0f} s")
 
@@ -155,41 +143,34 @@ def build_index(cache: Path, n: int, dim: int) -> dict:
     for first in range(0, batches, SHARD_BATCHES):
         rows = np.flatnonzero((batch_of_row >= first) & (batch_of_row < first + SHARD_BATCHES))
         if len(rows):
-            shards.append((f"b{first:04d}", ix.build_shard(template, ids[rows], pca.transform(x[rows]))))
+            shards.append((f"b{first:04d}", build.build_shard(template, pca, ids[rows], x[rows])))
     times["add"] = time.perf_counter() - t
     t = time.perf_counter()  # faiss_index: merge, tune nprobe
-    merged, _ = ix.merge_shards(faiss.downcast_index(template), shards)
+    merged, _ = build.merge(template, shards)
     del shards
     times["merge"] = time.perf_counter() - t
     _log(f"added and merged {n:,} vectors in {times['add'] + times['merge']:.0f} s; tuning nprobe")
     t = time.perf_counter()
-    q = ix.sample_indices(n, TUNE_QUERIES, SEED + 1)
-    chunk = 100_000
-    evaluation = recall.evaluate(merged, x[q], ids[q],
-                                 lambda: ((ids[s : s + chunk], x[s : s + chunk]) for s in range(0, n, chunk)),
-                                 pca.transform, nprobes=recall.nprobe_ladder(merged.nlist))
-    chosen = evaluation.cheapest(RECALL_TARGET) if evaluation.curve else recall.RecallPoint(1, 1.0, 1.0, 0.0)
-    merged.nprobe = chosen.nprobe
+    settings = IndexSettings()
+    evaluation, chosen = build.tune(merged, pca, data, settings)
     times["tune"] = time.perf_counter() - t
-    del x
-    factory = f"PCA{pca.output_dim},L2norm,{ix.factory_of(merged)}"
+    del x, data
     names = [f"b{b:04d}" for b in range(batches)]
-    info = {"encoder": encoder, "factory": factory, "nlist": int(merged.nlist), "nprobe": chosen.nprobe,
-            "num_vectors": int(merged.ntotal), "batches": names, "recall_target": RECALL_TARGET,
-            "recall_at_10": chosen.recall_at_10, "one_recall_at_1": chosen.one_recall_at_1,
-            "pca_recall_at_10": evaluation.pca_recall_at_10}
+    drift = {}
+    info = build.info(pca, merged, names, evaluation, chosen, settings, drift)
+    factory = info["factory"]
     catalog = _catalog(ids, batch_of_row)
-    ImageIndex(ix.with_pretransform(pca, merged), catalog, info).save(work / "index")
+    build.publish(pca, merged, catalog, info).save(work / "index")
     _log(f"nprobe {chosen.nprobe} (recall@10 {chosen.recall_at_10:.4f}) in {times['tune']:.0f} s; saved")
 
     # The next version: one more batch of 1% new vectors, a new shard merged with the index.
     new = mixture(new_n, dim, seed=4)
-    shard = ix.build_shard(template, new_ids, pca.transform(new))
-    grown, _ = ix.merge_shards(faiss.downcast_index(template), [("index", ix.Shard.from_index(merged)), (f"b{batches:04d}", shard)])
+    shard = build.build_shard(template, pca, new_ids, new)
+    grown, _ = build.merge(template, [("index", ix.Shard.from_index(merged)), (f"b{batches:04d}", shard)])
     grown.nprobe = chosen.nprobe
     grown_catalog = pa.concat_tables([catalog, _catalog(new_ids, np.full(new_n, batches, np.int32), n)])
     grown_info = {**info, "num_vectors": int(grown.ntotal), "batches": [*names, f"b{batches:04d}"]}
-    ImageIndex(ix.with_pretransform(pca, grown), grown_catalog, grown_info).save(work / "grown")
+    build.publish(pca, grown, grown_catalog, grown_info).save(work / "grown")
     build = {"n": n, "dim": dim, "grown_n": int(grown.ntotal), "seconds": round(time.perf_counter() - t0, 1),
              **{k: round(v, 1) for k, v in times.items()}, "factory": factory, "nprobe": chosen.nprobe,
              "recall_at_10": chosen.recall_at_10, "curve": [p.__dict__ for p in evaluation.curve]}

@@ -287,7 +287,7 @@ def _run_locked(settings, jobs: list[tuple[str, dict | None]]) -> str | None:
 
 def cmd_evaluate(args) -> int:
     from imgsim_assets.assets.evaluation import EVAL_COLUMNS
-    from imgsim_assets.core.evaluation import Evaluation
+    from imgsim_assets.core.evaluation import CopyDetectionReport
     from imgsim_assets.core.storage import artifact_path
     from imgsim_assets.settings import Settings
 
@@ -298,7 +298,7 @@ def cmd_evaluate(args) -> int:
     if failed:
         print(f"imgsim evaluate: {failed}", file=sys.stderr)
         return 1
-    result = Evaluation.from_dict(json.loads(artifact_path(settings.assets_dir, "retrieval_eval", suffix=".json").read_text()))
+    result = CopyDetectionReport.from_dict(json.loads(artifact_path(settings.assets_dir, "retrieval_eval", suffix=".json").read_text()))
     if args.json:
         print(json.dumps(result.to_dict()))
         return 0

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from dagster import ConfigurableIOManager, InputContext, MetadataValue, OutputContext
 
 from imgsim_assets.core import tables
-from imgsim_assets.core.evaluation import Evaluation
+from imgsim_assets.core.evaluation import CopyDetectionReport
 from imgsim_assets.core.index import PcaModel, Shard, ShardFile
 from imgsim_assets.core.search import ImageIndex
 from imgsim_assets.core.storage import (
@@ -177,11 +177,11 @@ def save_npz(path: Path, obj) -> None:
 
 
 class JsonIOManager(_FileIOManager):
-    """Objects with ``to_dict``/``from_dict`` (:class:`Evaluation`) as JSON; the input's type
+    """Objects with ``to_dict``/``from_dict`` (:class:`CopyDetectionReport`) as JSON; the input's type
     annotation says which class to rebuild."""
 
     suffix: ClassVar[str] = ".json"
-    types: ClassVar[tuple[type, ...]] = (Evaluation,)
+    types: ClassVar[tuple[type, ...]] = (CopyDetectionReport,)
 
     def _write(self, path: Path, obj) -> None:
         with atomic_path(path) as tmp:

@@ -78,7 +78,7 @@ def test_the_evaluation_finds_planted_copies_and_its_threshold_holds_on_held_out
     assert report.evaluated and report.analyzed
 
     stored = json.loads((settings.assets_dir / "retrieval_eval.json").read_text())
-    result = ev.Evaluation.from_dict(stored)
+    result = ev.CopyDetectionReport.from_dict(stored)
     assert result.sources == 48 and result.overall.copies == 48 * len(cp.FAMILIES) and not result.skipped
     by_family = {f.family: f for f in result.families}
     assert set(by_family) == set(cp.FAMILIES)

@@ -424,7 +424,7 @@ def test_merge_skips_ids_an_earlier_shard_holds_across_many_shards():
 
 
 def test_catalog_lists_every_ok_file_of_indexed_images_in_batch_order():
-    from imgsim_assets.assets.index import _catalog
+    from imgsim_assets.core.build import catalog as _catalog
 
     manifests = {
         "b2": pa.table({"image_id": [5, 6, 7], "path": ["b2/x.jpg", "b2/bad.jpg", "b2/copy.jpg"],

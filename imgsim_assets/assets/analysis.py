@@ -29,7 +29,7 @@ class NearDuplicatesConfig(Config):
                               "when its threshold and trained index are the current ones")
 
 
-def choose_threshold(config: NearDuplicatesConfig, evaluation: ev.Evaluation) -> tuple[float, str]:
+def choose_threshold(config: NearDuplicatesConfig, evaluation: ev.CopyDetectionReport) -> tuple[float, str]:
     """The threshold to group at, and why."""
     if config.threshold is not None:
         return config.threshold, "set in config"
@@ -42,7 +42,7 @@ def choose_threshold(config: NearDuplicatesConfig, evaluation: ev.Evaluation) ->
                      f"on edited copies; this one is above every non-copy (recall {t.recall:.3f})")
 
 
-def choose_grouping(config: NearDuplicatesConfig, evaluation: ev.Evaluation) -> tuple[str, str]:
+def choose_grouping(config: NearDuplicatesConfig, evaluation: ev.CopyDetectionReport) -> tuple[str, str]:
     """The grouping rule, and why."""
     if config.grouping != "auto":
         if config.grouping not in duplicates.RULES:
@@ -136,7 +136,7 @@ def near_duplicates(
     context: AssetExecutionContext,
     config: NearDuplicatesConfig,
     faiss_index: ImageIndex,
-    retrieval_eval: ev.Evaluation,
+    retrieval_eval: ev.CopyDetectionReport,
     storage: StorageResource,
 ) -> pa.Table:
     """Groups of near-duplicate images: pairs of distinct images at least ``threshold`` similar

@@ -10,6 +10,7 @@ from pydantic import Field
 from imgsim_assets.core import comparison, plots
 from imgsim_assets.core import copies as cp
 from imgsim_assets.core import evaluation as ev
+from imgsim_assets.core.build import PcaSettings
 from imgsim_assets.core.search import FaissSearcher, ImageIndex, embed_files
 from imgsim_assets.policies import TRAINED
 from imgsim_assets.resources import EncoderResource, PreprocessResource, StorageResource
@@ -21,9 +22,9 @@ class RetrievalEvalConfig(Config):
     sample_size: int = Field(default=200, description="indexed images copied (all of them if fewer)")
     families: list[str] = Field(default=list(cp.FAMILIES), description="edit families: " + ", ".join(cp.FAMILIES))
     seed: int = Field(default=0, description="chooses the sample and every edit's strength")
-    duplicate_precision: float = Field(default=0.99, description="precision the duplicate threshold must reach "
+    duplicate_precision: float = Field(default=ev.DUPLICATE_PRECISION, description="precision the duplicate threshold must reach "
                                        "for 'copy of the same image'")
-    k: int = Field(default=100, description="results per copy; non-copies are counted among these")
+    k: int = Field(default=ev.RESULTS_PER_COPY, description="results per copy; non-copies are counted among these")
 
 
 def searcher_for(index: ImageIndex, storage: StorageResource, encoder: EncoderResource,
@@ -61,7 +62,7 @@ def retrieval_eval(
     storage: StorageResource,
     encoder: EncoderResource,
     preprocessing: PreprocessResource,
-) -> ev.Evaluation:
+) -> ev.CopyDetectionReport:
     """Edited copies (JPEG, resize, crop, flip, rotation, colour, greyscale, blur, border, overlay
     and combinations) of a seeded sample of indexed images, embedded with the index's own encoder
     and searched in it: recall@1, recall@10 and mAP per edit, the scores of copies against the
@@ -76,7 +77,7 @@ def retrieval_eval(
     def embed(paths, root):
         return embed_files(paths, model, pre, root=root, workers=searcher.workers)
 
-    result = ev.evaluate(sources, embed, ev.IndexSpace(faiss_index), config.families, config.seed,
+    result = ev.detect_copies(sources, embed, ev.IndexSpace(faiss_index), config.families, config.seed,
                          config.duplicate_precision, config.k, scratch=storage.scratch_dir(),
                          random_weights=searcher.random_weights)
     title = "RANDOM WEIGHTS" if result.random_weights else ""
@@ -123,8 +124,8 @@ class EncoderComparisonConfig(Config):
     database_size: int = Field(default=1000, description="images searched (the copied ones among them)")
     families: list[str] = Field(default=list(cp.FAMILIES))
     seed: int = 0
-    duplicate_precision: float = 0.99
-    pca_dim: int = Field(default=256, description="dimension of the pca and whiten reductions")
+    duplicate_precision: float = ev.DUPLICATE_PRECISION
+    pca_dim: int = Field(default=PcaSettings.dim, description="dimension of the pca and whiten reductions")
 
 
 COMPARISON_COLUMNS = ["option", "recall_at_1", "recall_at_10", "mean_average_precision", "threshold",

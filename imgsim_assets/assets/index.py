@@ -7,7 +7,6 @@ from typing import Optional
 import faiss
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from dagster import (
     AssetCheckResult,
@@ -24,73 +23,71 @@ from dagster import (
 )
 from pydantic import Field
 
+from imgsim_assets.core import build, plots, tables
 from imgsim_assets.core import index as ix
-from imgsim_assets.core import plots, recall, tables
-from imgsim_assets.core.encoder import describe_encoder, same_encoder
+from imgsim_assets.core.build import CentroidSettings, IndexSettings, PcaSettings, TemplateSettings
+from imgsim_assets.core.encoder import check_same_encoder
 from imgsim_assets.core.search import ImageIndex
+from imgsim_assets.core.vectors import EmbeddingFiles
 from imgsim_assets.io_managers import StagedFile, save_npz
 from imgsim_assets.partitions import image_batches
 from imgsim_assets.policies import BATCH_RUNS, GPU_POOL, TRAINED, TRANSIENT_RETRY
 from imgsim_assets.resources import StorageResource
 
 
+_PCA, _CENTROIDS, _TEMPLATE, _INDEX = PcaSettings(), CentroidSettings(), TemplateSettings(), IndexSettings()
+
+
 class PcaConfig(Config):
-    dim: int = Field(default=256, description="output dimension (capped by the data: at most N-1 and D)")
-    variance: Optional[float] = Field(default=None, description="instead of dim: keep this fraction of variance")
-    whiten: bool = False
-    max_samples: int = Field(default=100_000, description="fit on at most this many vectors, sampled across batches")
-    seed: int = 0
+    dim: int = Field(default=_PCA.dim, description="output dimension (capped by the data: at most N-1 and D)")
+    variance: Optional[float] = Field(default=_PCA.variance, description="instead of dim: keep this fraction of variance")
+    whiten: bool = _PCA.whiten
+    max_samples: int = Field(default=_PCA.max_samples, description="fit on at most this many vectors, sampled "
+                             "across batches")
+    seed: int = _PCA.seed
 
 
 class CentroidsConfig(Config):
-    nlist: Optional[int] = Field(default=None, description="number of clusters; default per_sqrt·√N")
-    per_sqrt: float = Field(default=4.0, description="clusters per √N (4 to 16 is the useful range)")
-    points_per_centroid: int = Field(default=ix.TRAIN_POINTS_PER_CENTROID,
+    nlist: Optional[int] = Field(default=_CENTROIDS.nlist, description="number of clusters; default per_sqrt·√N")
+    per_sqrt: float = Field(default=_CENTROIDS.per_sqrt, description="clusters per √N (4 to 16 is the useful range)")
+    points_per_centroid: int = Field(default=_CENTROIDS.points_per_centroid,
                                      description="train on this many vectors per cluster (30 to 256)")
-    niter: int = ix.KMEANS_ITERATIONS
-    seed: int = 0
+    niter: int = _CENTROIDS.niter
+    seed: int = _CENTROIDS.seed
 
 
 class TemplateConfig(Config):
-    memory_budget_mb: int = Field(default=4096, description="the index (codes, ids, centroids) must fit in this")
-    exact_max: int = Field(default=20_000, description="up to this many vectors, search exactly (Flat)")
-    codec: Optional[str] = Field(default=None, description="force Flat, SQ8 or PQ<m>; default: the best that fits")
-    seed: int = 0
+    memory_budget_mb: int = Field(default=_TEMPLATE.memory_budget_mb, description="the index (codes, ids, "
+                                  "centroids) must fit in this")
+    exact_max: int = Field(default=_TEMPLATE.exact_max, description="up to this many vectors, search exactly (Flat)")
+    codec: Optional[str] = Field(default=_TEMPLATE.codec, description="force Flat, SQ8 or PQ<m>; default: the best "
+                                 "that fits")
+    seed: int = _TEMPLATE.seed
 
 
 class IndexConfig(Config):
-    recall_target: float = Field(default=0.95, description="nprobe is raised until recall@10 reaches this")
-    nprobe: Optional[int] = Field(default=None, description="use this nprobe instead of tuning it")
-    max_pca_loss: float = Field(default=0.05, description="the pca_loss check warns when exact search after "
-                                "PCA finds less than 1 - this of the raw embeddings' top 10")
-    recall_queries: int = Field(default=1000, description="held-out queries sampled from the collection")
-    recall_database: int = Field(default=100_000, description="recall is measured within a fixed sample of about "
-                                 "this many indexed vectors (exact truth costs queries × this); 0: all of them")
-    drift_threshold: float = Field(default=1.25, description="a batch whose PCA residual exceeds the training "
-                                   "sample's by this factor asks for retraining")
-    seed: int = 0
+    recall_target: float = Field(default=_INDEX.recall_target, description="nprobe is raised until recall@10 "
+                                 "reaches this")
+    nprobe: Optional[int] = Field(default=_INDEX.nprobe, description="use this nprobe instead of tuning it")
+    max_pca_loss: float = Field(default=_INDEX.max_pca_loss, description="the pca_loss check warns when exact "
+                                "search after PCA finds less than 1 - this of the raw embeddings' top 10")
+    recall_queries: int = Field(default=_INDEX.recall_queries, description="held-out queries sampled from the "
+                                "collection")
+    recall_database: int = Field(default=_INDEX.recall_database, description="recall is measured within a fixed "
+                                 "sample of about this many indexed vectors (exact truth costs queries × this); 0: all")
+    drift_threshold: float = Field(default=_INDEX.drift_threshold, description="a batch whose PCA residual exceeds "
+                                   "the training sample's by this factor asks for retraining")
+    seed: int = _INDEX.seed
 
 
-def _check_same_encoder(schemas: dict[str, pa.Schema], expected: dict | None = None) -> dict:
-    provenances = {b: tables.provenance_of(schema) for b, schema in schemas.items()}
-    reference = expected if expected is not None else next(iter(provenances.values()), {})
-    differing = sorted(b for b, p in provenances.items() if not same_encoder(p, reference))
-    if differing:
-        raise ValueError(
-            "image_embeddings were made with different encoders and cannot share one index. "
-            f"Expected {describe_encoder(reference)}; batches {differing} differ, e.g. "
-            f"{describe_encoder(provenances[differing[0]])}. Re-embed them with one encoder "
-            "(imgsim ingest --retrain)."
-        )
-    return reference
+def _settings(cls, config: Config):
+    """The core's settings from the Dagster config of the same fields."""
+    return cls(**config.model_dump())
 
 
-def _schemas(files: dict[str, pq.ParquetFile]) -> dict[str, pa.Schema]:
-    return {b: f.schema_arrow for b, f in files.items()}
-
-
-def _total(files: dict[str, pq.ParquetFile]) -> int:
-    return sum(f.metadata.num_rows for f in files.values())
+def _check_same_encoder(files: dict[str, pq.ParquetFile | pa.Table], expected: dict | None = None) -> dict:
+    schemas = {b: f.schema_arrow if isinstance(f, pq.ParquetFile) else f.schema for b, f in files.items()}
+    return check_same_encoder({b: tables.provenance_of(schema) for b, schema in schemas.items()}, expected)
 
 
 @asset(
@@ -107,18 +104,15 @@ def pca_model(
     Retraining it makes every index shard stale."""
     if not image_embeddings:
         raise ValueError("no batch has image_embeddings yet: materialize some batches first")
-    provenance = tables.provenance_of(next(iter(image_embeddings.values())).schema_arrow)
-    _check_same_encoder(_schemas(image_embeddings))
-    _, sample = tables.sample_embeddings(image_embeddings, config.max_samples, config.seed)
+    provenance = _check_same_encoder(image_embeddings)
     start = time.perf_counter()
-    model = ix.fit_pca(sample, dim=config.dim, variance=config.variance, whiten=config.whiten,
-                       seed=config.seed, provenance=provenance)
+    model, samples = build.train_pca(EmbeddingFiles(image_embeddings), _settings(PcaSettings, config), provenance)
     context.add_output_metadata(
         {
             "input_dim": model.input_dim,
             "output_dim": model.output_dim,
-            "num_samples": len(sample),
-            "num_vectors": _total(image_embeddings),
+            "num_samples": samples,
+            "num_vectors": len(EmbeddingFiles(image_embeddings)),
             "explained_variance": float(model.explained_variance_ratio.sum()),
             "train_residual": model.train_residual,
             "whiten": model.whiten,
@@ -150,29 +144,26 @@ def cluster_centroids(
 ) -> np.ndarray:
     """Spherical k-means centroids (K×d) of PCA-reduced, L2-normalised embeddings (Faiss, on GPU
     when there is one). K ≈ 4·√N by default, trained on a sample of about 64·K vectors."""
-    total = _total(image_embeddings)
-    nlist, fallbacks = ix.feasible_nlist(total, config.nlist, config.per_sqrt)
-    for note in fallbacks:
-        context.log.warning(note)
-    per_centroid = min(max(config.points_per_centroid, 30), ix.MAX_POINTS_PER_CENTROID)
-    _, raw = tables.sample_embeddings(image_embeddings, per_centroid * nlist, config.seed)
-    sample = pca_model.transform(raw)
+    data = EmbeddingFiles(image_embeddings)
     start = time.perf_counter()
-    centroids = ix.train_centroids(sample, nlist, seed=config.seed, niter=config.niter)
+    trained = build.train_centroids(data, pca_model, _settings(CentroidSettings, config))
+    for note in trained.notes:
+        context.log.warning(note)
+    centroids, sample, nlist = trained.centroids, trained.sample, len(trained.centroids)
     clusters, sims = ix.nearest_centroid(sample, centroids)
     sizes = np.bincount(clusters, minlength=nlist)
     context.add_output_metadata(
         {
             "nlist": nlist,
             "dim": int(centroids.shape[1]),
-            "num_vectors": total,
+            "num_vectors": len(data),
             "num_training_samples": len(sample),
             "imbalance_factor": float((sizes**2).sum() * nlist / max(sizes.sum() ** 2, 1)),
             "mean_similarity_to_centroid": float(sims.mean()),
             "weights_fingerprint": str(pca_model.provenance.get("weights_fingerprint", "")),
             "gpu": faiss.get_num_gpus() > 0,
             "train_seconds": round(time.perf_counter() - start, 3),
-            "fallbacks": MetadataValue.json(fallbacks),
+            "fallbacks": MetadataValue.json(trained.notes),
             "cluster_sizes": MetadataValue.md(plots.markdown_image(plots.cluster_sizes(sizes), "cluster sizes")),
         }
     )
@@ -196,17 +187,13 @@ def index_template(
     """The trained, empty Faiss index every shard is a copy of, sized to the collection: exact
     (Flat) for small ones, else IVF over cluster_centroids with Flat, SQ8 or PQ codes, the most
     precise that fits the memory budget. Factory string, memory and fallbacks are metadata."""
-    total = _total(image_embeddings)
-    _, raw = tables.sample_embeddings(image_embeddings, ix.code_training_size(len(cluster_centroids)),
-                                      config.seed)
-    plan = ix.plan_index(
-        total, pca_model.output_dim, memory_budget_bytes=config.memory_budget_mb << 20, exact_max=config.exact_max,
-        nlist=1 if total <= config.exact_max else len(cluster_centroids), codec=config.codec, train_samples=len(raw),
-    )
+    data = EmbeddingFiles(image_embeddings)
+    start = time.perf_counter()
+    template, plan = build.train_template(data, pca_model, np.asarray(cluster_centroids),
+                                          _settings(TemplateSettings, config))
     for note in plan.notes:
         context.log.warning(note)
-    start = time.perf_counter()
-    template = ix.build_template(plan, pca_model.transform(raw), np.asarray(cluster_centroids), seed=config.seed)
+    total = len(data)
     context.add_output_metadata(
         {
             "factory": plan.factory,
@@ -258,16 +245,15 @@ def faiss_index_shards(
 def _build_shard(batch: str, embeddings: pa.Table, pca_model: ix.PcaModel, index_template: faiss.Index,
                  layout: str, centroids: np.ndarray) -> tuple[ix.Shard, dict]:
     """One batch's shard, and its metadata (``layout`` and ``centroids``: the template's)."""
-    _check_same_encoder({batch: embeddings.schema}, pca_model.provenance)
+    _check_same_encoder({batch: embeddings}, pca_model.provenance)
     vectors = tables.embedding_matrix(embeddings)
     if vectors.shape[1] != pca_model.input_dim:
         raise ValueError(
             f"batch {batch} has {vectors.shape[1]}-d embeddings but pca_model expects "
             f"{pca_model.input_dim}-d; retrain pca_model or re-embed the batch"
         )
+    shard = build.build_shard(index_template, pca_model, embeddings.column("image_id").to_numpy(), vectors, layout)
     reduced = pca_model.transform(vectors)
-    shard = ix.Shard.build(index_template, pca_model, embeddings.column("image_id").to_numpy(), vectors, reduced,
-                           layout)
     _, sims = ix.nearest_centroid(reduced, centroids) if len(vectors) else (None, np.zeros(1))
     return shard, {
         "num_vectors": len(shard),
@@ -318,40 +304,17 @@ def faiss_index(
         context.log.warning(f"batches without a shard yet, not in this index: {pending}")
     start = time.perf_counter()
     batches = sorted(faiss_index_shards)
-    merged, duplicates = ix.merge_shards(faiss.downcast_index(index_template),
-                                         [(b, faiss_index_shards[b]) for b in batches])
-    catalog = _catalog(raw_images, ix.ivf_ids(merged))
+    merged, duplicates = build.merge(index_template, [(b, faiss_index_shards[b]) for b in batches])
+    catalog = build.catalog(raw_images, ix.ivf_ids(merged))
     drift = {b: faiss_index_shards[b].drift for b in batches}
-    factory = f"PCA{pca_model.output_dim}{'W' if pca_model.whiten else ''},L2norm,{ix.factory_of(merged)}"
-    embedded = {b: f for b, f in image_embeddings.items() if b in faiss_index_shards}
-    published = ix.with_pretransform(pca_model, merged)
-    evaluation = recall.measure(published, embedded, config.recall_queries, config.seed,
-                                nprobes=[config.nprobe] if config.nprobe else None,
-                                target=None if config.nprobe else config.recall_target,
-                                max_database=config.recall_database or None)
-    chosen = evaluation.cheapest(config.recall_target) if evaluation.curve else recall.RecallPoint(1, 1.0, 1.0, 0.0)
-    merged.nprobe = chosen.nprobe
-    info = {
-        "encoder": dict(pca_model.provenance),
-        "factory": factory,
-        "nlist": int(merged.nlist),
-        "nprobe": chosen.nprobe,
-        "num_vectors": int(merged.ntotal),
-        "batches": batches,
-        "recall_target": config.recall_target,
-        "recall_queries": config.recall_queries,
-        "recall_seed": config.seed,
-        "recall_database": config.recall_database,
-        "recall_at_10": chosen.recall_at_10,
-        "one_recall_at_1": chosen.one_recall_at_1,
-        "pca_recall_at_10": evaluation.pca_recall_at_10,
-        "max_pca_loss": config.max_pca_loss,
-        "drift": drift,
-        "drift_threshold": config.drift_threshold,
-    }
+    settings = _settings(IndexSettings, config)
+    embedded = EmbeddingFiles({b: f for b, f in image_embeddings.items() if b in faiss_index_shards})
+    evaluation, chosen = build.tune(merged, pca_model, embedded, settings)
+    info = build.info(pca_model, merged, batches, evaluation, chosen, settings, drift)
+    factory = info["factory"]
     if chosen.recall_at_10 < config.recall_target:
         context.log.warning(f"recall@10 {chosen.recall_at_10:.3f} is below the target {config.recall_target}")
-    index = ImageIndex(index=published, catalog=catalog, info=info)
+    index = build.publish(pca_model, merged, catalog, info)
     curve = evaluation.curve
     metadata = {
         "num_vectors": int(merged.ntotal),
@@ -401,17 +364,13 @@ def faiss_index(
     ins={"faiss_index": AssetIn(), "image_embeddings": AssetIn()},
 )
 def recall_checks(faiss_index: ImageIndex, image_embeddings: dict[str, pq.ParquetFile]):
-    """Re-measures the published index, as the asset measured it (:func:`recall.measure`), on
+    """Re-measures the published index, as the asset measured it (:func:`build.gate`), on
     queries it was not tuned on: the blocking ANN recall gate and the PCA loss warning, from
     one pass over the embeddings."""
-    info = faiss_index.info
-    target = float(info.get("recall_target", 0.95))
-    max_loss = float(info.get("max_pca_loss", 0.05))
+    data = EmbeddingFiles(indexed_embeddings(faiss_index, image_embeddings))
+    point, evaluation, settings = build.gate(faiss_index, data)
+    target, max_loss = settings.recall_target, settings.max_pca_loss
     ivf = faiss_index.ivf
-    evaluation = recall.measure(faiss_index.index, indexed_embeddings(faiss_index, image_embeddings),
-                                int(info.get("recall_queries", 1000)), seed=int(info.get("recall_seed", 0)) + 1,
-                                max_database=int(info.get("recall_database", 0)) or None)
-    point = evaluation.curve[0]
     figures = {"recall_at_10": point.recall_at_10, "one_recall_at_1": point.one_recall_at_1, "target": target,
                "nprobe": int(ivf.nprobe), "queries": evaluation.num_queries, "tie_epsilon": evaluation.epsilon}
     passed = point.recall_at_10 >= target
@@ -435,7 +394,7 @@ def recall_checks(faiss_index: ImageIndex, image_embeddings: dict[str, pq.Parque
 def retraining_due(faiss_index: ImageIndex) -> AssetCheckResult:
     """Warns when a batch's embeddings drift from what PCA and the centroids were trained on
     (PCA residual over the training sample's above the threshold): time to retrain."""
-    threshold = float(faiss_index.info.get("drift_threshold", 1.25))
+    threshold = IndexSettings.of(faiss_index.info).drift_threshold
     drift = {b: d for b, d in (faiss_index.info.get("drift") or {}).items() if d is not None and np.isfinite(d)}
     drifted = sorted(b for b, d in drift.items() if d > threshold)
     return AssetCheckResult(
@@ -445,23 +404,3 @@ def retraining_due(faiss_index: ImageIndex) -> AssetCheckResult:
                   "drifted_batches": MetadataValue.json(drifted)},
         description=f"retrain: {len(drifted)} batch(es) drifted" if drifted else None,
     )
-
-
-def _catalog(manifests: dict[str, pq.ParquetFile | pa.Table], indexed_ids: np.ndarray) -> pa.Table:
-    """Every ok file whose image is in the index: image_id, batch, path (manifests are read
-    one at a time, those columns only; membership is tested once over all of them, since each
-    test hashes the whole index's ids)."""
-    columns = ["image_id", "path", "status"]
-    parts = []
-    for batch, manifest in sorted(manifests.items()):
-        rows = manifest.read(columns=columns) if isinstance(manifest, pq.ParquetFile) else manifest.select(columns)
-        rows = rows.filter(pc.equal(rows["status"], "ok"))
-        parts.append(pa.table({"image_id": rows["image_id"].cast(pa.int64()),
-                               "batch": pa.array([batch] * rows.num_rows, pa.string()),
-                               "path": rows["path"].cast(pa.string())}))
-    if not parts:
-        return pa.table({"image_id": pa.array([], pa.int64()), "batch": pa.array([], pa.string()),
-                         "path": pa.array([], pa.string())})
-    catalog = pa.concat_tables(parts)
-    indexed = pa.array(np.unique(indexed_ids), pa.int64())
-    return catalog.filter(pc.is_in(catalog["image_id"], value_set=indexed)).combine_chunks()

@@ -26,6 +26,7 @@ from imgsim_assets.core import copies as cp
 from imgsim_assets.core import dinov2
 from imgsim_assets.core import evaluation as ev
 from imgsim_assets.core import index as ix
+from imgsim_assets.core.build import PcaSettings
 from imgsim_assets.core.encoder import Encoder
 from imgsim_assets.core.images import Preprocess
 
@@ -98,8 +99,8 @@ def compare(
     encoder: Encoder,
     families: Sequence[str] = tuple(cp.FAMILIES),
     seed: int = 0,
-    target_precision: float = 0.99,
-    pca_dim: int = 256,
+    target_precision: float = ev.DUPLICATE_PRECISION,
+    pca_dim: int = PcaSettings.dim,
     workers: int = 1,
     scratch=None,
     log: Callable[[str], None] = lambda message: None,

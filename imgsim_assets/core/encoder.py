@@ -237,3 +237,18 @@ def prefetch(items: Iterable[T], depth: int = 2) -> Iterator[T]:
     finally:
         stop.set()
         thread.join()
+
+
+def check_same_encoder(provenances: dict[str, dict], expected: dict | None = None) -> dict:
+    """The encoder every batch's embeddings were made with (``expected``, else the first
+    batch's); batches made with another cannot share one index, and say so."""
+    reference = expected if expected is not None else next(iter(provenances.values()), {})
+    differing = sorted(b for b, p in provenances.items() if not same_encoder(p, reference))
+    if differing:
+        raise ValueError(
+            "image_embeddings were made with different encoders and cannot share one index. "
+            f"Expected {describe_encoder(reference)}; batches {differing} differ, e.g. "
+            f"{describe_encoder(provenances[differing[0]])}. Re-embed them with one encoder "
+            "(imgsim ingest --retrain)."
+        )
+    return reference

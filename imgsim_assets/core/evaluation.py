@@ -39,7 +39,8 @@ from PIL import Image, ImageOps
 from imgsim_assets.core import copies as cp
 from imgsim_assets.core import duplicates
 from imgsim_assets.core.index import concat
-from imgsim_assets.core.recall import TIE_EPSILON, set_parallel_mode
+from imgsim_assets.core.index import set_parallel_mode
+from imgsim_assets.core.recall import TIE_EPSILON
 
 MAX_SIDE = 2048  # copies are made from the picture scaled down to this (more changes nothing at model resolution)
 CHUNK_SOURCES = 32  # sources whose copies are on disk at once
@@ -415,7 +416,7 @@ class FamilyResult:
 
 
 @dataclass
-class Evaluation:
+class CopyDetectionReport:
     """What :func:`evaluate` found, as stored (JSON) with the evaluation."""
 
     families: list[FamilyResult]
@@ -440,7 +441,7 @@ class Evaluation:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Evaluation":
+    def from_dict(cls, d: dict) -> "CopyDetectionReport":
         d = dict(d)
         d["families"] = [FamilyResult(**f) for f in d["families"]]
         d["overall"] = FamilyResult(**d["overall"])
@@ -477,14 +478,14 @@ def _thin(t: np.ndarray, p: np.ndarray, r: np.ndarray, points: int = 200) -> dic
 
 
 def summarize(scores: CopyScores, target_precision: float, seed: int, settings: dict, skipped=(),
-              embed_seconds: float = 0.0, random_weights: bool = False) -> Evaluation:
+              embed_seconds: float = 0.0, random_weights: bool = False) -> CopyDetectionReport:
     families = [f for f in cp.FAMILIES if f in set(scores.family.tolist())]
     threshold = calibrate(scores.positive, scores.negatives, target_precision)
     precision, recall = held_out(scores, target_precision, seed)
     groupings = score_groupings(scores, threshold.value)
     t, p, r = precision_recall(scores.positive, scores.negatives, len(scores.positive))
     near = scores.nearest_negative[~np.isnan(scores.nearest_negative)]
-    return Evaluation(
+    return CopyDetectionReport(
         families=[_family_result(f, scores, np.flatnonzero(scores.family == f)) for f in families],
         overall=_family_result("all", scores, np.arange(len(scores.positive))),
         threshold=threshold, target_precision=target_precision,
@@ -500,9 +501,15 @@ def summarize(scores: CopyScores, target_precision: float, seed: int, settings: 
     )
 
 
-def evaluate(sources: Sequence[Source], embed: Embed, space: Space, families: Sequence[str] = tuple(cp.FAMILIES),
-             seed: int = 0, target_precision: float = 0.99, k: int = 100, scratch=None,
-             random_weights: bool = False) -> Evaluation:
+# The precision the duplicate threshold must reach for "copy of the same image", and how many
+# results each copy's search returns (non-copies are counted among these).
+DUPLICATE_PRECISION = 0.99
+RESULTS_PER_COPY = 100
+
+
+def detect_copies(sources: Sequence[Source], embed: Embed, space: Space, families: Sequence[str] = tuple(cp.FAMILIES),
+                  seed: int = 0, target_precision: float = DUPLICATE_PRECISION, k: int = RESULTS_PER_COPY,
+                  scratch=None, random_weights: bool = False) -> CopyDetectionReport:
     """Copy, embed, search, score and summarize: the whole evaluation."""
     copyset = embed_copies(sources, families, seed, embed, scratch)
     if not len(copyset.source):

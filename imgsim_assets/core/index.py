@@ -24,6 +24,9 @@ MIN_POINTS_PER_CENTROID = 39  # below this Faiss' k-means is unreliable (and war
 MAX_POINTS_PER_CENTROID = 256
 TRAIN_POINTS_PER_CENTROID = 64  # k-means sample per centroid: IVF recall is flat above ~40
 KMEANS_ITERATIONS = 10
+LISTS_PER_SQRT = 4.0  # IVF lists per √N (4 to 16 is the useful range)
+EXACT_MAX = 20_000  # up to this many vectors, search exactly
+MEMORY_BUDGET_MB = 4096  # what an index (codes, ids, centroids) may take by default
 
 
 def normalize_rows(x: np.ndarray) -> np.ndarray:
@@ -177,13 +180,13 @@ def fit_pca(
     return model
 
 
-def choose_nlist(n: int, per_sqrt: float = 4.0, max_nlist: int = 65536) -> int:
+def choose_nlist(n: int, per_sqrt: float = LISTS_PER_SQRT, max_nlist: int = 65536) -> int:
     """Number of IVF lists for ``n`` vectors: about ``per_sqrt``·√n, with enough points per centroid."""
     k = int(round(per_sqrt * math.sqrt(max(n, 1))))
     return max(1, min(k, n // MIN_POINTS_PER_CENTROID, max_nlist))
 
 
-def feasible_nlist(n: int, requested: int | None = None, per_sqrt: float = 4.0) -> tuple[int, list[str]]:
+def feasible_nlist(n: int, requested: int | None = None, per_sqrt: float = LISTS_PER_SQRT) -> tuple[int, list[str]]:
     """``requested`` lists (default about ``per_sqrt``·√n) if ``n`` vectors can train them, else
     the default, with a note saying why."""
     if requested is None:
@@ -271,22 +274,23 @@ def _pq_sizes(d: int) -> list[int]:
 def plan_index(
     n: int,
     dim: int,
-    memory_budget_bytes: int = 4 << 30,
-    exact_max: int = 20_000,
-    per_sqrt: float = 4.0,
+    memory_budget_bytes: int = MEMORY_BUDGET_MB << 20,
+    exact_max: int = EXACT_MAX,
+    per_sqrt: float = LISTS_PER_SQRT,
     nlist: int | None = None,
     codec: str | None = None,
     train_samples: int | None = None,
 ) -> IndexPlan:
     """Choose the index for ``n`` vectors of dimension ``dim`` within a memory budget.
 
-    Up to ``exact_max`` vectors: exact search. Above: IVF with about ``per_sqrt``·√n lists and
-    the most precise code that fits the budget (Flat, then SQ8, then the largest PQ).
-    ``nlist``/``codec`` force a choice; an impossible one (too few vectors to train it) falls
-    back to a smaller valid configuration and says so in ``notes``.
+    Up to ``exact_max`` vectors: exact search (one list), whatever ``nlist`` asks. Above: IVF
+    with ``nlist`` lists (default about ``per_sqrt``·√n) and the most precise code that fits
+    the budget (Flat, then SQ8, then the largest PQ). ``codec`` forces a code; an impossible
+    choice (too few vectors to train it) falls back to a smaller valid configuration and says
+    so in ``notes``.
     """
     train_samples = n if train_samples is None else train_samples
-    if nlist is None and n <= exact_max:
+    if n <= exact_max:
         nlist = 1
     nlist, notes = feasible_nlist(n, nlist, per_sqrt)
     if codec is None:
@@ -540,6 +544,15 @@ def merge_shards(template: faiss.IndexIVF, shards: Iterable[tuple[str, Shard | S
             invlists.add_entries(int(lists[a]), int(b - a), faiss.swig_ptr(shard_ids[a:b]), faiss.swig_ptr(codes[a:b]))
         merged.ntotal += len(shard_ids)
     return merged, int(len(ids) - keep.sum())
+
+
+def set_parallel_mode(index: faiss.Index, num_queries: int) -> None:
+    """Few queries: spread one query's inverted lists over the cores; many: one query per core."""
+    try:
+        ivf = faiss.extract_index_ivf(index)
+    except RuntimeError:  # not an IVF index: nothing to choose
+        return
+    ivf.parallel_mode = 1 if num_queries < faiss.omp_get_max_threads() else 0
 
 
 def with_pretransform(pca: PcaModel, ivf: faiss.Index) -> faiss.IndexPreTransform:

@@ -100,7 +100,7 @@ def thumbnail_grid(rows: list[list[str]], size: int = 96) -> bytes:
 
 
 def family_bars(rows: list[dict], title: str = "") -> bytes:
-    """recall@1, recall@10 and mAP per copy family (rows of ``Evaluation.table()``)."""
+    """recall@1, recall@10 and mAP per copy family (rows of ``CopyDetectionReport.table()``)."""
     plt, fig, ax = _figure(7.0, 3.2)
     names = [r["family"] for r in rows]
     x = np.arange(len(names))

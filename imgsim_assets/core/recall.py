@@ -29,10 +29,9 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import faiss
 import numpy as np
-import pyarrow.parquet as pq
 
-from imgsim_assets.core import tables
-from imgsim_assets.core.index import distinct_chunks, ivf_ids
+from imgsim_assets.core.index import distinct_chunks, ivf_ids, set_parallel_mode
+from imgsim_assets.core.vectors import Collection
 
 TIE_EPSILON = 1e-4  # on unit vectors: well above float32 rounding, far below any real gap
 BLOCK_ROWS = 8192  # database rows scored at once: queries × BLOCK_ROWS floats in memory
@@ -49,8 +48,9 @@ class RecallPoint:
 
 
 @dataclass
-class Evaluation:
-    """The recall curve of an index (one point per nprobe tried) and the PCA loss."""
+class RecallCurve:
+    """The ANN recall of an index, one point per nprobe tried, and the PCA loss (what the
+    reduction costs). Copy detection is measured elsewhere (:mod:`core.evaluation`)."""
 
     curve: list[RecallPoint]
     pca_recall_at_10: float = 1.0  # exact search after PCA vs on raw embeddings
@@ -60,7 +60,10 @@ class Evaluation:
     database_fraction: float = 1.0  # of the indexed vectors the truth and the answers were limited to
 
     def cheapest(self, target: float) -> RecallPoint:
-        """The cheapest point reaching ``target`` recall@10, else the best one."""
+        """The cheapest point reaching ``target`` recall@10, else the best one; with no point
+        measured (no query could be drawn), the exact answer at one probe."""
+        if not self.curve:
+            return RecallPoint(1, 1.0, 1.0, 0.0)
         return next((p for p in self.curve if p.recall_at_10 >= target), max(self.curve, key=lambda p: p.recall_at_10))
 
     def metadata(self) -> dict:
@@ -154,14 +157,6 @@ def _ivf_or_none(index: faiss.Index) -> faiss.IndexIVF | None:
         return None
 
 
-def set_parallel_mode(index: faiss.Index, num_queries: int) -> None:
-    """Few queries: spread one query's inverted lists over the cores; many: one query per core."""
-    ivf = _ivf_or_none(index)
-    if ivf is None:  # not an IVF index: nothing to choose
-        return
-    ivf.parallel_mode = 1 if num_queries < faiss.omp_get_max_threads() else 0
-
-
 def single_query_ms(index: faiss.Index, queries: np.ndarray, k: int = 10, n: int = 200) -> float:
     """Median wall time of one-query searches, in ms (what an interactive user waits)."""
     times = []
@@ -212,7 +207,7 @@ def evaluate(
     latency_queries: int = 200,
     pca_loss: bool = True,
     max_database: int | None = None,
-) -> Evaluation:
+) -> RecallCurve:
     """Tie-aware recall of ``index`` at each of ``nprobes`` (default: as it is set) on held-out
     queries, and the PCA loss when ``transform`` maps raw vectors into the index's space.
 
@@ -292,7 +287,7 @@ def evaluate(
         curve.append(RecallPoint(int(nprobe), recall, one, ms))
     measured = transform is not None and pca_loss
     pca_recall, pca_one = tie_aware_recall(in_space.payload, raw.scores) if measured else (1.0, 1.0)
-    return Evaluation(curve, pca_recall, pca_one, nq, database_fraction=fraction)
+    return RecallCurve(curve, pca_recall, pca_one, nq, database_fraction=fraction)
 
 
 def tune(
@@ -301,17 +296,18 @@ def tune(
     query_ids: np.ndarray,
     database: Chunks,
     transform: Callable[[np.ndarray], np.ndarray] | None = None,
-    target: float = 0.95,
+    *,
+    target: float,
     nprobes: Sequence[int] | None = None,
     per_round: int = 4,
     max_database: int | None = None,
-) -> Evaluation:
+) -> RecallCurve:
     """:func:`evaluate` along the nprobe ladder a few points at a time, cheapest first, until a
     round reaches ``target``: one more exact pass per round costs far less than probing
     thousands of lists that will not be chosen. The curve holds the points measured."""
     ivf = _ivf_or_none(index)
     ladder = list(nprobes or (nprobe_ladder(ivf.nlist) if ivf is not None else [0]))
-    result: Evaluation | None = None
+    result: RecallCurve | None = None
     for start in range(0, len(ladder), per_round):
         part = evaluate(index, queries, query_ids, database, transform, ladder[start : start + per_round],
                         pca_loss=result is None, max_database=max_database)
@@ -324,19 +320,17 @@ def tune(
     return result
 
 
-def measure(index: faiss.Index, embeddings: dict[str, pq.ParquetFile], queries: int, seed: int,
-            nprobes: Sequence[int] | None = None, target: float | None = None,
-            max_database: int | None = None) -> Evaluation:
+def measure(index: faiss.Index, data: Collection, queries: int, seed: int, nprobes: Sequence[int] | None = None,
+            target: float | None = None, max_database: int | None = None) -> RecallCurve:
     """Tie-aware recall of a published ``index`` (raw embeddings in, its PCA as pre-transforms)
-    and its PCA loss, on ``queries`` of its own ``embeddings`` files sampled with ``seed``, each
+    and its PCA loss, on ``queries`` of its own vectors (``data``) sampled with ``seed``, each
     searched with itself left out, against exact search over all of them (or a fixed sample of
     about ``max_database``). With a ``target``, nprobe is tuned (:func:`tune`) instead of
     measured as set. The index's metadata and its recall gate are both measured here."""
     inner, _ = searched_space(index)
-    query_ids, raw = tables.sample_embeddings(embeddings, queries, seed)
+    query_ids, raw = data.sample(queries, seed)
     keep = np.isin(query_ids, ivf_ids(inner))
-    files = [f for _, f in sorted(embeddings.items())]
-    args = (index, raw[keep], query_ids[keep], lambda: tables.iter_embeddings(files))
+    args = (index, raw[keep], query_ids[keep], data.chunks)
     if target is not None:
         return tune(*args, target=target, nprobes=nprobes, max_database=max_database)
     return evaluate(*args, nprobes=nprobes, max_database=max_database)

@@ -20,8 +20,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from imgsim_assets.core.index import has_legacy_pretransform
-from imgsim_assets.core.recall import searched_space, set_parallel_mode
+from imgsim_assets.core.index import has_legacy_pretransform, set_parallel_mode
+from imgsim_assets.core.recall import searched_space
 
 INDEX_FILE = "index.faiss"
 CATALOG_FILE = "catalog.parquet"

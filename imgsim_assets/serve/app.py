@@ -20,7 +20,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from imgsim_assets.core.evaluation import Evaluation
+from imgsim_assets.core.evaluation import CopyDetectionReport
 from imgsim_assets.core.search import UnknownImage
 from imgsim_assets.serve import thumbnails
 from imgsim_assets.serve.openapi import SPEC
@@ -325,7 +325,7 @@ def _evaluation(stored: dict | None) -> dict | None:
     if stored is None:
         return None
     try:
-        evaluation = Evaluation.from_dict(stored)
+        evaluation = CopyDetectionReport.from_dict(stored)
     except (KeyError, TypeError, ValueError) as e:  # written by another version of imgsim
         raise ApiError(500, "unreadable_evaluation", f"retrieval_eval.json cannot be read ({type(e).__name__}: {e}); "
                        "run `imgsim evaluate` again") from None
