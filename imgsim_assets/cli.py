@@ -8,6 +8,10 @@ import os
 import sys
 from pathlib import Path
 
+from imgsim_assets.serve.config import ServeConfig
+
+SERVE = ServeConfig(assets_dir=Path("assets"), images_dir=Path("images"))  # the service's defaults
+
 RANDOM_BANNER = """\
 !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!
 !! RANDOM WEIGHTS: no pretrained DINOv2 checkpoint was found or configured.   !!
@@ -103,7 +107,7 @@ def open_searcher(args, settings):
         from imgsim_assets.core import milvus
 
         uri = args.milvus_uri or settings.milvus
-        return (MilvusSearcher(milvus.connect(uri), args.collection, device=settings.device,
+        return (MilvusSearcher(milvus.connect(uri), args.collection or milvus.COLLECTION, device=settings.device,
                                allow_other_weights=args.allow_other_weights), f"Milvus {uri}")
     searcher = FaissSearcher.open(settings.assets_dir, device=settings.device,
                                   allow_other_weights=args.allow_other_weights)
@@ -144,7 +148,9 @@ def _search_server(args) -> int:
     """The query answered by a running ``imgsim serve`` (no model, no index loaded here)."""
     from imgsim_assets.serve import client
 
-    token = args.token or os.environ.get("IMGSIM_SERVE_TOKEN")
+    from imgsim_assets.settings import Settings
+
+    token = args.token or Settings.from_env().serve_token
     try:
         if args.id is not None:
             answer = client.search_id(args.server, args.id, args.k, args.nprobe, args.batch, token)
@@ -173,10 +179,10 @@ def _print_answer(args, answer: dict, source: str, images_dir: Path | None = Non
     return 0
 
 
-def serve_token(args) -> str:
+def serve_token(args, settings) -> str:
     """The service's token: ``--token-file`` or ``$IMGSIM_SERVE_TOKEN_FILE`` (first line), else
     ``$IMGSIM_SERVE_TOKEN``, else ``--token`` (which ``ps`` shows to every user: warned)."""
-    path = args.token_file or os.environ.get("IMGSIM_SERVE_TOKEN_FILE", "")
+    path = args.token_file or settings.serve_token_file
     if path:
         try:
             token = Path(path).expanduser().read_text().strip().splitlines()[0].strip()
@@ -189,28 +195,27 @@ def serve_token(args) -> str:
         print("imgsim serve: a token given with --token is visible to every user of this machine (ps); "
               "prefer --token-file or IMGSIM_SERVE_TOKEN", file=sys.stderr)
         return args.token
-    return os.environ.get("IMGSIM_SERVE_TOKEN", "")
+    return settings.serve_token
 
 
 def cmd_serve(args) -> int:
     import uvicorn
 
-    from imgsim_assets.serve.app import ServeConfig, create_app, is_loopback
+    from imgsim_assets.serve.app import Unguarded, create_app
     from imgsim_assets.serve.connections import guarded_protocol
     from imgsim_assets.settings import Settings
 
     settings = Settings.from_env()
-    token = serve_token(args)
-    if not is_loopback(args.host) and not token:
-        print(f"imgsim serve: binding to {args.host} (not loopback) needs a token: --token-file, IMGSIM_SERVE_TOKEN "
-              "or --token", file=sys.stderr)
-        return 2
     config = ServeConfig(assets_dir=settings.assets_dir, images_dir=settings.images_dir, host=args.host,
-                         port=args.port, token=token, device=settings.device,
+                         port=args.port, token=serve_token(args, settings), device=settings.device,
                          max_upload_bytes=int(args.max_upload_mb * 2**20), reload_interval_s=args.reload_interval,
                          allow_other_weights=args.allow_other_weights, allowed_hosts=tuple(args.allowed_host or ()),
                          max_decode_bytes=int(args.max_decode_mb * 2**20))
-    app = create_app(config)
+    try:
+        app = create_app(config)
+    except Unguarded as e:
+        print(f"imgsim serve: {e}", file=sys.stderr)
+        return 2
     service = app.state.service
     loaded = service.live.current
     if loaded.searcher.random_weights:
@@ -376,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", choices=["faiss", "milvus"], default="faiss",
                    help="faiss: the materialized faiss_index; milvus: the milvus_collection")
     p.add_argument("--milvus-uri", default=None, help="default: $IMGSIM_MILVUS_URI, else the data root's Milvus Lite file (milvus.db)")
-    p.add_argument("--collection", default="imgsim", help="Milvus collection")
+    p.add_argument("--collection", default=None, help="Milvus collection (default: milvus_collection's, imgsim)")
     p.add_argument("--server", default=None, help="ask a running `imgsim serve` at this URL (milliseconds)")
     p.add_argument("--token", default=None, help="the server's token (default: $IMGSIM_SERVE_TOKEN)")
     p.add_argument("--allow-other-weights", action="store_true",
@@ -384,18 +389,20 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("serve", help="the search service and web page over the live faiss_index")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default=SERVE.host)
+    p.add_argument("--port", type=int, default=SERVE.port)
     p.add_argument("--token", default=None, help="required on every request; needed to bind beyond loopback "
                    "(default: $IMGSIM_SERVE_TOKEN)")
     p.add_argument("--token-file", default=None, help="read the token from this file's first line "
                    "(default: $IMGSIM_SERVE_TOKEN_FILE); keeps it out of ps")
     p.add_argument("--allowed-host", action="append", default=None, metavar="NAME",
                    help="a Host name to answer besides loopback's and the bound host (repeatable; '*': any)")
-    p.add_argument("--max-upload-mb", type=float, default=32.0, help="larger uploads are refused (413)")
-    p.add_argument("--max-decode-mb", type=float, default=256.0, help="an upload whose decoded pixels would take "
-                   "more (read from its header) is refused (422)")
-    p.add_argument("--reload-interval", type=float, default=1.0, help="seconds between looks for a new index version")
+    p.add_argument("--max-upload-mb", type=float, default=SERVE.max_upload_bytes / 2**20,
+                   help="larger uploads are refused (413)")
+    p.add_argument("--max-decode-mb", type=float, default=SERVE.max_decode_bytes / 2**20, help="an upload whose "
+                   "decoded pixels would take more (read from its header) is refused (422)")
+    p.add_argument("--reload-interval", type=float, default=SERVE.reload_interval_s,
+                   help="seconds between looks for a new index version")
     p.add_argument("--allow-other-weights", action="store_true",
                    help="serve even when the weights here differ from the index's (vectors are then not comparable)")
     p.set_defaults(func=cmd_serve)

@@ -10,7 +10,7 @@ from dagster import ConfigurableResource
 from pydantic import Field
 
 from imgsim_assets import policies
-from imgsim_assets.core import dinov2
+from imgsim_assets.core import dinov2, milvus
 from imgsim_assets.core.encoder import Encoder, EncoderSpec
 from imgsim_assets.core.images import Preprocess
 from imgsim_assets.core.storage import DataLayout, remove_stale_temporaries
@@ -122,7 +122,7 @@ class MilvusResource(ConfigurableResource):
     uri: str = Field(default="", description="http(s)://host:19530 for a server; a .db path for Milvus Lite; "
                      "empty: a Milvus Lite file in the data root, milvus.db")
     token: str = Field(default="", description="user:password or API token for a server")
-    collection: str = "imgsim"
+    collection: str = milvus.COLLECTION
     index_type: str = Field(default="FLAT", description="Milvus index type (FLAT works everywhere; "
                             "HNSW, IVF_FLAT, AUTOINDEX on servers)")
     timeout_seconds: float = 10.0

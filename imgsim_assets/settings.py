@@ -20,6 +20,8 @@ class Settings:
     weights: str = EncoderSpec.weights
     device: str = RUN_DEFAULTS["device"]
     milvus_uri: str = ""  # empty: a Milvus Lite file in the data root (DataLayout.milvus_lite)
+    serve_token: str = ""  # the search service's token (prefer serve_token_file: the environment leaks less than argv)
+    serve_token_file: str = ""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> "Settings":
@@ -29,6 +31,8 @@ class Settings:
             weights=environ.get("IMGSIM_WEIGHTS", cls.weights),
             device=environ.get("IMGSIM_DEVICE", cls.device),
             milvus_uri=environ.get("IMGSIM_MILVUS_URI", cls.milvus_uri),
+            serve_token=environ.get("IMGSIM_SERVE_TOKEN", cls.serve_token),
+            serve_token_file=environ.get("IMGSIM_SERVE_TOKEN_FILE", cls.serve_token_file),
         )
 
     @property

@@ -42,3 +42,32 @@ def test_searcher_answers_files_ids_and_vectors_with_one_encoder(pipeline, tmp_p
     assert vectors.shape == (1, encoder.spec.dim)
     assert [h.image_id for h in searcher.search(vectors, k=5)[0]] == [h.image_id for h in by_id[:5]]
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+
+
+def test_the_faiss_and_milvus_searchers_answer_what_the_service_asks_alike(pipeline):  # noqa: F811
+    from imgsim_assets.core import milvus
+    from imgsim_assets.core.search import MilvusSearcher
+
+    settings, defs, instance = pipeline
+    write_synthetic_batch(settings.images_dir / "b1", 5, seed=1)
+    write_synthetic_batch(settings.images_dir / "b2", 7, seed=2)
+    assert ingest(defs, instance, settings.images_dir, log=lambda m: None, milvus=True).ok
+
+    faiss_searcher = FaissSearcher.open(settings.assets_dir, device="cpu")
+    milvus_searcher = MilvusSearcher(milvus.connect(settings.milvus), "imgsim", device="cpu")
+    for searcher in (faiss_searcher, milvus_searcher):
+        assert searcher.batch_sizes() == {"b1": 5, "b2": 7}
+        searcher.check_batches(["b2", "b1"])
+        with pytest.raises(ValueError, match="no indexed batch named 'b9'"):
+            searcher.check_batches(["b1", "b9"])
+        assert searcher.info["encoder"]["model"] == searcher.encoder_info["model"] == "dinov2_vits14"
+    assert faiss_searcher.info["factory"] == "PCA11,L2norm,Flat"  # the index's own info
+
+    faiss_searcher.warm()
+    loaded = faiss_searcher._encoder
+    assert loaded is not None and faiss_searcher.index._direct_map  # the model and the id → vector map, now
+    again = FaissSearcher.open(settings.assets_dir, device="cpu")
+    again.warm(previous=faiss_searcher)
+    assert again.encoder is loaded  # the same model: taken over, not loaded twice
+    milvus_searcher.warm()
+    assert milvus_searcher._encoder is not None

@@ -19,6 +19,7 @@ from PIL import Image
 
 from bench.attacks import heavy_photo, png_bomb
 from imgsim_assets.serve import thumbnails
+from imgsim_assets.settings import Settings
 from imgsim_assets.serve.uploads import UploadDecoder
 from imgsim_assets_tests.serving import free_port, get, post_image, running_server, sample_collection
 
@@ -237,8 +238,8 @@ def test_thumbnails_come_in_a_few_sizes_from_a_bounded_cache(tmp_path):
     assert cache.file_for(3, "b/3.png", None) == (images / "b" / "3.png", "image/png")
 
 
-def test_errors_name_no_absolute_path_and_the_token_is_a_bearer_token(collection, tmp_path):
-    from imgsim_assets.cli import serve_token
+def test_errors_name_no_absolute_path_and_the_token_is_a_bearer_token(collection, tmp_path, monkeypatch, capsys):
+    from imgsim_assets.cli import main, serve_token
 
     settings, _, _ = collection
     duplicates = settings.assets_dir / "near_duplicates.parquet"
@@ -260,7 +261,14 @@ def test_errors_name_no_absolute_path_and_the_token_is_a_bearer_token(collection
     token_file = tmp_path / "token"
     token_file.write_text("from-a-file\n")
     args = argparse.Namespace(token=None, token_file=str(token_file))
-    assert serve_token(args) == "from-a-file"
+    assert serve_token(args, Settings()) == "from-a-file"
+    environment = Settings.from_env({"IMGSIM_SERVE_TOKEN": "from-the-environment"})
+    assert serve_token(argparse.Namespace(token=None, token_file=None), environment) == "from-the-environment"
+    assert serve_token(args, Settings.from_env({"IMGSIM_SERVE_TOKEN_FILE": "/nowhere"})) == "from-a-file"
+    for name in ("IMGSIM_SERVE_TOKEN", "IMGSIM_SERVE_TOKEN_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    assert main(["serve", "--host", "0.0.0.0"]) == 2  # refused before anything is loaded
+    assert "(not loopback) needs a token" in capsys.readouterr().err
 
 
 def test_retry_after_comes_from_the_measured_decode_time():

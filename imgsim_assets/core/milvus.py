@@ -13,6 +13,7 @@ import numpy as np
 FIELDS = ("image_id", "embedding", "batch", "path")
 PROVENANCE_PROPERTY = "imgsim.provenance"  # the encoder settings, so queries are embedded alike
 CHUNK = 1_000
+COLLECTION = "imgsim"  # the collection milvus_collection fills and searches read, unless configured
 
 
 def connect(uri: str, token: str = "", timeout: float = 10.0):
@@ -90,6 +91,20 @@ def search(client, name: str, vectors: np.ndarray, k: int = 10, batches: list[st
             rows.append({"image_id": int(image_id), "inner_product": float(hit["distance"]), **hit["entity"]})
         out.append(rows)
     return out
+
+
+def batch_sizes(client, name: str, page: int = 10_000) -> dict[str, int]:
+    """Rows per batch, read a page at a time."""
+    client.load_collection(name)
+    rows = client.query_iterator(name, batch_size=page, filter="", output_fields=["batch"])
+    sizes: dict[str, int] = {}
+    try:
+        while chunk := rows.next():
+            for row in chunk:
+                sizes[row["batch"]] = sizes.get(row["batch"], 0) + 1
+    finally:
+        rows.close()
+    return sizes
 
 
 def count(client, name: str) -> int:

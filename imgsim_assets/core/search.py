@@ -36,12 +36,12 @@ def similarity_score(inner_product: float) -> float:
 @dataclass
 class Hit:
     rank: int
-    image_id: int
-    inner_product: float
-    score: float
-    path: str
-    batch: str
-    copies: int = 1
+    image_id: int = field(metadata={"format": "int64"})
+    inner_product: float = field()
+    score: float = field(metadata={"description": "(inner_product + 1) / 2"})
+    path: str = field(metadata={"description": "relative to the images root"})
+    batch: str = field()
+    copies: int = field(default=1, metadata={"description": "files with these bytes"})
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -286,6 +286,29 @@ class Searcher:
         raise NotImplementedError
 
     @property
+    def info(self) -> dict:
+        """How the searched vectors were built (the index's ``info``; at least the encoder)."""
+        return {"encoder": self.encoder_info}
+
+    def batch_sizes(self) -> dict[str, int]:
+        """Images indexed per batch."""
+        raise NotImplementedError
+
+    def check_batches(self, batches: Sequence[str]) -> None:
+        """ValueError naming any of ``batches`` that holds no indexed image (checked before a
+        query costs any model work)."""
+        unknown = sorted(set(batches) - set(self.batch_sizes()))
+        if unknown:
+            raise ValueError(f"no indexed batch named {', '.join(map(repr, unknown))}")
+
+    def warm(self, previous: "Searcher | None" = None) -> None:
+        """Be ready for the first query now: the encoder loaded (taken over from ``previous`` when
+        it serves the same model)."""
+        if previous is not None and previous.encoder_info == self.encoder_info and previous._encoder is not None:
+            self._encoder = previous._encoder
+        self.encoder  # noqa: B018
+
+    @property
     def random_weights(self) -> bool:
         return self.encoder_info.get("weights_file") == "random"
 
@@ -383,6 +406,16 @@ class FaissSearcher(Searcher):
     def describe(self, image_id: int) -> tuple[str, str, int]:
         return self.index.describe(image_id)
 
+    def batch_sizes(self) -> dict[str, int]:
+        return self.index.batch_sizes()
+
+    def check_batches(self, batches: Sequence[str]) -> None:
+        self.index.selector(batches)  # its filter is built now, once per selection
+
+    def warm(self, previous: Searcher | None = None) -> None:
+        super().warm(previous)
+        self.index.stored_vectors([])  # and the id → vector map
+
     def vectors_of(self, image_ids):
         from imgsim_assets.core import tables
 
@@ -433,6 +466,11 @@ class MilvusSearcher(Searcher):
     def describe(self, image_id: int) -> tuple[str, str, int]:
         rows = self.client.get(self.collection, ids=[int(image_id)], output_fields=["batch", "path"])
         return (rows[0]["path"], rows[0]["batch"], 1) if rows else ("", "", 0)
+
+    def batch_sizes(self) -> dict[str, int]:
+        from imgsim_assets.core import milvus
+
+        return milvus.batch_sizes(self.client, self.collection)
 
     def vectors_of(self, image_ids):
         rows = {int(r["image_id"]): r["embedding"] for r in

@@ -9,7 +9,6 @@ import hmac
 import ipaddress
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import faiss
@@ -17,45 +16,19 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
-from starlette.routing import Mount, Route
+from starlette.routing import Mount, Route, compile_path
 from starlette.staticfiles import StaticFiles
 
 from imgsim_assets.core.evaluation import CopyDetectionReport
 from imgsim_assets.core.search import UnknownImage
 from imgsim_assets.serve import thumbnails
-from imgsim_assets.serve.openapi import SPEC
+from imgsim_assets.serve import api
 from imgsim_assets.serve.batching import ModelBatcher, Overloaded
+from imgsim_assets.serve.config import ServeConfig
 from imgsim_assets.serve.live import LiveIndex
 from imgsim_assets.serve.uploads import UploadDecoder
 
 STATIC = Path(__file__).parent / "static"
-
-
-@dataclass(frozen=True)
-class ServeConfig:
-    """What ``imgsim serve`` serves and how much it takes."""
-
-    assets_dir: Path
-    images_dir: Path
-    host: str = "127.0.0.1"
-    port: int = 8000
-    token: str = ""  # required when binding to anything but loopback
-    device: str = "auto"
-    max_upload_bytes: int = 32 << 20
-    max_k: int = 1000
-    reload_interval_s: float = 1.0
-    allow_other_weights: bool = False  # serve even when this machine's weights differ from the index's
-    batch_window_ms: float = 2.0
-    max_batch: int = 16
-    max_queue: int = 64  # image queries waiting for the model; more are answered 503
-    max_in_flight: int = 256  # id queries being searched; more are answered 503
-    max_decode_bytes: int = 256 << 20  # an upload's decoded pixels, read from its header; more is refused (422)
-    decode_workers: int = 1  # threads decoding uploads, apart from everything else
-    max_decoding: int = 16  # uploads decoding or waiting to; more are answered 503
-    allowed_hosts: tuple[str, ...] = ()  # Host names accepted besides loopback's and the bound host; "*": any
-    header_timeout_s: float = 10.0  # a connection must send a request's head within this
-    body_timeout_s: float = 30.0  # and then its body without pausing longer than this
-    max_connections: int = 1024  # connections beyond this are closed at once
 
 
 def _public_encoder(encoder_info: dict) -> dict:
@@ -66,13 +39,22 @@ def _public_encoder(encoder_info: dict) -> dict:
     return out
 
 
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
 def is_loopback(host: str) -> bool:
-    if host == "localhost":
+    """Whether a bind address or Host name is this machine's loopback."""
+    host = host.strip("[]").lower()
+    if host in LOOPBACK_NAMES:
         return True
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+class Unguarded(ValueError):
+    """A service that would answer beyond loopback without a token."""
 
 
 class ApiError(Exception):
@@ -128,7 +110,7 @@ class Service:
         batches = request.query_params.getlist("batch")
         if batches:
             try:
-                searcher.index.selector(batches)  # checked (and its filter built) before any model work
+                searcher.check_batches(batches)  # before any model work
             except ValueError as e:
                 raise ApiError(400, "unknown_batch", str(e)) from None
         return batches or None
@@ -216,6 +198,12 @@ class Service:
             raise ApiError(e.status, e.error, str(e)) from None
         return FileResponse(file, media_type=media_type, headers={"Cache-Control": "max-age=3600"})
 
+    async def page(self, request: Request) -> Response:
+        return FileResponse(STATIC / "index.html")
+
+    async def openapi(self, request: Request) -> JSONResponse:
+        return JSONResponse(OPENAPI)
+
     async def healthz(self, request: Request) -> JSONResponse:
         """Status, index version and size, encoder."""
         loaded = self.live.current
@@ -241,7 +229,7 @@ class Service:
 
     async def batches(self, request: Request) -> JSONResponse:
         """Indexed batches and their file counts (for filters)."""
-        sizes = self.live.current.searcher.index.batch_sizes()
+        sizes = self.live.current.searcher.batch_sizes()
         return JSONResponse({"batches": [{"name": b, "num_images": n} for b, n in sorted(sizes.items())]})
 
     async def duplicates(self, request: Request) -> JSONResponse:
@@ -354,7 +342,6 @@ SECURITY_HEADERS = [
     (b"x-frame-options", b"DENY"),
     (b"referrer-policy", b"no-referrer"),
 ]
-LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 CLOSE = {"Connection": "close"}
 
 
@@ -453,38 +440,44 @@ def _host_name(host: bytes) -> str:
     return text.rsplit(":", 1)[0] if text.count(":") == 1 else text
 
 
+OPENAPI = api.openapi()
+_PATTERNS = [(compile_path(path)[0], path) for path in dict.fromkeys(e.path for e in api.ENDPOINTS)]
+
+
 def _public(path: str) -> bool:
     """The page and its static files: they hold no data, and the page adds the token itself."""
-    return path in ("/", "/favicon.ico") or path.startswith("/static/")
+    return path in api.PUBLIC_PATHS or path == "/favicon.ico" or path.startswith("/static/")
 
 
 def _endpoint(path: str) -> str:
-    """A path as its metric label: /images/123 → /images/{image_id}."""
-    if path.startswith("/images/"):
-        return "/images/{image_id}"
+    """A path as its metric label, the endpoint's declared path: /images/123 → /images/{image_id}."""
     if path.startswith("/static/"):
         return "/static"
-    return path if path in {"/", "/search", "/healthz", "/metrics", "/batches", "/duplicates", "/clusters",
-                            "/evaluation", "/openapi.json"} else "other"
+    return next((declared for pattern, declared in _PATTERNS if pattern.match(path)), "other")
+
+
+def _routes(service: Service) -> list:
+    """One route per declared path, each method answered by its endpoint's handler."""
+    handlers: dict[str, dict[str, object]] = {}
+    for e in api.ENDPOINTS:
+        handlers.setdefault(e.path, {})[e.method] = getattr(service, e.handler)
+    routes = []
+    for path, by_method in handlers.items():
+        async def answer(request: Request, by_method=by_method) -> Response:
+            return await by_method[request.method if request.method in by_method else "GET"](request)
+        routes.append(Route(path, answer, methods=list(by_method)))
+    return [*routes, Mount("/static", StaticFiles(directory=STATIC, check_dir=False), name="static")]
 
 
 def create_app(config: ServeConfig, live: LiveIndex | None = None) -> Starlette:
     """The ASGI app. Loads the index and its encoder now, and watches for new versions."""
     if not is_loopback(config.host) and not config.token:
-        raise ValueError(f"binding to {config.host} (not loopback) needs a token: --token or IMGSIM_SERVE_TOKEN")
+        raise Unguarded(f"binding to {config.host} (not loopback) needs a token: --token-file, "
+                        "IMGSIM_SERVE_TOKEN(_FILE) or --token")
     # One Faiss thread per search: concurrent requests already spread over the cores, and an
     # idle OpenMP helper spinning after each single-query search takes the event loop's core.
     faiss.omp_set_num_threads(1)
     service = Service(config, live)
-
-    async def search(request: Request) -> Response:
-        return await (service.search_by_upload(request) if request.method == "POST" else service.search_by_id(request))
-
-    async def openapi(request: Request) -> Response:
-        return JSONResponse(SPEC)
-
-    async def page(request: Request) -> Response:
-        return FileResponse(STATIC / "index.html")
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -494,19 +487,6 @@ def create_app(config: ServeConfig, live: LiveIndex | None = None) -> Starlette:
         service.live.stop()
         await service.batcher.stop()
 
-    routes = [
-        Route("/", page),
-        Route("/search", search, methods=["GET", "POST"]),
-        Route("/images/{image_id}", service.image),
-        Route("/healthz", service.healthz),
-        Route("/metrics", service.metrics),
-        Route("/batches", service.batches),
-        Route("/duplicates", service.duplicates),
-        Route("/clusters", service.clusters),
-        Route("/evaluation", service.evaluation),
-        Route("/openapi.json", openapi),
-        Mount("/static", StaticFiles(directory=STATIC, check_dir=False), name="static"),
-    ]
     async def refused(request: Request, e: ApiError) -> Response:
         return _error(e)
 
@@ -514,7 +494,7 @@ def create_app(config: ServeConfig, live: LiveIndex | None = None) -> Starlette:
         detail = _relative(f"{type(e).__name__}: {e}", config)
         return JSONResponse({"error": "internal", "detail": detail}, status_code=500)
 
-    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={ApiError: refused, Exception: crashed})
+    app = Starlette(routes=_routes(service), lifespan=lifespan, exception_handlers={ApiError: refused, Exception: crashed})
     app.state.service = service
     app.add_middleware(_Guard, service=service)
     return app

@@ -63,10 +63,7 @@ class LiveIndex:
     def _load(self, previous: Loaded | None) -> Loaded:
         version = index_version(self.link)
         searcher = FaissSearcher.open(self.assets_dir, device=self.device, allow_other_weights=self.allow_other_weights)
-        if previous is not None and previous.searcher.encoder_info == searcher.encoder_info:
-            searcher._encoder = previous.searcher._encoder  # same model: keep it loaded
-        searcher.encoder  # noqa: B018  (load it now, not on the first query)
-        searcher.index.stored_vectors([])  # and the id → vector map
+        searcher.warm(previous.searcher if previous is not None else None)  # not on the first query
         return Loaded(searcher, version)
 
     def poll(self) -> bool:
