@@ -45,12 +45,14 @@ def main(argv=None) -> None:
     parser.add_argument("--model", default="dinov2_vits14")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds; the fastest of each side counts")
+    parser.add_argument("--depth", type=int, default=None, help="blocks to build (default all; smoke tests)")
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
         settings = Settings(data_dir=Path(tmp) / "data")
         write_synthetic_batch(settings.images_dir / BATCH, args.images, seed=0, size=(240, 320))
-        encoder = EncoderResource(model=args.model, weights="random", device="cpu", batch_size=args.batch_size)
+        encoder = EncoderResource(model=args.model, weights="random", device="cpu", batch_size=args.batch_size,
+                                  depth=args.depth)
         defs = build_definitions(settings, encoder=encoder)
         job = defs.resolve_implicit_global_asset_job_def()
         instance = DagsterInstance.ephemeral()
@@ -70,7 +72,7 @@ def main(argv=None) -> None:
         std = torch.tensor(dinov2.IMAGENET_STD).view(1, 3, 1, 1) * 255
         batches = [(torch.from_numpy(px.copy()).float() - mean) / std
                    for _, px in tables.iter_tensor_batches(tensors, args.batch_size)]
-        model = dinov2.load_dinov2(args.model, "random")
+        model = dinov2.load_dinov2(args.model, "random", depth=args.depth)
         n = sum(len(b) for b in batches)
 
         header(f"image_embeddings: {n} images, {args.model} at 224x224, batch {args.batch_size}, "
