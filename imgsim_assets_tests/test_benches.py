@@ -108,3 +108,14 @@ def test_bench_encoders_evaluates_a_tiny_ingested_collection(tmp_path):
     out = _bench("bench.encoders", "--data-dir", str(data), "--device", "cpu", "--workers", "1", "--eval-sample-size",
                  "4", "--sample-size", "4", "--database-size", "24", "--option", "cls@56", tmp_path=tmp_path)
     assert "24 indexed images" in out and "retrieval_eval: " in out and "recall@1" in out
+
+
+def test_bench_hostile_service_attacks_a_real_server(tmp_path):
+    out = _bench("bench.hostile", "--service", tmp_path=tmp_path)
+    rows = dict(m.groups() for line in out.splitlines()[1:] if (m := re.match(r"(\S.*?)\s{2,}(\S.*)$", line)))
+    assert rows["16-bit 13,376² PNG (340 KB): status, seconds"].startswith("422,")
+    assert rows["chunked 256 MB upload (limit 32 MB): status, MB taken, s"].startswith("413,")
+    assert rows["idle connections still open after 12 s (of 200)"] == "0"
+    assert rows["Host: rebound.example → status"] == "421"
+    assert rows["'Authorization: TOKEN' (no Bearer) → status"] == "401"
+    assert rows["error body names the data dir"] == "no"

@@ -1,6 +1,5 @@
 """What the index says about the collection: near-duplicate groups and cluster membership."""
 
-import json
 from typing import Optional
 
 import numpy as np
@@ -9,7 +8,7 @@ import pyarrow.parquet as pq
 from dagster import AssetExecutionContext, AssetIn, AutomationCondition, Config, MetadataValue, asset
 from pydantic import Field
 
-from imgsim_assets.core import duplicates, plots, tables
+from imgsim_assets.core import duplicates, incremental, plots, tables
 from imgsim_assets.core import evaluation as ev
 from imgsim_assets.core import index as ix
 from imgsim_assets.core.search import ImageIndex
@@ -57,72 +56,9 @@ class ImageClustersConfig(Config):
                               "when its PCA and centroids are the current ones and no batch was removed")
 
 
-def _file_version(path) -> str:
-    """An artifact file's version: replaced atomically when rewritten, so size and mtime tell."""
-    st = path.stat()
-    return f"{st.st_size}-{st.st_mtime_ns}"
-
-
-def _fingerprint(*arrays: np.ndarray) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    for a in arrays:
-        h.update(np.ascontiguousarray(a).tobytes())
-    return h.hexdigest()[:16]
-
-
 def _distinct_embeddings(files: dict[str, pq.ParquetFile], seen: set[int] | None = None):
     """``(ids, vectors)`` chunks over all batches, each image_id once (none of ``seen``)."""
     return ix.distinct_chunks(tables.iter_embeddings([f for _, f in sorted(files.items())]), seen)
-
-
-STATE_KEY = "imgsim.incremental"  # Parquet metadata: what a table was computed with, and from which batches
-
-
-def _previous(path, state: dict) -> tuple[pa.Table, dict[str, str]] | None:
-    """The table an analysis asset last wrote and the batches it covered (each with the version
-    it had then), when it was computed with ``state`` (the same threshold, index training,
-    centroids...): its rows still hold for those batches at those versions."""
-    try:
-        table = pq.read_table(path)
-        before = json.loads((table.schema.metadata or {}).get(STATE_KEY.encode(), b"null"))
-    except (FileNotFoundError, pa.ArrowInvalid, ValueError):
-        return None
-    if not before or any(before.get(k) != v for k, v in state.items()):
-        return None
-    return table, dict(before.get("batches", {}))
-
-
-def _with_state(table: pa.Table, state: dict, batches: dict[str, str]) -> pa.Table:
-    return table.replace_schema_metadata({STATE_KEY: json.dumps({**state, "batches": dict(sorted(batches.items()))})})
-
-
-def _range_pairs(faiss_index: ImageIndex, batches: set[str], threshold: float, chunk: int = 8192):
-    """Every pair of distinct images at least ``threshold`` similar with one side in ``batches``,
-    as (smaller id, larger id, similarity): a range search on faiss_index at its nprobe with the
-    vectors it holds, so a pair scores the same whichever side finds it."""
-    ids = faiss_index.ids_in_batches(sorted(batches)) if batches else np.zeros(0, np.int64)
-    a, b, sims = [], [], []
-    for start in range(0, len(ids), chunk):
-        query_ids = ids[start : start + chunk]
-        lims, scores, found = faiss_index.ivf.range_search(faiss_index.stored_vectors(query_ids), threshold)
-        query = np.repeat(query_ids, np.diff(lims.astype(np.int64)))
-        other = query != found  # never an image with itself
-        a.append(np.minimum(query, found)[other])
-        b.append(np.maximum(query, found)[other])
-        sims.append(scores[other])
-    return ix.concat(a, np.int64), ix.concat(b, np.int64), ix.concat(sims, np.float32)
-
-
-def _distinct_pairs(a: np.ndarray, b: np.ndarray, sims: np.ndarray, indexed: np.ndarray):
-    """Each pair once (its highest similarity, when both sides found it), both images indexed."""
-    keep = np.isin(a, indexed) & np.isin(b, indexed)
-    a, b, sims = a[keep], b[keep], sims[keep]
-    order = np.lexsort((-sims, b, a))
-    a, b, sims = a[order], b[order], sims[order]
-    first = np.r_[True, (a[1:] != a[:-1]) | (b[1:] != b[:-1])] if len(a) else np.zeros(0, bool)
-    return a[first], b[first], sims[first]
 
 
 @asset(
@@ -151,7 +87,7 @@ def near_duplicates(
     state = {"threshold": float(threshold), "layout": ix.layout_fingerprint(faiss_index.ivf),
              "nprobe": int(faiss_index.ivf.nprobe), "factory": faiss_index.info.get("factory")}
     versions = faiss_index.batch_fingerprints()  # a batch whose images changed is searched again
-    previous = _previous(artifact_path(storage.assets_dir, "near_duplicates", suffix=".parquet"), state)
+    previous = incremental.previous(artifact_path(storage.assets_dir, "near_duplicates", suffix=".parquet"), state)
     if previous is not None and config.incremental:
         before, covered = previous
         a, b, sims = (before.column(c).to_numpy() for c in ("image_id_a", "image_id_b", "similarity"))
@@ -159,8 +95,8 @@ def near_duplicates(
     else:
         a, b, sims, searched = np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32), set()
     todo = set(versions) - searched
-    found = _range_pairs(faiss_index, todo, threshold)
-    a, b, sims = _distinct_pairs(np.concatenate((a, found[0])), np.concatenate((b, found[1])),
+    found = duplicates.range_pairs(faiss_index, todo, threshold)
+    a, b, sims = duplicates.distinct_pairs(np.concatenate((a, found[0])), np.concatenate((b, found[1])),
                                  np.concatenate((sims, found[2])), np.unique(faiss_index.catalog.column("image_id").to_numpy()))
     groups = duplicates.RULES[rule](a, b, sims)
     group_a = np.array([groups.get(i, -1) for i in a.tolist()], dtype=np.int64)
@@ -178,7 +114,7 @@ def near_duplicates(
         }
     ).sort_by([("group", "ascending"), ("similarity", "descending"), ("image_id_a", "ascending"),
                ("image_id_b", "ascending")])
-    table = _with_state(table, state, versions)
+    table = incremental.with_state(table, state, versions)
     members: dict[int, list[int]] = {}
     for image_id, g in sorted(groups.items(), key=lambda kv: kv[1]):
         members.setdefault(g, []).append(image_id)
@@ -221,10 +157,10 @@ def image_clusters(
     """The k-means cluster of every distinct image (image_id, cluster, similarity to its
     centroid), from the same PCA and centroids as the index. Only new batches are read, while the
     PCA and centroids stay the same and no batch was removed or changed (``incremental``)."""
-    state = {"model": _fingerprint(pca_model.mean, pca_model.components, cluster_centroids)}
-    versions = {b: _file_version(artifact_path(storage.assets_dir, "image_embeddings", b, ".parquet"))
+    state = {"model": incremental.fingerprint(pca_model.mean, pca_model.components, cluster_centroids)}
+    versions = {b: incremental.file_version(artifact_path(storage.assets_dir, "image_embeddings", b, ".parquet"))
                 for b in image_embeddings}
-    previous = _previous(artifact_path(storage.assets_dir, "image_clusters", suffix=".parquet"), state)
+    previous = incremental.previous(artifact_path(storage.assets_dir, "image_clusters", suffix=".parquet"), state)
     ids, clusters, sims, done = [], [], [], set()
     # Rows carry no batch: reused only while every batch they came from is there, unchanged.
     if previous is not None and config.incremental and all(versions.get(b) == v for b, v in previous[1].items()):
@@ -253,4 +189,4 @@ def image_clusters(
     )
     table = pa.table({"image_id": pa.array(ids, pa.int64()), "cluster": pa.array(clusters, pa.int32()),
                       "similarity": pa.array(sims, pa.float32())}).sort_by("image_id")
-    return _with_state(table, state, versions)
+    return incremental.with_state(table, state, versions)

@@ -18,6 +18,8 @@ from typing import Callable
 
 import numpy as np
 
+from imgsim_assets.core import index as ix
+
 Grouping = Callable[[np.ndarray, np.ndarray, np.ndarray], dict[int, int]]
 
 
@@ -104,3 +106,30 @@ def bcubed(predicted: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
 
 def f1(purity: float, completeness: float) -> float:
     return 0.0 if purity + completeness == 0 else 2 * purity * completeness / (purity + completeness)
+
+
+def range_pairs(faiss_index, batches: set[str], threshold: float, chunk: int = 8192):
+    """Every pair of distinct images at least ``threshold`` similar with one side in ``batches``,
+    as (smaller id, larger id, similarity): a range search on faiss_index at its nprobe with the
+    vectors it holds, so a pair scores the same whichever side finds it."""
+    ids = faiss_index.ids_in_batches(sorted(batches)) if batches else np.zeros(0, np.int64)
+    a, b, sims = [], [], []
+    for start in range(0, len(ids), chunk):
+        query_ids = ids[start : start + chunk]
+        lims, scores, found = faiss_index.ivf.range_search(faiss_index.stored_vectors(query_ids), threshold)
+        query = np.repeat(query_ids, np.diff(lims.astype(np.int64)))
+        other = query != found  # never an image with itself
+        a.append(np.minimum(query, found)[other])
+        b.append(np.maximum(query, found)[other])
+        sims.append(scores[other])
+    return ix.concat(a, np.int64), ix.concat(b, np.int64), ix.concat(sims, np.float32)
+
+
+def distinct_pairs(a: np.ndarray, b: np.ndarray, sims: np.ndarray, indexed: np.ndarray):
+    """Each pair once (its highest similarity, when both sides found it), both images indexed."""
+    keep = np.isin(a, indexed) & np.isin(b, indexed)
+    a, b, sims = a[keep], b[keep], sims[keep]
+    order = np.lexsort((-sims, b, a))
+    a, b, sims = a[order], b[order], sims[order]
+    first = np.r_[True, (a[1:] != a[:-1]) | (b[1:] != b[:-1])] if len(a) else np.zeros(0, bool)
+    return a[first], b[first], sims[first]
