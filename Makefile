@@ -46,9 +46,10 @@ bench: install
 	$(BIN)/python -m bench.hostile --service 2>/dev/null
 	$(BIN)/python -m bench.serve
 
-# 1M vectors against autofaiss in its own venv (about half an hour on 2 cores, 3 GB of disk).
+# 1M vectors against autofaiss in its own venv (about half an hour on 2 cores, 3 GB of disk);
+# `make bench-index INDEX=--reuse-autofaiss` judges the autofaiss index an earlier run built.
 bench-index: install
-	$(BIN)/python -m bench.index
+	$(BIN)/python -m bench.index $(INDEX)
 
 # The whole chain on 100,000 generated images in 100 batches, tiny model (about 10 minutes on 2 cores);
 # `make bench-scale SCALE="--images 1000000 --batches 1000"` for the full run.

@@ -32,6 +32,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from imgsim_assets.core.storage import DataLayout
+
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "bench-token"
 
@@ -190,13 +192,13 @@ def attack(code: Path, data_dir: Path) -> dict[str, str]:
         headers = _with_host(base, "127.0.0.1")[1]
         figures["nosniff / CSP frame-ancestors"] = (f"{headers.get('x-content-type-options', '-')} / "
                                                     f"{'yes' if 'frame-ancestors' in headers.get('content-security-policy', '') else 'no'}")
-        thumbs = data_dir / "assets" / ".thumbnails"
+        thumbs = DataLayout(data_dir).assets / ".thumbnails"
         before = len(list(thumbs.glob("*.jpg"))) if thumbs.exists() else 0
         for size in range(16, 1025, 8):
             request(base, f"/images/{some_id}?size={size}")
         figures["thumbnail files for sizes 16..1024 (step 8)"] = str(len(list(thumbs.glob("*.jpg"))) - before)
         other = json.loads(request(base, f"/search?image_id={some_id}&k=2")[1])["hits"][1]
-        original = data_dir / "images" / other["path"]
+        original = DataLayout(data_dir).images / other["path"]
         saved = original.read_bytes()
         original.write_bytes(b"no longer a picture")
         try:

@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from dagster import instance_for_test
 from PIL import Image
 
+from imgsim_assets.core.storage import DataLayout
 from imgsim_assets.cli import print_table
 from imgsim_assets.core import copies as cp
 from imgsim_assets.core import duplicates
@@ -41,8 +42,8 @@ def write_corpus(kind: str, data_dir: Path) -> None:
     if kind == "sample":
         write_sample_corpus(data_dir)
         return
-    originals = write_synthetic_batch(data_dir / "images" / "b1", 48, seed=5)
-    copies = data_dir / "images" / "b2"
+    originals = write_synthetic_batch(DataLayout(data_dir).images / "b1", 48, seed=5)
+    copies = DataLayout(data_dir).images / "b2"
     copies.mkdir(parents=True)
     for path in originals[:12]:
         for family in ("jpeg", "resize", "blur"):

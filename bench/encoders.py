@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from imgsim_assets.core.storage import DataLayout
 from imgsim_assets.cli import print_table
 from imgsim_assets.core import comparison
 from imgsim_assets.core import evaluation as ev
@@ -41,7 +42,7 @@ def main() -> None:
     args = parser.parse_args()
 
     data = Path(args.data_dir)
-    searcher = FaissSearcher.open(data / "assets", device=args.device, dtype=args.dtype, workers=args.workers)
+    searcher = FaissSearcher.open(DataLayout(data).assets, device=args.device, dtype=args.dtype, workers=args.workers)
     encoder = searcher.encoder
     device = torch.cuda.get_device_name(0) if encoder.device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"{searcher.num_vectors} indexed images; {encoder.spec.model} "
@@ -49,7 +50,7 @@ def main() -> None:
 
     # retrieval_eval's path on the published index.
     ids = ev.sample_sources(searcher.index.catalog.column("image_id").to_numpy(), args.eval_sample_size, 0)
-    sources = ev.indexed_sources(searcher.index, data / "images", ids)
+    sources = ev.indexed_sources(searcher.index, DataLayout(data).images, ids)
     began = time.perf_counter()
     result = ev.detect_copies(sources, lambda paths, root: embed_files(paths, encoder, searcher.preprocess, root=root,
                                                                   workers=args.workers),
@@ -66,7 +67,7 @@ def main() -> None:
     if args.eval_only:
         return
     options = [comparison.parse_option(o) for o in (args.option or comparison.DEFAULT_OPTIONS)]
-    sources, database = comparison.sample(searcher.index, data / "images", args.sample_size, args.database_size, 0)
+    sources, database = comparison.sample(searcher.index, DataLayout(data).images, args.sample_size, args.database_size, 0)
     began = time.perf_counter()
     rows = [r.to_dict() for r in comparison.compare(options, sources, database, encoder, workers=args.workers,
                                                     log=print)]
