@@ -105,8 +105,6 @@ def build_index(cache: Path, n: int, dim: int) -> dict:
 
     from bench.index import mixture
     from imgsim_assets.core import build
-    from imgsim_assets.core import index as ix
-    from imgsim_assets.core.build import CentroidSettings, IndexSettings, PcaSettings, TemplateSettings
     from imgsim_assets.core.vectors import Arrays
 
     work = cache.with_name(cache.name + f".tmp-{os.getpid()}")
@@ -128,57 +126,33 @@ def build_index(cache: Path, n: int, dim: int) -> dict:
     batch_of_row = (np.arange(n, dtype=np.int64) * batches // n).astype(np.int32)
     times["data"] = time.perf_counter() - t0
 
-    t = time.perf_counter()  # the assets' chain, with their default settings
-    data = Arrays(ids, x)
-    encoder = encoder_entry(dim)
-    pca, _ = build.train_pca(data, PcaSettings(dim=min(PcaSettings.dim, dim)), provenance=encoder)
-    trained = build.train_centroids(data, pca, CentroidSettings())
-    template, plan = build.train_template(data, pca, trained.centroids, TemplateSettings())
-    del trained
-    times["train"] = time.perf_counter() - t
-    _log(f"trained {plan.factory} in {times['train']:.0f} s")
-
-    t = time.perf_counter()  # faiss_index_shards
-    shards = []
-    for first in range(0, batches, SHARD_BATCHES):
-        rows = np.flatnonzero((batch_of_row >= first) & (batch_of_row < first + SHARD_BATCHES))
-        if len(rows):
-            shards.append((f"b{first:04d}", build.build_shard(template, pca, ids[rows], x[rows])))
-    times["add"] = time.perf_counter() - t
-    t = time.perf_counter()  # faiss_index: merge, tune nprobe
-    merged, _ = build.merge(template, shards)
-    del shards
-    times["merge"] = time.perf_counter() - t
-    _log(f"added and merged {n:,} vectors in {times['add'] + times['merge']:.0f} s; tuning nprobe")
-    t = time.perf_counter()
-    settings = IndexSettings()
-    evaluation, chosen = build.tune(merged, pca, data, settings)
-    times["tune"] = time.perf_counter() - t
+    data = Arrays(ids, x)  # the assets' chain, with their default settings, one shard per SHARD_BATCHES batches
+    groups = [(f"b{first:04d}", np.flatnonzero((batch_of_row >= first) & (batch_of_row < first + SHARD_BATCHES)))
+              for first in range(0, batches, SHARD_BATCHES)]
+    built = build.run(data, batches=[(name, rows) for name, rows in groups if len(rows)],
+                      provenance=encoder_entry(dim), log=_log)
+    times.update(built.seconds)
     del x, data
     names = [f"b{b:04d}" for b in range(batches)]
-    drift = {}
-    info = build.info(pca, merged, names, evaluation, chosen, settings, drift)
-    factory = info["factory"]
+    info = built.info(names)
     catalog = _catalog(ids, batch_of_row)
-    build.publish(pca, merged, catalog, info).save(work / "index")
-    _log(f"nprobe {chosen.nprobe} (recall@10 {chosen.recall_at_10:.4f}) in {times['tune']:.0f} s; saved")
+    build.publish(built.pca, built.merged, catalog, info).save(work / "index")
+    _log("saved")
 
     # The next version: one more batch of 1% new vectors, a new shard merged with the index.
     new = mixture(new_n, dim, seed=4)
-    shard = build.build_shard(template, pca, new_ids, new)
-    grown, _ = build.merge(template, [("index", ix.Shard.from_index(merged)), (f"b{batches:04d}", shard)])
-    grown.nprobe = chosen.nprobe
+    grown = built.add_batch(f"b{batches:04d}", new_ids, new)
     grown_catalog = pa.concat_tables([catalog, _catalog(new_ids, np.full(new_n, batches, np.int32), n)])
     grown_info = {**info, "num_vectors": int(grown.ntotal), "batches": [*names, f"b{batches:04d}"]}
-    build.publish(pca, grown, grown_catalog, grown_info).save(work / "grown")
-    build = {"n": n, "dim": dim, "grown_n": int(grown.ntotal), "seconds": round(time.perf_counter() - t0, 1),
-             **{k: round(v, 1) for k, v in times.items()}, "factory": factory, "nprobe": chosen.nprobe,
-             "recall_at_10": chosen.recall_at_10, "curve": [p.__dict__ for p in evaluation.curve]}
-    (work / "build.json").write_text(json.dumps(build, indent=2))
+    build.publish(built.pca, grown, grown_catalog, grown_info).save(work / "grown")
+    record = {"n": n, "dim": dim, "grown_n": int(grown.ntotal), "seconds": round(time.perf_counter() - t0, 1),
+              **{k: round(v, 1) for k, v in times.items()}, "factory": info["factory"], "nprobe": built.chosen.nprobe,
+              "recall_at_10": built.chosen.recall_at_10, "curve": [p.__dict__ for p in built.curve.curve]}
+    (work / "build.json").write_text(json.dumps(record, indent=2))
     shutil.rmtree(cache, ignore_errors=True)
     os.replace(work, cache)
-    _log(f"built in {build['seconds']:.0f} s")
-    return build
+    _log(f"built in {record['seconds']:.0f} s")
+    return record
 
 
 def cached_index(n: int, dim: int) -> tuple[Path, dict, bool]:

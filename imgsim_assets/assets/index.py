@@ -23,10 +23,9 @@ from dagster import (
 )
 from pydantic import Field
 
-from imgsim_assets.core import build, plots, tables
+from imgsim_assets.core import build, plots
 from imgsim_assets.core import index as ix
 from imgsim_assets.core.build import CentroidSettings, IndexSettings, PcaSettings, TemplateSettings
-from imgsim_assets.core.encoder import check_same_encoder
 from imgsim_assets.core.search import ImageIndex
 from imgsim_assets.core.vectors import EmbeddingFiles
 from imgsim_assets.io_managers import StagedFile, save_npz
@@ -85,11 +84,6 @@ def _settings(cls, config: Config):
     return cls(**config.model_dump())
 
 
-def _check_same_encoder(files: dict[str, pq.ParquetFile | pa.Table], expected: dict | None = None) -> dict:
-    schemas = {b: f.schema_arrow if isinstance(f, pq.ParquetFile) else f.schema for b, f in files.items()}
-    return check_same_encoder({b: tables.provenance_of(schema) for b, schema in schemas.items()}, expected)
-
-
 @asset(
     ins={"image_embeddings": AssetIn()},
     io_manager_key="npz_io_manager",
@@ -104,7 +98,7 @@ def pca_model(
     Retraining it makes every index shard stale."""
     if not image_embeddings:
         raise ValueError("no batch has image_embeddings yet: materialize some batches first")
-    provenance = _check_same_encoder(image_embeddings)
+    provenance = build.encoder_of(image_embeddings)
     start = time.perf_counter()
     model, samples = build.train_pca(EmbeddingFiles(image_embeddings), _settings(PcaSettings, config), provenance)
     context.add_output_metadata(
@@ -245,14 +239,8 @@ def faiss_index_shards(
 def _build_shard(batch: str, embeddings: pa.Table, pca_model: ix.PcaModel, index_template: faiss.Index,
                  layout: str, centroids: np.ndarray) -> tuple[ix.Shard, dict]:
     """One batch's shard, and its metadata (``layout`` and ``centroids``: the template's)."""
-    _check_same_encoder({batch: embeddings}, pca_model.provenance)
-    vectors = tables.embedding_matrix(embeddings)
-    if vectors.shape[1] != pca_model.input_dim:
-        raise ValueError(
-            f"batch {batch} has {vectors.shape[1]}-d embeddings but pca_model expects "
-            f"{pca_model.input_dim}-d; retrain pca_model or re-embed the batch"
-        )
-    shard = build.build_shard(index_template, pca_model, embeddings.column("image_id").to_numpy(), vectors, layout)
+    ids, vectors = build.batch_vectors(batch, embeddings, pca_model)
+    shard = build.build_shard(index_template, pca_model, ids, vectors, layout)
     reduced = pca_model.transform(vectors)
     _, sims = ix.nearest_centroid(reduced, centroids) if len(vectors) else (None, np.zeros(1))
     return shard, {

@@ -5,14 +5,17 @@
 Each step takes its settings (a frozen dataclass; every default of the chain is a field here,
 and the assets' Dagster configs, the CLI and the benchmarks take them from here) and the
 embeddings as a :class:`~imgsim_assets.core.vectors.Collection`: Parquet files per batch for
-the assets, arrays for the benchmarks. The recall gate re-measures a published index with
-:func:`gate`, the same measurement :func:`tune` made.
+the assets, arrays for the benchmarks. The assets run one step each; :func:`run` runs them
+all in one call over arrays in memory, as the benchmarks do, and :func:`add_batch` grows a
+built index by one batch. The recall gate re-measures a published index with :func:`gate`,
+the same measurement :func:`tune` made.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterable, Mapping
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping, Sequence
 
 import faiss
 import numpy as np
@@ -21,9 +24,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from imgsim_assets.core import index as ix
-from imgsim_assets.core import recall
+from imgsim_assets.core import recall, tables
 from imgsim_assets.core.search import ImageIndex
-from imgsim_assets.core.vectors import Collection
+from imgsim_assets.core.vectors import Arrays, Collection
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,30 @@ class IndexSettings:
                   "recall_database": "recall_database", "max_pca_loss": "max_pca_loss",
                   "drift_threshold": "drift_threshold"}
         return cls(**{name: info[key] for name, key in stored.items() if key in info})
+
+
+def encoder_of(embeddings: Mapping[str, pq.ParquetFile | pa.Table], expected: Mapping | None = None) -> dict:
+    """The encoder every batch's ``image_embeddings`` were made with (the provenance in their
+    schema): ``expected`` (the PCA's), else the first batch's. Batches from another encoder
+    cannot share one index, and raise."""
+    from imgsim_assets.core.encoder import check_same_encoder  # torch is imported only when checking
+
+    schemas = {b: f.schema_arrow if isinstance(f, pq.ParquetFile) else f.schema for b, f in embeddings.items()}
+    provenances = {b: tables.provenance_of(schema) for b, schema in schemas.items()}
+    return check_same_encoder(provenances, dict(expected) if expected is not None else None)
+
+
+def batch_vectors(batch: str, embeddings: pa.Table, pca: ix.PcaModel) -> tuple[np.ndarray, np.ndarray]:
+    """A batch's ``image_embeddings`` as (image_ids, vectors), once they are known to fit
+    ``pca``: the same encoder, the same dimension."""
+    encoder_of({batch: embeddings}, pca.provenance)
+    vectors = tables.embedding_matrix(embeddings)
+    if vectors.shape[1] != pca.input_dim:
+        raise ValueError(
+            f"batch {batch} has {vectors.shape[1]}-d embeddings but pca_model expects "
+            f"{pca.input_dim}-d; retrain pca_model or re-embed the batch"
+        )
+    return embeddings.column("image_id").to_numpy(), vectors
 
 
 def _reduce(pca: ix.PcaModel | None, raw: np.ndarray) -> np.ndarray:
@@ -190,6 +217,81 @@ def gate(index: ImageIndex, data: Collection) -> tuple[recall.RecallPoint, recal
     curve = recall.measure(index.index, data, settings.recall_queries, seed=settings.seed + 1,
                            max_database=settings.recall_database or None)
     return curve.cheapest(settings.recall_target), curve, settings
+
+
+def add_batch(template: faiss.IndexIVF, pca: ix.PcaModel | None, merged: faiss.IndexIVF, batch: str,
+              ids: np.ndarray, embeddings: np.ndarray) -> faiss.IndexIVF:
+    """``merged`` grown by one batch, as ``faiss_index`` grows when a batch arrives: the batch's
+    shard merged after the index's own lists, nothing retrained, at the same nprobe."""
+    shard = build_shard(template, pca, ids, embeddings)
+    grown, _ = merge(template, [("index", ix.Shard.from_index(merged)), (batch, shard)])
+    grown.nprobe = merged.nprobe
+    return grown
+
+
+@dataclass(frozen=True)
+class ChainSettings:
+    """Every step's settings, for :func:`run`."""
+
+    pca: PcaSettings | None = PcaSettings()  # None: index the vectors as they are, without PCA
+    centroids: CentroidSettings = CentroidSettings()
+    template: TemplateSettings = TemplateSettings()
+    index: IndexSettings = IndexSettings()
+
+
+@dataclass
+class Built:
+    """What :func:`run` made: the trained parts (to add batches later), the merged index at its
+    tuned nprobe, the recall curve, and the seconds each stage took."""
+
+    settings: ChainSettings
+    pca: ix.PcaModel | None
+    template: faiss.IndexIVF
+    plan: ix.IndexPlan
+    merged: faiss.IndexIVF
+    curve: recall.RecallCurve
+    chosen: recall.RecallPoint
+    seconds: dict[str, float] = field(default_factory=dict)  # train, add, merge, tune
+
+    def add_batch(self, batch: str, ids: np.ndarray, embeddings: np.ndarray) -> faiss.IndexIVF:
+        """The index grown by one batch (:func:`add_batch`)."""
+        return add_batch(self.template, self.pca, self.merged, batch, ids, embeddings)
+
+    def info(self, batches: list[str], drift: Mapping[str, float] | None = None) -> dict:
+        """:func:`info` of the merged index (a PCA is needed: it names the encoder)."""
+        return info(self.pca, self.merged, batches, self.curve, self.chosen, self.settings.index, drift or {})
+
+
+def run(data: Arrays, settings: ChainSettings = ChainSettings(),
+        batches: Sequence[tuple[str, np.ndarray | slice]] = (("all", slice(None)),),
+        provenance: Mapping | None = None, log: Callable[[str], None] = lambda _: None) -> Built:
+    """The whole chain over vectors in memory, step by step as the assets run it: train (PCA,
+    centroids, template), one shard per batch (``batches``: a name and the batch's rows of
+    ``data``; default one batch of everything), merge, tune. ``provenance`` names the encoder
+    in the PCA; ``log`` hears about each stage as it ends (a large build takes minutes)."""
+    seconds = {}
+    start = time.perf_counter()
+    pca = train_pca(data, settings.pca, provenance)[0] if settings.pca is not None else None
+    trained = train_centroids(data, pca, settings.centroids)
+    template, plan = train_template(data, pca, trained.centroids, settings.template)
+    del trained
+    seconds["train"] = time.perf_counter() - start
+    log(f"trained {plan.factory} in {seconds['train']:.0f} s")
+
+    start = time.perf_counter()
+    shards = [(name, build_shard(template, pca, data.ids[rows], data.vectors[rows])) for name, rows in batches]
+    seconds["add"] = time.perf_counter() - start
+    start = time.perf_counter()
+    merged, _ = merge(template, shards)
+    del shards
+    seconds["merge"] = time.perf_counter() - start
+    log(f"added and merged {len(data):,} vectors in {seconds['add'] + seconds['merge']:.0f} s; tuning nprobe")
+
+    start = time.perf_counter()
+    curve, chosen = tune(merged, pca, data, settings.index)
+    seconds["tune"] = time.perf_counter() - start
+    log(f"nprobe {chosen.nprobe} (recall@10 {chosen.recall_at_10:.4f}) in {seconds['tune']:.0f} s")
+    return Built(settings, pca, template, plan, merged, curve, chosen, seconds)
 
 
 def catalog(manifests: Mapping[str, pq.ParquetFile | pa.Table], indexed_ids: np.ndarray) -> pa.Table:
