@@ -24,6 +24,7 @@ from imgsim_assets.core import comparison
 from imgsim_assets.core import evaluation as ev
 from imgsim_assets.core.search import FaissSearcher, embed_files
 
+COPIES, COMPARISON = ev.CopyDetectionSettings(), comparison.ComparisonSettings()
 COLUMNS = ["option", "recall_at_1", "recall_at_10", "mean_average_precision", "threshold", "ms_per_image", "dim"]
 
 
@@ -31,9 +32,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default="data")
     parser.add_argument("--option", action="append", default=None)
-    parser.add_argument("--sample-size", type=int, default=100)
-    parser.add_argument("--database-size", type=int, default=1000)
-    parser.add_argument("--eval-sample-size", type=int, default=200)
+    parser.add_argument("--sample-size", type=int, default=COMPARISON.sample_size)
+    parser.add_argument("--database-size", type=int, default=COMPARISON.database_size)
+    parser.add_argument("--eval-sample-size", type=int, default=COPIES.sample_size)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto", help="auto: bf16 on a GPU, fp32 on CPU")
     parser.add_argument("--eval-only", action="store_true", help="only retrieval_eval's path, no option comparison")
@@ -49,7 +50,8 @@ def main() -> None:
           f"{'RANDOM WEIGHTS' if searcher.random_weights else encoder.weights_file} on {device}, {encoder.dtype}")
 
     # retrieval_eval's path on the published index.
-    ids = ev.sample_sources(searcher.index.catalog.column("image_id").to_numpy(), args.eval_sample_size, 0)
+    ids = ev.sample_sources(searcher.index.catalog.column("image_id").to_numpy(), args.eval_sample_size,
+                            COPIES.seed)
     sources = ev.indexed_sources(searcher.index, DataLayout(data).images, ids)
     began = time.perf_counter()
     result = ev.detect_copies(sources, lambda paths, root: embed_files(paths, encoder, searcher.preprocess, root=root,
@@ -66,8 +68,9 @@ def main() -> None:
 
     if args.eval_only:
         return
-    options = [comparison.parse_option(o) for o in (args.option or comparison.DEFAULT_OPTIONS)]
-    sources, database = comparison.sample(searcher.index, DataLayout(data).images, args.sample_size, args.database_size, 0)
+    options = [comparison.parse_option(o) for o in (args.option or COMPARISON.options)]
+    sources, database = comparison.sample(searcher.index, DataLayout(data).images, args.sample_size, args.database_size,
+                                          COMPARISON.seed)
     began = time.perf_counter()
     rows = [r.to_dict() for r in comparison.compare(options, sources, database, encoder, workers=args.workers,
                                                     log=print)]

@@ -327,7 +327,7 @@ def cmd_compare_encoders(args) -> int:
     from imgsim_assets.settings import Settings
 
     settings = Settings.from_env()
-    options = args.option or list(comparison.DEFAULT_OPTIONS)
+    options = args.option or list(comparison.ComparisonSettings.options)
     for option in options:
         comparison.parse_option(option)  # a typo fails here, before the model loads
     config = _given({"options": options, "sample_size": args.sample_size, "database_size": args.database_size,

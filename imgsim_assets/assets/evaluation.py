@@ -10,7 +10,6 @@ from pydantic import Field
 from imgsim_assets.core import comparison, plots
 from imgsim_assets.core import copies as cp
 from imgsim_assets.core import evaluation as ev
-from imgsim_assets.core.build import PcaSettings
 from imgsim_assets.core.search import FaissSearcher, ImageIndex, embed_files
 from imgsim_assets.policies import TRAINED
 from imgsim_assets.resources import EncoderResource, PreprocessResource, StorageResource
@@ -18,13 +17,16 @@ from imgsim_assets.resources import EncoderResource, PreprocessResource, Storage
 RANDOM = "RANDOM WEIGHTS: these figures describe an untrained model, not DINOv2"
 
 
+_COPIES, _COMPARISON = ev.CopyDetectionSettings(), comparison.ComparisonSettings()
+
+
 class RetrievalEvalConfig(Config):
-    sample_size: int = Field(default=200, description="indexed images copied (all of them if fewer)")
-    families: list[str] = Field(default=list(cp.FAMILIES), description="edit families: " + ", ".join(cp.FAMILIES))
-    seed: int = Field(default=0, description="chooses the sample and every edit's strength")
-    duplicate_precision: float = Field(default=ev.DUPLICATE_PRECISION, description="precision the duplicate threshold must reach "
-                                       "for 'copy of the same image'")
-    k: int = Field(default=ev.RESULTS_PER_COPY, description="results per copy; non-copies are counted among these")
+    sample_size: int = Field(default=_COPIES.sample_size, description="indexed images copied (all of them if fewer)")
+    families: list[str] = Field(default=list(_COPIES.families), description="edit families: " + ", ".join(cp.FAMILIES))
+    seed: int = Field(default=_COPIES.seed, description="chooses the sample and every edit's strength")
+    duplicate_precision: float = Field(default=_COPIES.duplicate_precision, description="precision the duplicate "
+                                       "threshold must reach for 'copy of the same image'")
+    k: int = Field(default=_COPIES.k, description="results per copy; non-copies are counted among these")
 
 
 def searcher_for(index: ImageIndex, storage: StorageResource, encoder: EncoderResource,
@@ -118,14 +120,15 @@ def retrieval_eval(
 
 
 class EncoderComparisonConfig(Config):
-    options: list[str] = Field(default=list(comparison.DEFAULT_OPTIONS),
+    options: list[str] = Field(default=list(_COMPARISON.options),
                                description="POOLING@SIZE[:REDUCTION], e.g. cls@224:pca, mean@1050x700, cls+gem@336:whiten")
-    sample_size: int = Field(default=100, description="images copied per option")
-    database_size: int = Field(default=1000, description="images searched (the copied ones among them)")
-    families: list[str] = Field(default=list(cp.FAMILIES))
-    seed: int = 0
-    duplicate_precision: float = ev.DUPLICATE_PRECISION
-    pca_dim: int = Field(default=PcaSettings.dim, description="dimension of the pca and whiten reductions")
+    sample_size: int = Field(default=_COMPARISON.sample_size, description="images copied per option")
+    database_size: int = Field(default=_COMPARISON.database_size, description="images searched (the copied ones "
+                               "among them)")
+    families: list[str] = Field(default=list(_COMPARISON.families))
+    seed: int = _COMPARISON.seed
+    duplicate_precision: float = _COMPARISON.duplicate_precision
+    pca_dim: int = Field(default=_COMPARISON.pca_dim, description="dimension of the pca and whiten reductions")
 
 
 COMPARISON_COLUMNS = ["option", "recall_at_1", "recall_at_10", "mean_average_precision", "threshold",

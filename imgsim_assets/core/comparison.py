@@ -22,7 +22,6 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from imgsim_assets.core import copies as cp
 from imgsim_assets.core import dinov2
 from imgsim_assets.core import evaluation as ev
 from imgsim_assets.core import index as ix
@@ -31,9 +30,25 @@ from imgsim_assets.core.encoder import Encoder
 from imgsim_assets.core.images import Preprocess
 
 REDUCTIONS = ("none", "pca", "whiten")
-# The pipeline's default, its variations one at a time, and the seed article's choice.
-DEFAULT_OPTIONS = ("cls@224:pca", "cls@224", "cls@224:whiten", "mean@224:pca", "cls+gem@224:pca", "cls@336:pca",
-                   "mean@1050x700")
+
+
+@dataclass(frozen=True)
+class ComparisonSettings:
+    """``encoder_comparison``'s settings; its Dagster config, ``imgsim compare-encoders`` and the
+    benchmarks take their defaults from here."""
+
+    # The pipeline's default, its variations one at a time, and the seed article's choice.
+    options: tuple[str, ...] = ("cls@224:pca", "cls@224", "cls@224:whiten", "mean@224:pca", "cls+gem@224:pca",
+                                "cls@336:pca", "mean@1050x700")
+    sample_size: int = 100  # images copied per option
+    database_size: int = 1000  # images searched (the copied ones among them)
+    families: tuple[str, ...] = ev.CopyDetectionSettings.families
+    seed: int = ev.CopyDetectionSettings.seed
+    duplicate_precision: float = ev.CopyDetectionSettings.duplicate_precision
+    pca_dim: int = PcaSettings.dim  # dimension of the pca and whiten reductions
+
+
+_DEFAULTS = ComparisonSettings()
 
 
 @dataclass(frozen=True)
@@ -97,10 +112,10 @@ def compare(
     sources: Sequence[ev.Source],
     database: Sequence[ev.Source],
     encoder: Encoder,
-    families: Sequence[str] = tuple(cp.FAMILIES),
-    seed: int = 0,
-    target_precision: float = ev.DUPLICATE_PRECISION,
-    pca_dim: int = PcaSettings.dim,
+    families: Sequence[str] = _DEFAULTS.families,
+    seed: int = _DEFAULTS.seed,
+    target_precision: float = _DEFAULTS.duplicate_precision,
+    pca_dim: int = _DEFAULTS.pca_dim,
     workers: int = 1,
     scratch=None,
     log: Callable[[str], None] = lambda message: None,

@@ -49,6 +49,21 @@ NULL_QUANTILE = 0.9  # a source's median copy must be closer than this share of 
 
 
 @dataclass(frozen=True)
+class CopyDetectionSettings:
+    """``retrieval_eval``'s settings; its Dagster config, ``imgsim evaluate`` and the benchmarks
+    take their defaults from here."""
+
+    sample_size: int = 200  # indexed images copied (all of them if fewer)
+    families: tuple[str, ...] = tuple(cp.FAMILIES)  # edit families
+    seed: int = 0  # chooses the sample and every edit's strength
+    duplicate_precision: float = 0.99  # precision the duplicate threshold must reach for "copy of the same image"
+    k: int = 100  # results per copy; non-copies are counted among these
+
+
+_DEFAULTS = CopyDetectionSettings()
+
+
+@dataclass(frozen=True)
 class Source:
     image_id: int
     path: Path
@@ -243,7 +258,7 @@ def _collection_quantile(space: Space, source_ids: np.ndarray, src: np.ndarray, 
     return np.nan_to_num(np.nanquantile(scores, quantile, axis=1), nan=-1.0) if scores.shape[1] else np.full(len(src), -1.0)
 
 
-def score_copies(copyset: CopySet, space: Space, k: int = 100, seed: int = 0) -> CopyScores:
+def score_copies(copyset: CopySet, space: Space, k: int = _DEFAULTS.k, seed: int = _DEFAULTS.seed) -> CopyScores:
     """Search every copy and label what came back (see the module's description)."""
     q = space.transform(copyset.vectors)
     source_ids = np.unique(copyset.source)
@@ -501,15 +516,9 @@ def summarize(scores: CopyScores, target_precision: float, seed: int, settings: 
     )
 
 
-# The precision the duplicate threshold must reach for "copy of the same image", and how many
-# results each copy's search returns (non-copies are counted among these).
-DUPLICATE_PRECISION = 0.99
-RESULTS_PER_COPY = 100
-
-
-def detect_copies(sources: Sequence[Source], embed: Embed, space: Space, families: Sequence[str] = tuple(cp.FAMILIES),
-                  seed: int = 0, target_precision: float = DUPLICATE_PRECISION, k: int = RESULTS_PER_COPY,
-                  scratch=None, random_weights: bool = False) -> CopyDetectionReport:
+def detect_copies(sources: Sequence[Source], embed: Embed, space: Space, families: Sequence[str] = _DEFAULTS.families,
+                  seed: int = _DEFAULTS.seed, target_precision: float = _DEFAULTS.duplicate_precision,
+                  k: int = _DEFAULTS.k, scratch=None, random_weights: bool = False) -> CopyDetectionReport:
     """Copy, embed, search, score and summarize: the whole evaluation."""
     copyset = embed_copies(sources, families, seed, embed, scratch)
     if not len(copyset.source):
