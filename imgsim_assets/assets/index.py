@@ -253,12 +253,6 @@ def _build_shard(batch: str, embeddings: pa.Table, pca_model: ix.PcaModel, index
     }
 
 
-def indexed_embeddings(index: ImageIndex, files: dict[str, pq.ParquetFile]) -> dict[str, pq.ParquetFile]:
-    """The ``image_embeddings`` files of the batches ``index`` was merged from."""
-    batches = set(index.info.get("batches", []))
-    return {b: f for b, f in files.items() if b in batches}
-
-
 @asset(
     ins={
         "faiss_index_shards": AssetIn(),
@@ -355,7 +349,7 @@ def recall_checks(faiss_index: ImageIndex, image_embeddings: dict[str, pq.Parque
     """Re-measures the published index, as the asset measured it (:func:`build.gate`), on
     queries it was not tuned on: the blocking ANN recall gate and the PCA loss warning, from
     one pass over the embeddings."""
-    data = EmbeddingFiles(indexed_embeddings(faiss_index, image_embeddings))
+    data = EmbeddingFiles(build.indexed_embeddings(faiss_index, image_embeddings))
     point, evaluation, settings = build.gate(faiss_index, data)
     target, max_loss = settings.recall_target, settings.max_pca_loss
     ivf = faiss_index.ivf

@@ -210,6 +210,12 @@ def publish(pca: ix.PcaModel, merged: faiss.IndexIVF, catalog: pa.Table, built: 
     return ImageIndex(index=published(pca, merged), catalog=catalog, info=built)
 
 
+def indexed_embeddings(index: ImageIndex, files: Mapping[str, pq.ParquetFile]) -> dict[str, pq.ParquetFile]:
+    """The ``image_embeddings`` files of the batches ``index`` was merged from."""
+    batches = set(index.info.get("batches", []))
+    return {b: f for b, f in files.items() if b in batches}
+
+
 def gate(index: ImageIndex, data: Collection) -> tuple[recall.RecallPoint, recall.RecallCurve, IndexSettings]:
     """The published index measured again as :func:`tune` measured it, at its nprobe, on
     queries it was not tuned on (the next seed): the recall gate's figures."""
