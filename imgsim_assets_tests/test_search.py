@@ -71,3 +71,7 @@ def test_the_faiss_and_milvus_searchers_answer_what_the_service_asks_alike(pipel
     assert again.encoder is loaded  # the same model: taken over, not loaded twice
     milvus_searcher.warm()
     assert milvus_searcher._encoder is not None
+    for searcher in (faiss_searcher, milvus_searcher):  # the model loaded here, said as the index says its own
+        query_encoder = searcher.query_encoder
+        assert query_encoder["weights_fingerprint"] == searcher.encoder_info["weights_fingerprint"]
+        assert query_encoder["model"] == "dinov2_vits14" and query_encoder["dtype"] == "float32"

@@ -324,6 +324,12 @@ class Searcher:
             return self._encoder
 
     @property
+    def query_encoder(self) -> dict:
+        """The encoder queries are embedded with here (model, weights fingerprint, dtype...), loaded
+        if need be; ``encoder_info`` is the one the index was built with."""
+        return self.encoder.provenance()
+
+    @property
     def preprocess(self):
         return preprocess_from_info({"encoder": self.encoder_info})
 

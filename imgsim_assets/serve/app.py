@@ -208,12 +208,12 @@ class Service:
         """Status, index version and size, encoder."""
         loaded = self.live.current
         searcher = loaded.searcher
+        query_encoder = searcher.query_encoder
         return JSONResponse({
             "status": "ok", "num_vectors": searcher.num_vectors, "index_version": loaded.version,
             "loaded_at": loaded.loaded_at, "reloads": self.live.reloads, "encoder": _public_encoder(searcher.encoder_info),
             "weights_fingerprint": searcher.encoder_info.get("weights_fingerprint"),
-            "query_encoder": {"weights_fingerprint": searcher.encoder.weights_fingerprint,
-                              "dtype": str(searcher.encoder.dtype).removeprefix("torch.")},
+            "query_encoder": {key: query_encoder[key] for key in ("weights_fingerprint", "dtype")},
             "random_weights": searcher.random_weights, "factory": searcher.info.get("factory"),
             "nprobe": searcher.info.get("nprobe"), "queue_depth": self.batcher.depth,
         })
