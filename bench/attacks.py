@@ -1,13 +1,14 @@
 """`imgsim serve` as a hostile client meets it, measured on real server processes.
 
-    python -m bench.hostile --service [--before REV]
+    python -m bench.hostile --service [--before REV] [--images N]
 
-Builds the sample collection (tiny encoder), starts ``imgsim serve`` on it, and measures each
-way a client can hurt the service: a bomb-like PNG (memory, time), eight at once, heavy uploads
-against id queries (latency), a chunked body far past the limit (bytes read), idle connections
-(how many stay open), a foreign Host, security headers, a bare token, thumbnail sizes, paths
-in answers. With ``--before REV`` the same attacks run against that revision's server too (a
-git worktree of it, on the same collection), side by side.
+Builds the sample collection (tiny encoder; ``--images N``: N generated pictures instead),
+starts ``imgsim serve`` on it, and measures each way a client can hurt the service: a bomb-like
+PNG (memory, time), eight at once, heavy uploads against id queries (latency), a chunked body
+far past the limit (bytes read), idle connections (how many stay open), a foreign Host,
+security headers, a bare token, thumbnail sizes, paths in answers. With ``--before REV`` the
+same attacks run against that revision's server too (a git worktree of it, on the same
+collection), side by side.
 """
 
 from __future__ import annotations
@@ -62,15 +63,18 @@ BUILD = """
 import sys
 from pathlib import Path
 from dagster import instance_for_test
-from imgsim_assets.core.sample_data import write_sample_corpus
+from imgsim_assets.core.sample_data import write_sample_corpus, write_synthetic_batch
 from imgsim_assets.definitions import build_definitions
 from imgsim_assets.ingest import ingest
 from imgsim_assets.resources import EncoderResource, PreprocessResource
 from imgsim_assets.settings import Settings
 
-root = Path(sys.argv[1])
+root, images = Path(sys.argv[1]), int(sys.argv[2])
 settings = Settings(data_dir=root / "data")
-write_sample_corpus(settings.data_dir)
+if images:
+    write_synthetic_batch(settings.images_dir / "generated", images, seed=0)
+else:
+    write_sample_corpus(settings.data_dir)
 defs = build_definitions(settings, encoder=EncoderResource(weights="random", depth=2, batch_size=16, device="cpu"),
                          preprocessing=PreprocessResource(crop_size=112, resize_size=128, workers=1))
 (root / "dagster_home").mkdir(exist_ok=True)
@@ -80,11 +84,11 @@ with instance_for_test(temp_dir=str(root / "dagster_home")) as instance:
 """
 
 
-def build_collection(code: Path, root: Path) -> Path:
-    """The sample corpus ingested by the checkout ``code`` with a 2-block ViT at 112 px (each
-    revision reads what it wrote itself); returns the data dir."""
-    subprocess.run([sys.executable, "-c", BUILD, str(root)], env={**os.environ, "PYTHONPATH": str(code)}, cwd=code,
-                   check=True, capture_output=True)
+def build_collection(code: Path, root: Path, images: int = 0) -> Path:
+    """The sample corpus (or ``images`` generated pictures) ingested by the checkout ``code``
+    with a 2-block ViT at 112 px (each revision reads what it wrote itself); returns the data dir."""
+    subprocess.run([sys.executable, "-c", BUILD, str(root), str(images)], env={**os.environ, "PYTHONPATH": str(code)},
+                   cwd=code, check=True, capture_output=True)
     return root / "data"
 
 
@@ -290,7 +294,7 @@ def _with_host(base: str, host_header: str) -> tuple[int, dict]:
     return response.status, {k.lower(): v for k, v in response.getheaders()}
 
 
-def run(before: str | None) -> None:
+def run(before: str | None, images: int = 0) -> None:
     with tempfile.TemporaryDirectory(prefix="imgsim-attacks-") as tmp:
         tmp = Path(tmp)
         checkouts = {"now": ROOT}
@@ -301,7 +305,7 @@ def run(before: str | None) -> None:
         columns = {}
         try:
             for label, code in sorted(checkouts.items(), key=lambda kv: kv[0] == "now"):
-                columns[label] = attack(code, build_collection(code, tmp / label.split()[0]))
+                columns[label] = attack(code, build_collection(code, tmp / label.split()[0], images))
         finally:
             if before:
                 subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tmp / "before")],

@@ -1,15 +1,16 @@
 """Near-duplicate groups against known groups: the fixed 0.95 of before against the calibrated
 threshold, and both grouping rules, side by side.
 
-    python -m bench.duplicates [--corpus sample|synthetic] [--full-model]
+    python -m bench.duplicates [--corpus sample|synthetic] [--pictures 48] [--full-model]
 
 ``sample``: the bundled corpus, 23 photographs each with 3 edited copies (23 true groups of
-four). ``synthetic``: 48 generated pictures, 12 of them with 3 mild copies each. The corpus is
-ingested with ``imgsim ingest``'s code (the 2-block test ViT at 112 px, or with
-``--full-model`` the demo's ViT-S/14 at 224, both random weights), then ``near_duplicates`` is
-materialized once per row with its config, and its groups are scored by B-cubed purity (share
-of an image's group that is its photograph and its copies) and completeness (share of its
-photograph's copies in its group); an image in no group is a group of one.
+four). ``synthetic``: ``--pictures`` generated pictures (48), a quarter of them with 3 mild
+copies each. The corpus is ingested with ``imgsim ingest``'s code (the 2-block test ViT at
+112 px, or with ``--full-model`` the demo's ViT-S/14 at 224, both random weights), then
+``near_duplicates`` is materialized once per row with its config, and its groups are scored by
+B-cubed purity (share of an image's group that is its photograph and its copies) and
+completeness (share of its photograph's copies in its group); an image in no group is a group
+of one.
 """
 
 from __future__ import annotations
@@ -38,14 +39,14 @@ ROWS = [("0.95, connected (before)", 0.95, "connected"), ("0.95, representative"
         ("calibrated, connected", None, "connected"), ("calibrated, representative", None, "representative")]
 
 
-def write_corpus(kind: str, data_dir: Path) -> None:
+def write_corpus(kind: str, data_dir: Path, pictures: int = 48) -> None:
     if kind == "sample":
         write_sample_corpus(data_dir)
         return
-    originals = write_synthetic_batch(DataLayout(data_dir).images / "b1", 48, seed=5)
+    originals = write_synthetic_batch(DataLayout(data_dir).images / "b1", pictures, seed=5)
     copies = DataLayout(data_dir).images / "b2"
     copies.mkdir(parents=True)
-    for path in originals[:12]:
+    for path in originals[: pictures // 4]:
         for family in ("jpeg", "resize", "blur"):
             data = cp.make_copy(Image.open(path), family, cp.copy_rng(1, 0, path.stem + family))
             (copies / f"{path.stem}_{family}.jpg").write_bytes(data)
@@ -72,11 +73,12 @@ def score(table, files: list[str], kind: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--corpus", choices=["sample", "synthetic"], default="sample")
+    parser.add_argument("--pictures", type=int, default=48, help="synthetic corpus: generated pictures")
     parser.add_argument("--full-model", action="store_true", help="ViT-S/14 at 224 (the demo's) instead of 2 blocks at 112")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         settings = Settings(data_dir=Path(tmp) / "data")
-        write_corpus(args.corpus, settings.data_dir)
+        write_corpus(args.corpus, settings.data_dir, args.pictures)
         encoder = EncoderResource(weights="random", device="cpu", **({} if args.full_model else {"depth": 2}))
         pre = PreprocessResource(workers=1, **({} if args.full_model else {"crop_size": 112, "resize_size": 128}))
         defs = build_definitions(settings, encoder=encoder, preprocessing=pre)

@@ -7,7 +7,7 @@ bytes overwritten (anywhere, or within the header), then go through ``images.dec
 The standard: every variant ends ``ok`` or ``rejected`` with a reason, none raises.
 Prints the outcome counts, the exceptions that escaped (must be 0) and the decode rate.
 
-    python -m bench.hostile --service [--before REV]
+    python -m bench.hostile --service [--before REV] [--images N]
 
 attacks the search service instead (:mod:`bench.attacks`): each way a hostile client can
 hurt it, measured on real server processes, before and after side by side.
@@ -79,11 +79,13 @@ def main(argv: list[str] | None = None) -> tuple[collections.Counter, collection
     parser.add_argument("--service", action="store_true", help="instead: attack `imgsim serve` (bench.attacks)")
     parser.add_argument("--before", default=None, metavar="REV",
                         help="with --service: attack this git revision's server too, side by side")
+    parser.add_argument("--images", type=int, default=0, metavar="N",
+                        help="with --service: serve N generated pictures instead of the sample corpus (quicker)")
     args = parser.parse_args(argv)
     if args.service:
         from bench import attacks
 
-        attacks.run(args.before)
+        attacks.run(args.before, args.images)
         return collections.Counter(), collections.Counter()
 
     rng = np.random.default_rng(args.seed)

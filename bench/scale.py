@@ -1,6 +1,6 @@
 """The whole chain on many small images: what each stage costs per image, per batch, in memory and on disk.
 
-    python -m bench.scale [--images 100000] [--batches 100] [--add 1000] [--root DIR]
+    python -m bench.scale [--images 100000] [--batches 100] [--add 1000] [--workers 0] [--root DIR]
     python -m bench.scale --images 1000000 --batches 1000          # the full run
 
 Generates ``--images`` small photo-like JPEGs in ``--batches`` batch folders and runs
@@ -203,6 +203,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=100_000)
     parser.add_argument("--batches", type=int, default=100)
     parser.add_argument("--add", type=int, default=1000, help="images in the batch added at the end")
+    parser.add_argument("--workers", type=int, default=0, help="decode processes (0: one per CPU, 1: inline)")
     parser.add_argument("--root", default=None, help="keep the collection here (default: a temporary folder)")
     args = parser.parse_args()
 
@@ -220,7 +221,7 @@ def main() -> None:
     defs = build_definitions(
         settings,
         encoder=EncoderResource(weights="random", depth=2, batch_size=256, device="cpu"),
-        preprocessing=PreprocessResource(crop_size=56, resize_size=64),
+        preprocessing=PreprocessResource(crop_size=56, resize_size=64, workers=args.workers),
     )
     instance = DagsterInstance.get()
     try:
