@@ -240,8 +240,8 @@ def _build_shard(batch: str, embeddings: pa.Table, pca_model: ix.PcaModel, index
                  layout: str, centroids: np.ndarray) -> tuple[ix.Shard, dict]:
     """One batch's shard, and its metadata (``layout`` and ``centroids``: the template's)."""
     ids, vectors = build.batch_vectors(batch, embeddings, pca_model)
-    shard = build.build_shard(index_template, pca_model, ids, vectors, layout)
-    reduced = pca_model.transform(vectors)
+    reduced = pca_model.transform(vectors)  # once: for the shard and for its metadata
+    shard = build.build_shard(index_template, pca_model, ids, vectors, layout, reduced)
     _, sims = ix.nearest_centroid(reduced, centroids) if len(vectors) else (None, np.zeros(1))
     return shard, {
         "num_vectors": len(shard),

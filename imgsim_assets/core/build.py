@@ -145,11 +145,12 @@ def train_template(data: Collection, pca: ix.PcaModel | None, centroids: np.ndar
 
 
 def build_shard(template: faiss.IndexIVF, pca: ix.PcaModel | None, ids: np.ndarray, embeddings: np.ndarray,
-                layout: str | None = None) -> ix.Shard:
-    """One batch's vectors in the template's lists (with the batch's drift when there is a PCA)."""
+                layout: str | None = None, reduced: np.ndarray | None = None) -> ix.Shard:
+    """One batch's vectors in the template's lists (with the batch's drift when there is a PCA);
+    ``reduced``: their PCA transform, when the caller has it already."""
     if pca is None:
         return ix.build_shard(template, ids, embeddings, layout)
-    return ix.Shard.build(template, pca, ids, embeddings, pca.transform(embeddings), layout)
+    return ix.Shard.build(template, pca, ids, embeddings, reduced, layout)
 
 
 def merge(template: faiss.Index, shards: Iterable[tuple[str, ix.Shard | ix.ShardFile]]) -> tuple[faiss.IndexIVF, int]:
