@@ -14,6 +14,7 @@ is stale without any state of its own.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -99,8 +100,13 @@ class Ledger:
     def __init__(self, instance: DagsterInstance, inputs: Inputs) -> None:
         self.instance, self.inputs = instance, inputs
         self.batches: list[str] = image_batches.get_partition_keys(dynamic_partitions_store=instance)
-        self.folders = folders.FolderVersions.read(instance)
         self._ids: dict[AssetKey, dict[str | None, int]] = {}
+
+    @functools.cached_property
+    def folders(self) -> folders.FolderVersions:
+        """Every batch folder's observed and consumed version, read when a stage first asks
+        (only the stage that reads the folders does: a few paged queries over all batches)."""
+        return folders.FolderVersions.read(self.instance)
 
     def storage_id(self, key: AssetKey, partition: str | None) -> int:
         """Of the partition's latest materialization; 0 when there is none."""
