@@ -58,6 +58,48 @@ def test_scores_label_sources_ties_and_the_collections_own_duplicates():
     assert scores.positive[0] > scores.positive[3]
 
 
+# Edit strengths of synthetic copies (noise norm relative to the unit vector): from a re-encode
+# (0.1, cosine 0.995) to a combination of edits (1.2, cosine 0.64, as close as unrelated images).
+EDITS = {"jpeg": 0.1, "resize": 0.2, "color": 0.35, "flip": 0.5, "blur": 0.6, "crop": 0.7, "combo": 1.0, "overlay": 1.2}
+
+
+def _edited(rng, vectors, strength):
+    return _unit(vectors + strength * rng.normal(size=vectors.shape) / np.sqrt(vectors.shape[-1]))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_collection_that_already_holds_copies_gets_a_threshold_that_groups_them(seed):
+    """A third of the pictures are in the collection two or three times (as mirrored, cropped,
+    resized... copies); unrelated pictures of the same scene are as close as the strongest edits.
+    The calibrated threshold and rule must recover the collection's own groups."""
+    rng = np.random.default_rng(seed)
+    dim, scenes, pictures = 64, 30, 600
+    centres = _unit(rng.normal(size=(scenes, dim)))
+    originals = _edited(rng, centres[rng.integers(0, scenes, pictures)], 0.9)  # same scene: cosine about 0.55
+    vectors, truth = [originals], list(range(pictures))
+    for p in rng.choice(pictures, pictures // 3, replace=False):
+        for _ in range(rng.integers(2, 4)):
+            vectors.append(_edited(rng, originals[[p]], rng.choice(list(EDITS.values())[:6])))
+            truth.append(p)
+    vectors, truth = np.concatenate(vectors), np.array(truth)
+    ids = np.arange(len(vectors)) + 1000
+    space = ev.FlatSpace(ids, vectors)
+
+    sources = ev.sample_sources(ids, 200, seed)
+    source = np.repeat(sources, len(EDITS))
+    family = np.tile(np.array(list(EDITS), dtype=object), len(sources))
+    planted = np.concatenate([_edited(rng, vectors[s - 1000][None], strength)
+                              for s in sources for strength in EDITS.values()])
+    report = ev.summarize(ev.score_copies(ev.CopySet(source, family, planted), space, k=100), 0.99, seed, {})
+    assert report.threshold.reached and report.unlabelled > 0
+
+    # The collection grouped as near_duplicates groups it.
+    a, b, sims = ev._pairs_at_or_above(vectors, report.threshold.value)
+    labels = duplicates.group_labels(np.arange(len(vectors)), duplicates.RULES[report.grouping](a, b, sims))
+    purity, completeness = duplicates.bcubed(labels, truth)
+    assert purity >= 0.95 and completeness >= 0.9, (report.threshold, purity, completeness)
+
+
 def test_every_family_makes_a_decodable_jpeg_and_the_same_copy_each_time():
     rng = np.random.default_rng(1)
     picture = Image.fromarray(rng.integers(0, 256, (60, 80, 3), dtype=np.uint8))

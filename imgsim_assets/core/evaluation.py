@@ -3,10 +3,14 @@ means "copy of the same image" there.
 
 A seeded sample of indexed images is copied with every edit family of :mod:`copies`; the
 copies are embedded like any query and searched. Each copy has one right answer, its source
-(and any image whose vector is identical to it). Images of the collection at least as close
-to the source as its median copy are *unlabelled*: they may be duplicates the collection
-already holds, or may not, so they count neither way (as the revisited Oxford and Paris
-benchmarks treat their "junk" images). That holds only where the median copy is closer to its
+(and any image whose vector is identical to it). Images of the collection that may be copies
+of the source are *unlabelled*: they may be duplicates the collection already holds, or may
+not, so they count neither way (as the revisited Oxford and Paris benchmarks treat their "junk"
+images). The evidence is the source's own copies, not the threshold being fitted: an image is a
+possible copy when it is as close to the source as the lower quartile of the copies that stand
+out of the collection. On a collection that already holds mirrored, cropped or resized copies,
+those are then neither counted as mistakes of the copies nor allowed to push the threshold
+above every copy the collection holds. That holds only where the median copy is closer to its
 source than 90 % of the collection is; where it is not, the encoder cannot tell copies from the
 rest: nothing is left out, and only the source itself is right. Everything else returned is a
 non-copy.
@@ -46,6 +50,13 @@ MAX_SIDE = 2048  # copies are made from the picture scaled down to this (more ch
 CHUNK_SOURCES = 32  # sources whose copies are on disk at once
 SCORE_ROWS = 256  # copies scored at once (k candidate vectors each)
 NULL_QUANTILE = 0.9  # a source's median copy must be closer than this share of the collection (see score_copies)
+STANDS_OUT = 0.99  # a copy closer to its source than this share of the collection is recognisably its copy
+HELD_COPIES = 4  # ...and than all but this many images of it: copies the collection holds may be closer
+# An image as close to a source as the lower quartile of its recognisable copies may be a copy the
+# collection already holds: edits that strong are what the planted families make. (The weakest
+# copies reach the scores of unrelated neighbours, and would hide them; the median would count
+# the collection's own mirrored or cropped copies as mistakes.)
+POSSIBLE_COPY_QUANTILE = 0.25
 
 
 @dataclass(frozen=True)
@@ -246,16 +257,34 @@ class CopyScores:
     source_vectors: np.ndarray  # in the space, one row per distinct source (order of ``source_ids``)
     source_ids: np.ndarray
     copy_vectors: np.ndarray  # in the space
-    source_median: np.ndarray  # per distinct source: its copies' median score
+    source_possible: np.ndarray  # per distinct source: the score from which an image may be its copy
 
 
-def _collection_quantile(space: Space, source_ids: np.ndarray, src: np.ndarray, quantile: float, seed: int,
-                         sample: int = 1000) -> np.ndarray:
-    """Per source, the ``quantile`` of its scores with a seeded sample of the collection's images."""
+def _collection_levels(space: Space, source_ids: np.ndarray, src: np.ndarray, seed: int,
+                       sample: int = 1000) -> tuple[np.ndarray, np.ndarray]:
+    """Per source, from its scores with a seeded sample of the collection's images: the
+    :data:`NULL_QUANTILE` (typical), and the score only the closest :data:`STANDS_OUT` share of the
+    sample reaches, or its :data:`HELD_COPIES` closest in a small collection (stands out)."""
     others = np.random.default_rng(seed).permutation(space.ids())[: sample + len(source_ids)]
     scores = src @ space.vectors(others).T if len(others) else np.zeros((len(src), 0), np.float32)
     scores[others[None, :] == source_ids[:, None]] = np.nan  # not with itself
-    return np.nan_to_num(np.nanquantile(scores, quantile, axis=1), nan=-1.0) if scores.shape[1] else np.full(len(src), -1.0)
+    if scores.shape[1] < 2:
+        return np.full(len(src), -1.0), np.full(len(src), -1.0)
+    typical = np.nan_to_num(np.nanquantile(scores, NULL_QUANTILE, axis=1), nan=-1.0)
+    closest = max(HELD_COPIES, math.ceil((1 - STANDS_OUT) * scores.shape[1]))
+    descending = -np.sort(-np.nan_to_num(scores, nan=-np.inf), axis=1)
+    return typical, descending[:, min(closest, scores.shape[1] - 1)]
+
+
+def possible_copy_scores(positive: np.ndarray, row_of: np.ndarray, stands_out: np.ndarray, sources: int) -> np.ndarray:
+    """Per source, the score from which an image of the collection may be a copy of it: the
+    lower quartile (:data:`POSSIBLE_COPY_QUANTILE`) of the scores of its copies that stand out of
+    the collection (``positive > stands_out`` of their source); infinite where none does."""
+    out = np.full(sources, np.inf, np.float32)
+    recognisable = positive > stands_out[row_of]
+    for r in np.unique(row_of[recognisable]):
+        out[r] = np.quantile(positive[recognisable & (row_of == r)], POSSIBLE_COPY_QUANTILE)
+    return out
 
 
 def score_copies(copyset: CopySet, space: Space, k: int = _DEFAULTS.k, seed: int = _DEFAULTS.seed) -> CopyScores:
@@ -267,12 +296,13 @@ def score_copies(copyset: CopySet, space: Space, k: int = _DEFAULTS.k, seed: int
     positive = np.einsum("ij,ij->i", q, src[row_of]) if len(q) else np.zeros(0, np.float32)
     median = np.array([np.median(positive[row_of == r]) for r in range(len(source_ids))], dtype=np.float32)
     self_score = np.einsum("ij,ij->i", src, src)
+    typical, top = _collection_levels(space, source_ids, src, seed)
     # Only where a source's median copy is closer to it than most of the collection can an image
-    # at least that close be taken for a copy, or one within TIE_EPSILON for the same picture;
-    # otherwise the encoder cannot tell, and only the source is right (a model that scores
-    # everything alike would else find every source first).
-    distinct = median > _collection_quantile(space, source_ids, src, NULL_QUANTILE, seed)
-
+    # be taken for a copy (at least as close as a copy, or within TIE_EPSILON for the same
+    # picture); otherwise the encoder cannot tell, and only the source is right (a model that
+    # scores everything alike would else find every source first).
+    distinct = median > typical
+    possible = possible_copy_scores(positive, row_of, top, len(source_ids))
     n = len(q)
     rank = np.zeros(n, np.int64)
     ap = np.zeros(n, np.float64)
@@ -294,7 +324,7 @@ def score_copies(copyset: CopySet, space: Space, k: int = _DEFAULTS.k, seed: int
                 kth[row] = scores_i[-1]
             to_source = cand_vectors[np.searchsorted(candidates, ids_i)] @ src[r]
             right = (ids_i == source_ids[r]) | ((to_source >= self_score[r] - TIE_EPSILON) & distinct[r])
-            junk = ~right & (to_source >= median[r]) & distinct[r]
+            junk = ~right & (to_source >= possible[r]) & distinct[r]
             unlabelled += int(junk.sum())
             labelled_right, labelled_scores = right[~junk], scores_i[~junk]
             hits = np.flatnonzero(labelled_right)
@@ -311,7 +341,7 @@ def score_copies(copyset: CopySet, space: Space, k: int = _DEFAULTS.k, seed: int
         average_precision=ap, nearest_negative=nearest,
         negatives=concat(negatives, np.float32), negative_of=concat(negative_of),
         unlabelled=unlabelled, kth_score=kth, source_vectors=src, source_ids=source_ids, copy_vectors=q,
-        source_median=median,
+        source_possible=possible,
     )
 
 
@@ -398,13 +428,14 @@ class GroupingScore:
 
 def score_groupings(scores: CopyScores, threshold: float) -> list[GroupingScore]:
     """Each rule of :mod:`duplicates` on the sources and their copies, grouped at ``threshold``,
-    scored by B-cubed against the planted groups. Sources that are unlabelled to each other (as
-    close as a median copy) count as one group, since the collection may hold them as copies."""
+    scored by B-cubed against the planted groups. Sources that may be copies of each other (see
+    :func:`possible_copy_scores`) count as one group, since the collection may hold them as copies."""
     items = np.concatenate((scores.source_vectors, scores.copy_vectors))
     truth = np.concatenate((np.arange(len(scores.source_ids)), np.searchsorted(scores.source_ids, scores.source)))
-    # Sources as close to each other as a median copy: one planted group.
-    sa, sb, ss = _pairs_at_or_above(scores.source_vectors, float(scores.source_median.min(initial=1.0)))
-    same = ss >= np.minimum(scores.source_median[sa], scores.source_median[sb])
+    # Sources that may be copies of each other: one planted group.
+    bar = scores.source_possible
+    sa, sb, ss = _pairs_at_or_above(scores.source_vectors, float(min(bar.min(initial=1.0), 1.0)))
+    same = ss >= np.minimum(bar[sa], bar[sb])
     merged = duplicates.connected_groups(sa[same], sb[same])
     base = len(scores.source_ids)
     source_class = np.array([base + merged[i] if i in merged else i for i in range(base)], dtype=np.int64)
