@@ -202,6 +202,7 @@ def cmd_serve(args) -> int:
     import uvicorn
 
     from imgsim_assets.serve.app import Unguarded, create_app
+    from imgsim_assets.instance import review_database_url
     from imgsim_assets.serve.connections import guarded_protocol
     from imgsim_assets.settings import Settings
 
@@ -210,7 +211,8 @@ def cmd_serve(args) -> int:
                          port=args.port, token=serve_token(args, settings), device=settings.device,
                          max_upload_bytes=int(args.max_upload_mb * 2**20), reload_interval_s=args.reload_interval,
                          allow_other_weights=args.allow_other_weights, allowed_hosts=tuple(args.allowed_host or ()),
-                         max_decode_bytes=int(args.max_decode_mb * 2**20))
+                         max_decode_bytes=int(args.max_decode_mb * 2**20),
+                         review_db=review_database_url(settings), keep_rules=settings.keep_rules)
     try:
         app = create_app(config)
     except Unguarded as e:
@@ -359,6 +361,74 @@ def cmd_sample_data(args) -> int:
     return 0
 
 
+def cmd_duplicates(args) -> int:
+    """Review and resolve near-duplicate groups: ``list``, ``accept``, ``plan``, ``apply``,
+    ``undo``, ``applies``, ``export`` (see :mod:`core.review`, :mod:`core.setaside`)."""
+
+    from imgsim_assets.core import review, setaside
+    from imgsim_assets.instance import review_database_url
+    from imgsim_assets.settings import Settings
+
+    settings = Settings.from_env()
+    decisions = review.Decisions(review_database_url(settings))
+    rules = review.KeepRules.parse(args.keep or settings.keep_rules)
+    place = setaside.Place(settings.data_dir, settings.images_dir)
+    current = review.load(settings.assets_dir, decisions, rules)
+    if args.action == "list":
+        groups, total = current.page(args.page, args.per_page, args.min_score)
+        for g in groups:
+            print(f"group {g.number}: {len(g.members)} images, every pair >= {g.score:.4f}")
+            for m in g.members:
+                mark = "*" if m["suggested"] == review.KEEP else " "
+                print(f"  {mark} {m['image_id']:>20}  {m['decision'] or 'undecided':<10} {m['path']}")
+        print(f"page {args.page} of {max(1, -(-total // args.per_page))}: {total} groups (* suggested keeper: "
+              f"{', '.join(rules.rules)})")
+    elif args.action == "accept":
+        if args.min_score is None:
+            raise ValueError("accept needs --min-score S: the suggestion is taken for every group at least S similar")
+        groups, images = current.accept(args.min_score)
+        print(f"accepted the suggestion for {groups} groups: {images} images decided")
+    elif args.action in ("plan", "apply"):
+        resumed = setaside.resume(decisions, place) if args.action == "apply" else []
+        for outcome in resumed:
+            print(f"finished the interrupted apply {outcome.apply_id}: {outcome.moved} files")
+        moves = setaside.plan(decisions, current.photos, place)
+        for m in moves:
+            print(f"{'move' if args.action == 'apply' else 'would move'} {m.source} -> {m.target}")
+        if args.action == "apply":
+            outcome = setaside.apply(decisions, place, moves, review.LOCAL)
+            for source, why in outcome.failed:
+                print(f"could not move {source}: {why}", file=sys.stderr)
+            print(f"apply {outcome.apply_id}: moved {outcome.moved} files to {settings.data_dir / setaside.SET_ASIDE_DIR}; "
+                  "the next ingest removes them from the index (undo: imgsim duplicates undo "
+                  f"{outcome.apply_id})")
+            return 1 if outcome.failed else 0
+        print(f"{len(moves)} files ({sum(m.bytes or 0 for m in moves) / 2**20:.1f} MiB) would move; nothing moved")
+    elif args.action == "undo":
+        if not args.all and not args.apply_id:
+            raise ValueError("undo needs an apply id (imgsim duplicates applies) or --all")
+        outcomes = setaside.undo(decisions, place, None if args.all else [args.apply_id], review.LOCAL)
+        for o in outcomes:
+            print(f"apply {o.apply_id}: put back {o.moved} files" + (f", {len(o.failed)} could not" if o.failed else ""))
+            for source, why in o.failed:
+                print(f"could not put back {source}: {why}", file=sys.stderr)
+        return 1 if any(o.failed for o in outcomes) else 0
+    elif args.action == "applies":
+        for a in setaside.applies(decisions):
+            print(f"{a['apply_id']}  {a['state']:<9} {a['started_at']}  {a['applied_by']}  {a['files']}")
+    elif args.action == "export":
+        text = (review.export_csv if args.format == "csv" else review.export_json)(current)
+        if args.output:
+            from imgsim_assets.core.storage import atomic_path
+
+            with atomic_path(args.output) as tmp:
+                Path(tmp).write_text(text)
+            print(f"wrote {args.output}", file=sys.stderr)
+        else:
+            sys.stdout.write(text)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="imgsim", description="Image similarity index on Dagster.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -429,6 +499,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_compare_encoders)
+
+    p = sub.add_parser("duplicates", help="review near-duplicate groups and resolve them: set-aside files move to "
+                       "<data dir>/set-aside/ (journaled, never deleted, undoable)")
+    p.add_argument("action", choices=["list", "accept", "plan", "apply", "undo", "applies", "export"])
+    p.add_argument("apply_id", nargs="?", default=None, help="undo: the apply to undo (see `applies`)")
+    p.add_argument("--all", action="store_true", help="undo: every apply")
+    p.add_argument("--min-score", type=float, default=None, help="list/accept: groups whose every pair is at "
+                   "least this similar")
+    p.add_argument("--keep", default=None, help="the ordered keep rules, comma-separated (default: "
+                   "$IMGSIM_KEEP_RULES, else most_pixels,earliest_capture,oldest_file)")
+    p.add_argument("--page", type=int, default=1)
+    p.add_argument("--per-page", type=int, default=20)
+    p.add_argument("--format", choices=["csv", "json"], default="json", help="export: the format")
+    p.add_argument("--output", "-o", default=None, help="export: write to this file (default: stdout)")
+    p.set_defaults(func=cmd_duplicates)
 
     p = sub.add_parser("weights", help="the DINOv2 checkpoints: list them, fetch one ahead of time, say which "
                        "would load")

@@ -56,3 +56,8 @@ def mark_run_failed(instance: DagsterInstance, run: DagsterRun, message: str) ->
     instance.report_run_failed(run, message)
     if instance.event_log_storage.supports_global_concurrency_limits:
         instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
+
+
+def postgres_url(instance: DagsterInstance) -> str | None:
+    """The PostgreSQL URL of the instance's run storage, or None when it runs on something else."""
+    return getattr(instance.run_storage, "postgres_url", None)

@@ -41,7 +41,7 @@ def build_definitions(
         resources={
             "encoder": encoder or EncoderResource(model=settings.model, weights=settings.weights, device=settings.device),
             "preprocessing": preprocessing or PreprocessResource(),
-            "storage": StorageResource(data_dir=str(settings.data_dir)),
+            "storage": StorageResource(data_dir=str(settings.data_dir), review_db=settings.review_db),
             "watch": WatchResource(),
             "milvus_db": MilvusResource(uri=settings.milvus_uri),
             "parquet_io_manager": ParquetIOManager(root=root),

@@ -51,5 +51,26 @@ def ensure_instance_yaml(home: str | Path) -> Path:
     return config
 
 
+def review_database_url(settings, instance=None) -> str:
+    """Where duplicate decisions live: ``IMGSIM_REVIEW_DB``; else the Dagster instance's
+    PostgreSQL, when it runs on one (its tables are prefixed ``imgsim_``); else ``review.db`` in
+    the data folder."""
+    if settings.review_db:
+        return settings.review_db
+    if instance is None:
+        config = Path(os.environ.get("DAGSTER_HOME") or settings.dagster_home) / "dagster.yaml"
+        if config.exists() and "postgres" in config.read_text():
+            from dagster import DagsterInstance
+
+            instance = DagsterInstance.from_config(str(config.parent))
+    if instance is not None:
+        from imgsim_assets.dagster_private import postgres_url
+
+        url = postgres_url(instance)
+        if url:
+            return url
+    return f"sqlite:///{settings.data_dir / 'review.db'}"
+
+
 if __name__ == "__main__":
     print(ensure_instance_yaml(sys.argv[1]))

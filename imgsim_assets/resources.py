@@ -73,6 +73,15 @@ class StorageResource(ConfigurableResource):
     """The data root: ``images/`` (inputs), ``assets/`` (artifacts), ``dagster_home/``."""
 
     data_dir: str
+    review_db: str = Field(default="", description="SQLAlchemy URL of the duplicate decisions (keep, set aside, "
+                           "not duplicates); empty: the instance's PostgreSQL when it runs on one, else review.db "
+                           "in the data folder")
+
+    def decisions_url(self, instance) -> str:
+        from imgsim_assets.instance import review_database_url
+        from imgsim_assets.settings import Settings
+
+        return review_database_url(Settings(data_dir=Path(self.data_dir), review_db=self.review_db), instance)
 
     @property
     def layout(self) -> DataLayout:

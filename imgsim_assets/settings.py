@@ -22,6 +22,8 @@ class Settings:
     milvus_uri: str = ""  # empty: a Milvus Lite file in the data root (DataLayout.milvus_lite)
     serve_token: str = ""  # the search service's token (prefer serve_token_file: the environment leaks less than argv)
     serve_token_file: str = ""
+    review_db: str = ""  # SQLAlchemy URL of the duplicate decisions; empty: the instance's Postgres, else data/review.db
+    keep_rules: str = ""  # the ordered keep rules, comma-separated (core.review.KeepRules); empty: the default
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> "Settings":
@@ -33,6 +35,8 @@ class Settings:
             milvus_uri=environ.get("IMGSIM_MILVUS_URI", cls.milvus_uri),
             serve_token=environ.get("IMGSIM_SERVE_TOKEN", cls.serve_token),
             serve_token_file=environ.get("IMGSIM_SERVE_TOKEN_FILE", cls.serve_token_file),
+            review_db=environ.get("IMGSIM_REVIEW_DB", cls.review_db),
+            keep_rules=environ.get("IMGSIM_KEEP_RULES", cls.keep_rules),
         )
 
     @property

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 from dagster import AssetExecutionContext, AssetIn, AutomationCondition, Config, MetadataValue, asset
 from pydantic import Field
 
-from imgsim_assets.core import duplicates, incremental, plots, tables
+from imgsim_assets.core import duplicates, incremental, plots, review, tables
 from imgsim_assets.core import evaluation as ev
 from imgsim_assets.core import index as ix
 from imgsim_assets.core.search import ImageIndex
@@ -98,6 +98,9 @@ def near_duplicates(
     found = duplicates.range_pairs(faiss_index, todo, threshold)
     a, b, sims = duplicates.distinct_pairs(np.concatenate((a, found[0])), np.concatenate((b, found[1])),
                                  np.concatenate((sims, found[2])), np.unique(faiss_index.catalog.column("image_id").to_numpy()))
+    # Pairs a person said are not duplicates are never grouped again.
+    apart = review.separated_mask(a, b, *review.Decisions(storage.decisions_url(context.instance)).separated())
+    a, b, sims = a[~apart], b[~apart], sims[~apart]
     groups = duplicates.RULES[rule](a, b, sims)
     group_a = np.array([groups.get(i, -1) for i in a.tolist()], dtype=np.int64)
     group_b = np.array([groups.get(i, -2) for i in b.tolist()], dtype=np.int64)
@@ -115,6 +118,7 @@ def near_duplicates(
     ).sort_by([("group", "ascending"), ("similarity", "descending"), ("image_id_a", "ascending"),
                ("image_id_b", "ascending")])
     table = incremental.with_state(table, state, versions)
+    table = table.replace_schema_metadata({**table.schema.metadata, review.GROUPING_KEY: rule.encode()})
     members: dict[int, list[int]] = {}
     for image_id, g in sorted(groups.items(), key=lambda kv: kv[1]):
         members.setdefault(g, []).append(image_id)
@@ -130,6 +134,7 @@ def near_duplicates(
         "grouping": rule,
         "grouping_reason": rule_reason,
         "pairs_across_groups": int((group < 0).sum()),
+        "pairs_not_duplicates": int(apart.sum()),
         "batches_searched": len(todo),
         "batches_reused": len(searched),
     }

@@ -28,6 +28,7 @@ import sqlalchemy as sa
 from imgsim_assets.core import duplicates
 
 KEEP, SET_ASIDE = "keep", "set_aside"
+GROUPING_KEY = b"imgsim.grouping"  # near_duplicates' Parquet metadata: the rule its groups were made by
 ACTIONS = (KEEP, SET_ASIDE)
 LOCAL = "local"  # who decided, when no token names someone
 
@@ -163,10 +164,14 @@ class Decisions:
         pairs = np.array(rows, dtype=np.int64).reshape(-1, 2)
         return pairs[:, 0], pairs[:, 1]
 
-    def version(self) -> int:
-        """Grows with every change (what a cache of groups and decisions is keyed by)."""
+    def version(self, kind: str | None = None) -> int:
+        """Grows with every change (of ``kind``, ``decide`` or ``separate``, when given): what a
+        cache of groups and decisions is keyed by."""
+        query = sa.select(sa.func.max(changes_table.c.change))
+        if kind is not None:
+            query = query.where(changes_table.c.kind == kind)
         with self.engine.connect() as connection:
-            return int(connection.execute(sa.select(sa.func.max(changes_table.c.change))).scalar() or 0)
+            return int(connection.execute(query).scalar() or 0)
 
 
 def _aware(value: dt.datetime) -> dt.datetime:
@@ -228,11 +233,12 @@ class Photos:
         for image_id in image_ids:
             lo, hi = self._rows(int(image_id))
             if lo == hi:
-                out.append({"image_id": int(image_id), "path": None, "batch": None, "files": []})
+                out.append({"image_id": int(image_id), "path": None, "batch": None, "files": [], "copies": 0})
                 continue
             row = {name: self.table.column(name)[lo].as_py() for name in PHOTO_COLUMNS if name not in ("status",)}
             row["batch"] = row["path"].split("/", 1)[0]
             row["files"] = self.paths[lo:hi]
+            row["copies"] = hi - lo
             out.append(row)
         return out
 
@@ -429,3 +435,58 @@ class Review:
                     choices[m["image_id"]] = KEEP if m["image_id"] == keeper else SET_ASIDE
         self.decisions.decide(choices, by)
         return len(numbers), len(choices)
+
+
+def grouping_of(pairs: pa.Table | None) -> str:
+    """The rule ``near_duplicates`` grouped by (``connected`` for a table that does not say)."""
+    rule = ((pairs.schema.metadata or {}).get(GROUPING_KEY) or b"connected").decode() if pairs is not None else ""
+    return rule if rule in duplicates.RULES else "connected"
+
+
+def manifest_files(assets_dir: str | Path) -> list[Path]:
+    """Every batch's ``raw_images`` manifest."""
+    return sorted((Path(assets_dir) / "raw_images").glob("*.parquet"))
+
+
+def load(assets_dir: str | Path, decisions: Decisions, rules: KeepRules | None = None) -> Review:
+    """The review of the artifacts under ``assets_dir`` as they are now."""
+    path = Path(assets_dir) / "near_duplicates.parquet"
+    pairs = pq.read_table(path) if path.exists() else None
+    return Review.build(pairs, Photos.from_manifests(manifest_files(assets_dir)), decisions, grouping_of(pairs), rules)
+
+
+# --- export ----------------------------------------------------------------------------------
+
+EXPORT_FIELDS = ("group", "group_size", "group_score", "image_id", "path", "batch", "copies", "width", "height",
+                 "pixels", "bytes", "captured_at", "capture_offset", "camera_make", "camera_model", "gps_latitude",
+                 "gps_longitude", "modified_at", "suggested", "decision", "decided_by", "decided_at")
+
+
+def export_rows(review: Review) -> Iterable[dict]:
+    """One row per member of every group, in review order."""
+    decided = review.decisions.of()
+    for g in range(len(review.groups)):
+        group = review.group(g, decided)
+        for m in group.members:
+            yield {"group": g, "group_size": len(group.members), "group_score": _round(group.score),
+                   **{k: m.get(k) for k in EXPORT_FIELDS[3:]}}
+
+
+def export_csv(review: Review) -> str:
+    import csv
+    import io
+
+    out = io.StringIO()
+    writer = csv.DictWriter(out, EXPORT_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for row in export_rows(review):
+        writer.writerow({k: (v.isoformat() if isinstance(v, dt.datetime) else v) for k, v in row.items()})
+    return out.getvalue()
+
+
+def export_json(review: Review) -> str:
+    import json
+
+    decided = review.decisions.of()
+    groups = [review.group(g, decided).to_dict() for g in range(len(review.groups))]
+    return json.dumps({"groups": groups, "keep_rules": list(review.rules.rules)}, indent=1)

@@ -37,6 +37,7 @@ class Endpoint:
     answer_description: str = "OK"
     refusals: tuple[int, ...] = ()  # statuses answered with an error body
     upload: bool = False  # a multipart body with the file field 'image'
+    body: bool = False  # a JSON object body
     public: bool = False  # answered without the token (holds no data)
     documented: bool = True  # in the OpenAPI document
 
@@ -93,8 +94,9 @@ COPY_DETECTION = {
 }
 
 REFUSALS = {
-    400: "bad request", 401: "token missing or wrong", 404: "unknown image", 408: "the body paused too long",
-    413: "upload too large", 415: "the original no longer decodes as an image",
+    400: "bad request", 401: "token missing or wrong",
+    403: "a write from off loopback without a token, or from another site's page", 404: "unknown image", 408: "the body paused too long",
+    413: "upload too large", 415: "the original no longer decodes as an image, or a write not sent as JSON",
     421: "a Host name this service does not answer to",
     422: "bad parameter, not a usable image, or over the decode budget", 503: "busy: retry after Retry-After seconds",
 }
@@ -103,6 +105,7 @@ _K = Param("k", "neighbours to return (1 to max_k, default 10)")
 _BATCH = Param("batch", "only answer from these batches (repeatable)", "string", many=True)
 _NPROBE = Param("nprobe", "inverted lists to visit (default: as tuned at build)")
 _PAGE = (Param("page", "1-based page"), Param("per_page", "items per page (at most 200)"))
+_WRITE = (400, 401, 403, 415)
 
 ENDPOINTS = (
     Endpoint("/", "page", "The search page", answer_description="HTML", public=True, documented=False),
@@ -116,7 +119,28 @@ ENDPOINTS = (
                      Param("size", "thumbnail box in pixels (16 to 1024; drawn at the next of 64, 128, 256, 512)")),
              answer_description="the image, typed by what it decodes as", refusals=(400, 401, 404, 415, 421, 422)),
     Endpoint("/batches", "batches", "Indexed batches and their file counts", answer=OBJECT),
-    Endpoint("/duplicates", "duplicates", "Near-duplicate groups, largest first", params=_PAGE, answer=OBJECT),
+    Endpoint("/duplicates", "review.groups", "Near-duplicate groups to review, largest first: members with their "
+             "metadata, decisions and the suggested keeper",
+             params=(*_PAGE, Param("min_score", "only groups whose every pair is at least this similar", "number")),
+             answer=OBJECT),
+    Endpoint("/duplicates/decisions", "review.decide", "Keep or set aside images: "
+             '{"decisions": {"IMAGE_ID": "keep" | "set_aside" | null}}', method="POST", answer=OBJECT,
+             body=True, refusals=_WRITE),
+    Endpoint("/duplicates/separate", "review.separate", 'Not duplicates: {"image_ids": [...]} are never grouped '
+             "again", method="POST", answer=OBJECT, body=True, refusals=_WRITE),
+    Endpoint("/duplicates/accept", "review.accept", 'Accept the suggestion for every group at least {"min_score": S} '
+             "similar (decided images keep their decision)", method="POST", answer=OBJECT, body=True,
+             refusals=_WRITE),
+    Endpoint("/duplicates/plan", "review.plan", "The files an apply would move now, and where", answer=OBJECT),
+    Endpoint("/duplicates/apply", "review.apply", "Move every set-aside file to set-aside/<date>/ (journaled, "
+             "never deleted)", method="POST", answer=OBJECT, body=True, refusals=_WRITE),
+    Endpoint("/duplicates/undo", "review.undo", 'Put the files of {"apply_id": ID} (or {"all": true}) back',
+             method="POST", answer=OBJECT, body=True, refusals=(*_WRITE, 404)),
+    Endpoint("/duplicates/applies", "review.applies", "Every apply, newest first, with its files by state",
+             answer=OBJECT),
+    Endpoint("/duplicates/export", "review.export", "Groups, members, metadata and decisions",
+             params=(Param("format", "csv or json (default)", "string"),), answer_description="CSV or JSON",
+             refusals=(401, 422)),
     Endpoint("/clusters", "clusters", "k-means clusters, largest first, with sample images",
              params=(*_PAGE, Param("samples", "images per cluster (at most 64)")), answer=OBJECT),
     Endpoint("/evaluation", "evaluation", "How well the index finds edited copies: recall and mAP per edit family, "
@@ -142,6 +166,8 @@ def _operation(e: Endpoint) -> dict:
     operation = {"summary": e.summary, "responses": responses}
     if e.params:
         operation["parameters"] = [p.spec() for p in e.params]
+    if e.body:
+        operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": OBJECT}}}
     if e.upload:
         operation["requestBody"] = {"required": True, "content": {"multipart/form-data": {"schema": {
             "type": "object", "properties": {"image": {"type": "string", "format": "binary"}}}}}}

@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import ipaddress
 import math
+import operator
 import time
 from pathlib import Path
 
@@ -20,12 +20,15 @@ from starlette.routing import Mount, Route, compile_path
 from starlette.staticfiles import StaticFiles
 
 from imgsim_assets.core.evaluation import CopyDetectionReport
+from imgsim_assets.core.review import KeepRules
 from imgsim_assets.core.search import UnknownImage
 from imgsim_assets.serve import thumbnails
 from imgsim_assets.serve import api
 from imgsim_assets.serve.batching import ModelBatcher, Overloaded
+from imgsim_assets.serve.http import LOOPBACK_NAMES, ApiError, Unguarded, _error, _int_param, is_loopback  # noqa: F401
 from imgsim_assets.serve.config import ServeConfig
 from imgsim_assets.serve.live import LiveIndex
+from imgsim_assets.serve.review import ReviewService
 from imgsim_assets.serve.uploads import UploadDecoder
 
 STATIC = Path(__file__).parent / "static"
@@ -37,36 +40,6 @@ def _public_encoder(encoder_info: dict) -> dict:
     if out.get("weights_file") and out["weights_file"] != "random":
         out["weights_file"] = str(out["weights_file"]).rsplit("/", 1)[-1]
     return out
-
-
-LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
-
-
-def is_loopback(host: str) -> bool:
-    """Whether a bind address or Host name is this machine's loopback."""
-    host = host.strip("[]").lower()
-    if host in LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-class Unguarded(ValueError):
-    """A service that would answer beyond loopback without a token."""
-
-
-class ApiError(Exception):
-    """A request the API refuses: an HTTP status, a machine-readable code and a sentence."""
-
-    def __init__(self, status: int, error: str, detail: str, headers: dict | None = None) -> None:
-        super().__init__(detail)
-        self.status, self.error, self.detail, self.headers = status, error, detail, headers or {}
-
-
-def _error(e: ApiError) -> JSONResponse:
-    return JSONResponse({"error": e.error, "detail": e.detail}, status_code=e.status, headers=e.headers)
 
 
 class Metrics:
@@ -99,6 +72,8 @@ class Service:
         self.thumbnails = thumbnails.Thumbnails(config.images_dir, config.assets_dir / ".thumbnails")
         self.in_flight = 0
         self.started = time.time()
+        self.review = ReviewService(self, config.review_db or f"sqlite:///{config.assets_dir.parent / 'review.db'}",
+                                    KeepRules.parse(config.keep_rules))
 
     def _k(self, request: Request) -> int:
         return _int_param(request, "k", 10, 1, self.config.max_k)
@@ -232,15 +207,6 @@ class Service:
         sizes = self.live.current.searcher.batch_sizes()
         return JSONResponse({"batches": [{"name": b, "num_images": n} for b, n in sorted(sizes.items())]})
 
-    async def duplicates(self, request: Request) -> JSONResponse:
-        """Near-duplicate groups, largest first: GET /duplicates?page=P&per_page=N."""
-        page, per_page = _int_param(request, "page", 1, 1, 1 << 30), _int_param(request, "per_page", 20, 1, 200)
-        groups = await asyncio.to_thread(self.live.table, "near_duplicates", _duplicate_groups)
-        describe = self.live.current.searcher.describe
-        shown = [{**g, "members": [_member(i, describe) for i in g["members"]]}
-                 for g in groups[(page - 1) * per_page : page * per_page]]
-        return JSONResponse({"groups": shown, "page": page, "per_page": per_page, "total_groups": len(groups)})
-
     async def clusters(self, request: Request) -> JSONResponse:
         """k-means clusters, largest first, with sample images: GET /clusters?page=P&per_page=N&samples=S."""
         page, per_page = _int_param(request, "page", 1, 1, 1 << 30), _int_param(request, "per_page", 20, 1, 200)
@@ -261,38 +227,9 @@ class Service:
         return JSONResponse(found)
 
 
-def _int_param(request: Request, name: str, default, low: int, high: int):
-    raw = request.query_params.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ApiError(422, "bad_parameter", f"{name} must be an integer, got {raw!r}") from None
-    if not low <= value <= high:
-        raise ApiError(422, "bad_parameter", f"{name} must be between {low} and {high}, got {value}")
-    return value
-
-
 def _member(image_id: int, describe) -> dict:
     path, batch, copies = describe(image_id)
     return {"image_id": image_id, "path": path, "batch": batch, "copies": copies}
-
-
-def _duplicate_groups(table) -> list[dict]:
-    """``near_duplicates`` pairs → groups with their members, largest first."""
-    if table is None or not table.num_rows:
-        return []
-    members: dict[int, set[int]] = {}
-    best: dict[int, float] = {}
-    for a, b, sim, group in zip(*(table.column(c).to_pylist() for c in ("image_id_a", "image_id_b", "similarity", "group"))):
-        if group < 0:  # a pair the grouping rule put apart
-            continue
-        members.setdefault(group, set()).update((a, b))
-        best[group] = max(best.get(group, -1.0), sim)
-    groups = [{"group": g, "size": len(m), "max_similarity": round(best[g], 6), "members": sorted(m)}
-              for g, m in members.items()]
-    return sorted(groups, key=lambda g: (-g["size"], g["group"]))
 
 
 def _clusters(table) -> list[dict]:
@@ -460,7 +397,7 @@ def _routes(service: Service) -> list:
     """One route per declared path, each method answered by its endpoint's handler."""
     handlers: dict[str, dict[str, object]] = {}
     for e in api.ENDPOINTS:
-        handlers.setdefault(e.path, {})[e.method] = getattr(service, e.handler)
+        handlers.setdefault(e.path, {})[e.method] = operator.attrgetter(e.handler)(service)
     routes = []
     for path, by_method in handlers.items():
         async def answer(request: Request, by_method=by_method) -> Response:

@@ -32,3 +32,5 @@ class ServeConfig:
     header_timeout_s: float = 10.0  # a connection must send a request's head within this
     body_timeout_s: float = 30.0  # and then its body without pausing longer than this
     max_connections: int = 1024  # connections beyond this are closed at once
+    review_db: str = ""  # SQLAlchemy URL of the duplicate decisions; empty: review.db in the data folder
+    keep_rules: str = ""  # the ordered keep rules (core.review.KeepRules), comma-separated; empty: the default

@@ -168,7 +168,7 @@
   // rounded id (404). Inside a JSON string the quotes are escaped, so only
   // real "image_id" keys match.
   function parseJson(text) {
-    return JSON.parse(text.replace(/"image_id"(\s*):(\s*)(-?\d+)/g, '"image_id"$1:$2"$3"'));
+    return JSON.parse(text.replace(/"(image_id|suggested_keeper)"(\s*):(\s*)(-?\d+)/g, '"$1"$2:$3"$4"'));
   }
 
   async function api(path, params, init) {
@@ -656,10 +656,65 @@
     return result.data;
   }
 
+  // A write of the review: JSON body, then the current page again.
+  async function reviewWrite(path, body, action) {
+    clearError();
+    try {
+      const data = await api(path, null, {
+        method: 'POST', body: JSON.stringify(body), headers: { 'Content-Type': 'application/json' },
+      });
+      return data;
+    } catch (err) {
+      showError(describeError(err, action));
+      return null;
+    }
+  }
+
+  function metadataLine(m) {
+    const parts = [];
+    if (m.width && m.height) parts.push(m.width + '×' + m.height);
+    if (m.captured_at) parts.push('taken ' + String(m.captured_at).replace('T', ' ').slice(0, 19));
+    const camera = [m.camera_make, m.camera_model].filter(Boolean).join(' ');
+    if (camera) parts.push(camera);
+    if (m.bytes) parts.push(Math.round(Number(m.bytes) / 1024) + ' KiB');
+    if (m.copies > 1) parts.push(m.copies + ' files');
+    return parts.join(' · ');
+  }
+
+  function reviewMember(m, group) {
+    const li = memberElement(m, 'review-member' + (m.suggested === 'keep' ? ' suggested-keep' : ''));
+    li.dataset.decision = m.decision || '';
+    li.dataset.suggested = m.suggested || '';
+    const meta = node('span', 'member-meta', metadataLine(m));
+    const badge = node('span', 'badge', m.suggested === 'keep' ? 'suggested: keep' : 'suggested: set aside');
+    const actions = node('span', 'decision-buttons');
+    for (const [action, label] of [['keep', 'Keep'], ['set_aside', 'Set aside']]) {
+      const b = node('button', 'decide decide-' + action, label);
+      b.type = 'button';
+      b.setAttribute('aria-pressed', String(m.decision === action));
+      b.addEventListener('click', async () => {
+        const choice = {};
+        choice[String(m.image_id)] = m.decision === action ? null : action;  // a second click undecides
+        if (await reviewWrite('/duplicates/decisions', { decisions: choice }, 'Saving the decision')) {
+          loadDuplicates(state.pagers.duplicates.page);
+        }
+      });
+      actions.append(b);
+    }
+    const decided = node('span', 'decided-by', m.decision ? (m.decision === 'keep' ? 'kept' : 'set aside') +
+      ' by ' + m.decided_by : 'undecided');
+    li.append(meta, badge, actions, decided);
+    return li;
+  }
+
   async function loadDuplicates(page) {
-    const data = await loadPage(state.pagers.duplicates, el.duplicates, '/duplicates', new URLSearchParams(), page,
+    const params = new URLSearchParams();
+    const minScore = $('review-min-score');
+    if (minScore && minScore.dataset.filter === 'on' && minScore.value) params.set('min_score', minScore.value);
+    const data = await loadPage(state.pagers.duplicates, el.duplicates, '/duplicates', params, page,
       'total_groups', 'groups', 'duplicates');
     if (data === null) return;
+    loadPlan();
 
     const groups = Array.isArray(data.groups) ? data.groups : [];
     if (!groups.length) {
@@ -677,19 +732,86 @@
         node('h3', 'row-title', 'Group ' + (g.group !== undefined && g.group !== null ? g.group : '')),
         node('span', 'group-size', size + (size === 1 ? ' image' : ' images')),
       );
+      if (g.score !== undefined && g.score !== null) {
+        head.append(node('span', 'group-score', 'every pair ≥ ' + fmtScore(g.score)));
+      }
       if (g.max_similarity !== undefined && g.max_similarity !== null) {
         const sim = node('span', 'group-similarity', 'max similarity ' + fmtScore(g.max_similarity));
         sim.dataset.maxSimilarity = String(g.max_similarity);
         head.append(sim);
       }
-      const strip = node('ul', 'strip members');
-      strip.append(...members.map((m) => memberElement(m)));
+      const apart = node('button', 'not-duplicates', 'Not duplicates');
+      apart.type = 'button';
+      apart.title = 'These images are not copies of each other: never group them again';
+      apart.addEventListener('click', async () => {
+        if (await reviewWrite('/duplicates/separate', { image_ids: members.map((m) => String(m.image_id)) },
+          'Separating the group')) loadDuplicates(state.pagers.duplicates.page);
+      });
+      head.append(apart);
+      const strip = node('ul', 'strip members side-by-side');
+      strip.append(...members.map((m) => reviewMember(m, g)));
       art.append(head, strip);
-      if (size > members.length) {
-        art.append(node('p', 'hint more', '+' + (size - members.length) + ' more not shown'));
-      }
       return art;
     }));
+  }
+
+  async function loadPlan() {
+    const info = $('review-plan');
+    if (!info) return;
+    try {
+      const plan = await api('/duplicates/plan');
+      const applies = await api('/duplicates/applies');
+      info.textContent = plan.files + (plan.files === 1 ? ' file' : ' files') + ' set aside, not yet moved';
+      info.dataset.files = String(plan.files);
+      $('review-apply').disabled = !plan.files;
+      const last = (applies.applies || []).find((a) => a.state !== 'undone');
+      const undo = $('review-undo');
+      undo.disabled = !last;
+      undo.dataset.applyId = last ? last.apply_id : '';
+    } catch (err) {
+      showError(describeError(err, 'Loading the plan'));
+    }
+  }
+
+  function wireReview() {
+    const minScore = $('review-min-score');
+    $('review-accept').addEventListener('click', async () => {
+      const s = Number(minScore.value);
+      if (!Number.isFinite(s)) return;
+      const done = await reviewWrite('/duplicates/accept', { min_score: s }, 'Accepting the suggestions');
+      if (done) {
+        $('review-status').textContent = 'Accepted the suggestion for ' + done.groups + ' groups (' + done.decided +
+          ' images decided).';
+        loadDuplicates(state.pagers.duplicates.page);
+      }
+    });
+    $('review-filter').addEventListener('change', (e) => {
+      minScore.dataset.filter = e.target.checked ? 'on' : 'off';
+      state.pagers.duplicates.first = null;
+      loadDuplicates(1);
+    });
+    $('review-apply').addEventListener('click', async () => {
+      const done = await reviewWrite('/duplicates/apply', {}, 'Moving the set-aside files');
+      if (done) {
+        $('review-status').textContent = 'Moved ' + done.moved + ' files to set-aside/ (apply ' + done.apply_id + ')' +
+          (done.failed.length ? '; ' + done.failed.length + ' could not move' : '') + '.';
+        loadDuplicates(state.pagers.duplicates.page);
+      }
+    });
+    $('review-undo').addEventListener('click', async (e) => {
+      const id = e.target.dataset.applyId;
+      if (!id) return;
+      const done = await reviewWrite('/duplicates/undo', { apply_id: id }, 'Undoing the apply');
+      if (done) {
+        $('review-status').textContent = 'Put back ' + done.undone.map((u) => u.restored).reduce((a, b) => a + b, 0) +
+          ' files (apply ' + id + ').';
+        loadDuplicates(state.pagers.duplicates.page);
+      }
+    });
+    for (const kind of ['csv', 'json']) {
+      const link = $('review-export-' + kind);
+      link.href = '/duplicates/export?' + withToken(new URLSearchParams({ format: kind })).toString();
+    }
   }
 
   // ---------------------------------------------------------------- clusters
@@ -901,6 +1023,7 @@
 
   // -------------------------------------------------------------------- boot
   wirePager(state.pagers.duplicates);
+  wireReview();
   wirePager(state.pagers.clusters);
   el.queryPreview.addEventListener('error', () => el.queryPreview.classList.add('broken'));
   state.view = null;
