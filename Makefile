@@ -45,6 +45,7 @@ bench: install
 	$(BIN)/python -m bench.hostile --variants 50000 2>/dev/null
 	$(BIN)/python -m bench.hostile --service 2>/dev/null
 	$(BIN)/python -m bench.serve
+	$(BIN)/python -m bench.review
 
 # 1M vectors against autofaiss in its own venv (about half an hour on 2 cores, 3 GB of disk);
 # `make bench-index INDEX=--reuse-autofaiss` judges the autofaiss index an earlier run built.

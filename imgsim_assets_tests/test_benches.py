@@ -231,3 +231,11 @@ def test_every_bench_module_is_run_here():
                if re.search(r"^def main\(", path.read_text(), re.M)}
     run_here = set(re.findall(r'_bench\("(bench\.\w+)"', Path(__file__).read_text()))
     assert benches and not benches - run_here, f"not run by make test: {sorted(benches - run_here)}"
+
+
+def test_bench_review_pages_decides_applies_and_exports_a_tiny_collection(tmp_path):
+    out = _bench("bench.review", "--images", "1000", "--groups", "50", "--repeats", "2", tmp_path=tmp_path)
+    assert re.search(r"page of 10 groups, p50: 10 groups [\d.]+ ms \| 50 groups first page", out), out
+    moved = re.search(r"apply: (\d+) files in [\d.]+ s, \d+ files/s \(0 failed\) \| undo: \d+ files/s", out)
+    assert moved and int(moved.group(1)) >= 50, out  # every group of 2-5 sets at least one member aside
+    assert "export: csv" in out and "bulk accept" in out

@@ -83,3 +83,26 @@ def _graph(assets):
     from dagster import Definitions
 
     return Definitions(assets=assets).resolve_asset_graph()
+
+
+def test_postgres_url_names_the_instances_database_and_decisions_go_there(postgres_url, tmp_path, monkeypatch):
+    from dagster import DagsterInstance
+
+    from imgsim_assets.dagster_private import postgres_url as instance_postgres_url
+    from imgsim_assets.instance import review_database_url
+    from imgsim_assets.settings import Settings
+
+    home = tmp_path / "pg_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text(f"storage:\n  postgres:\n    postgres_url: {postgres_url}\n")
+    with DagsterInstance.from_config(str(home)) as instance:
+        assert instance_postgres_url(instance) == postgres_url
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    assert review_database_url(Settings(data_dir=tmp_path / "data")) == postgres_url
+    assert review_database_url(Settings(data_dir=tmp_path / "data", review_db="sqlite:///x.db")) == "sqlite:///x.db"
+    local = tmp_path / "local_home"
+    local.mkdir()
+    monkeypatch.setenv("DAGSTER_HOME", str(local))
+    with DagsterInstance.ephemeral() as instance:
+        assert instance_postgres_url(instance) is None
+    assert review_database_url(Settings(data_dir=tmp_path / "data")) == f"sqlite:///{tmp_path / 'data' / 'review.db'}"
