@@ -210,9 +210,9 @@ class Photos:
     """Per image_id: every file (path under the images root) and the first file's metadata."""
 
     def __init__(self, table: pa.Table) -> None:
-        self.table = table
-        self.ids = table.column("image_id").to_numpy()
-        self.paths = table.column("path").to_pylist()
+        self.table = table.combine_chunks()  # one chunk: a row is found in constant time
+        self.ids = self.table.column("image_id").to_numpy()
+        self.paths = self.table.column("path").to_pylist()
 
     @classmethod
     def from_manifests(cls, paths: Iterable[str | Path]) -> "Photos":
