@@ -109,7 +109,10 @@ class Decisions:
 
     def __init__(self, url_or_engine: str | sa.Engine) -> None:
         self.engine = engine_for(url_or_engine) if isinstance(url_or_engine, str) else url_or_engine
-        metadata.create_all(self.engine)
+        try:
+            metadata.create_all(self.engine)
+        except (sa.exc.OperationalError, sa.exc.IntegrityError, sa.exc.ProgrammingError):
+            metadata.create_all(self.engine)  # another process created the tables meanwhile: they are there now
 
     def _changed(self, connection, kind: str, count: int, by: str, when: dt.datetime) -> None:
         connection.execute(changes_table.insert(), {"kind": kind, "count": count, "decided_at": when, "decided_by": by})
