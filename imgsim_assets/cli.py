@@ -373,9 +373,12 @@ def cmd_duplicates(args) -> int:
     decisions = review.Decisions(review_database_url(settings))
     rules = review.KeepRules.parse(args.keep or settings.keep_rules)
     place = setaside.Place(settings.data_dir, settings.images_dir)
-    current = review.load(settings.assets_dir, decisions, rules)
+
+    def current() -> review.Review:  # read the manifests and pairs only for the actions that need them
+        return review.load(settings.assets_dir, decisions, rules)
+
     if args.action == "list":
-        groups, total = current.page(args.page, args.per_page, args.min_score)
+        groups, total = current().page(args.page, args.per_page, args.min_score)
         for g in groups:
             print(f"group {g.number}: {len(g.members)} images, every pair >= {g.score:.4f}")
             for m in g.members:
@@ -386,13 +389,13 @@ def cmd_duplicates(args) -> int:
     elif args.action == "accept":
         if args.min_score is None:
             raise ValueError("accept needs --min-score S: the suggestion is taken for every group at least S similar")
-        groups, images = current.accept(args.min_score)
+        groups, images = current().accept(args.min_score)
         print(f"accepted the suggestion for {groups} groups: {images} images decided")
     elif args.action in ("plan", "apply"):
         resumed = setaside.resume(decisions, place) if args.action == "apply" else []
         for outcome in resumed:
             print(f"finished the interrupted apply {outcome.apply_id}: {outcome.moved} files")
-        moves = setaside.plan(decisions, current.photos, place)
+        moves = setaside.plan(decisions, current().photos, place)
         for m in moves:
             print(f"{'move' if args.action == 'apply' else 'would move'} {m.source} -> {m.target}")
         if args.action == "apply":
@@ -417,7 +420,7 @@ def cmd_duplicates(args) -> int:
         for a in setaside.applies(decisions):
             print(f"{a['apply_id']}  {a['state']:<9} {a['started_at']}  {a['applied_by']}  {a['files']}")
     elif args.action == "export":
-        text = (review.export_csv if args.format == "csv" else review.export_json)(current)
+        text = (review.export_csv if args.format == "csv" else review.export_json)(current())
         if args.output:
             from imgsim_assets.core.storage import atomic_path
 

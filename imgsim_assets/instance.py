@@ -51,6 +51,16 @@ def ensure_instance_yaml(home: str | Path) -> Path:
     return config
 
 
+def _names_postgres(config: Path) -> bool:
+    """Whether a ``dagster.yaml`` puts the run storage on PostgreSQL (``storage: postgres:`` or a
+    ``dagster_postgres`` run storage), so that loading the instance is worth it."""
+    import yaml
+
+    parsed = yaml.safe_load(config.read_text()) or {}
+    storage, runs = parsed.get("storage") or {}, parsed.get("run_storage") or {}
+    return "postgres" in storage or "dagster_postgres" in str(runs.get("module", ""))
+
+
 def review_database_url(settings, instance=None) -> str:
     """Where duplicate decisions live: ``IMGSIM_REVIEW_DB``; else the Dagster instance's
     PostgreSQL, when it runs on one (its tables are prefixed ``imgsim_``); else ``review.db`` in
@@ -59,7 +69,7 @@ def review_database_url(settings, instance=None) -> str:
         return settings.review_db
     if instance is None:
         config = Path(os.environ.get("DAGSTER_HOME") or settings.dagster_home) / "dagster.yaml"
-        if config.exists() and "postgres" in config.read_text():
+        if config.exists() and _names_postgres(config):
             from dagster import DagsterInstance
 
             instance = DagsterInstance.from_config(str(config.parent))

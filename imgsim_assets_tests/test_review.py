@@ -265,3 +265,33 @@ def pa_select_moves():
     import sqlalchemy
 
     return sqlalchemy.select(sa_.moves_table.c.source, sa_.moves_table.c.state)
+
+
+def test_the_cli_lists_accepts_plans_applies_exports_and_undoes(tmp_path, monkeypatch, capsys):
+    from imgsim_assets import cli
+
+    images, _, pairs = _collection(tmp_path, groups=2)
+    data = images.parent
+    (data / "assets" / "raw_images").mkdir(parents=True)
+    (tmp_path / "b1.parquet").rename(data / "assets" / "raw_images" / "b1.parquet")
+    pq.write_table(pairs, data / "assets" / "near_duplicates.parquet")
+    monkeypatch.setenv("IMGSIM_DATA_DIR", str(data))
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+
+    assert cli.main(["duplicates", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "group 0: 3 images, every pair >= 0.9900" in out and "*                  102  undecided" in out
+    assert cli.main(["duplicates", "accept", "--min-score", "0.985"]) == 0
+    assert "for 1 groups: 3 images decided" in capsys.readouterr().out
+    assert cli.main(["duplicates", "plan"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("would move b0/sub/") == 2 and "2 files (0.0 MiB) would move; nothing moved" in out and not list(data.glob("set-aside/*/*"))
+    assert cli.main(["duplicates", "apply"]) == 0
+    assert sorted(p.name for p in data.glob("set-aside/*/b0/sub/*")) == ["g0_0.jpg", "g0_1.jpg"]
+    assert cli.main(["duplicates", "export", "--format", "csv", "-o", str(tmp_path / "d.csv")]) == 0
+    rows = (tmp_path / "d.csv").read_text().splitlines()
+    assert rows[0].startswith("group,group_size,group_score,image_id") and len(rows) == 1 + 6
+    assert sum(",set_aside,set_aside," in r for r in rows) == 2
+    assert cli.main(["duplicates", "undo", "--all"]) == 0
+    assert (images / "b0/sub/g0_0.jpg").exists() and not list(data.glob("set-aside/*/b0/sub/*"))
+    assert cli.main(["duplicates", "undo"]) == 2  # neither an id nor --all
