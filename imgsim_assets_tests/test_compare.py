@@ -20,7 +20,8 @@ def _photo(name: str, side: int = 140) -> np.ndarray:
     """A sample photograph as uint8 3×side×side (bicubic from its 512 px original)."""
     from PIL import Image
 
-    return np.asarray(Image.fromarray(getattr(skimage.data, name)()).convert("RGB").resize((side, side))).transpose(2, 0, 1)
+    picture = Image.fromarray(getattr(skimage.data, name)()).convert("RGB").resize((side, side))
+    return np.asarray(picture).transpose(2, 0, 1)
 
 
 def test_best_matches_pair_each_patch_with_its_most_similar_one_both_ways():
@@ -52,7 +53,8 @@ def test_a_picture_matches_itself_patch_for_patch(encoder):
 def test_a_copy_shifted_by_one_patch_matches_each_patch_to_its_shifted_self(encoder, name):
     big = _photo(name)  # 140 px: room for two 112-px views one patch (14 px) apart
     first, second = big[:, :112, :112], big[:, 14:126, 14:126]
-    result = compare.compare(encoder, PRE, compare.Picture(first, (112, 112)), compare.Picture(second, (112, 112)))
+    result = compare.compare(encoder, PRE, compare.Picture(first, (112, 112)),
+                             compare.Picture(second, (112, 112)))
     rows, cols = np.divmod(np.arange(64), 8)
     in_both = (rows >= 1) & (cols >= 1)  # patch (r, c) of the first is patch (r-1, c-1) of the second
     matched = result.a.match.ravel()[in_both] == ((rows - 1) * 8 + cols - 1)[in_both]
@@ -60,7 +62,8 @@ def test_a_copy_shifted_by_one_patch_matches_each_patch_to_its_shifted_self(enco
     # Shared patches match closely; the first's outer row and column exist only in it.
     assert result.a.similarity.ravel()[in_both].mean() > result.a.similarity.ravel()[~in_both].mean()
     noise = np.random.default_rng(0).integers(0, 256, first.shape, dtype=np.uint8)
-    unrelated = compare.compare(encoder, PRE, compare.Picture(first, (112, 112)), compare.Picture(noise, (112, 112)))
+    unrelated = compare.compare(encoder, PRE, compare.Picture(first, (112, 112)),
+                                compare.Picture(noise, (112, 112)))
     assert unrelated.a.similarity.mean() < result.a.similarity.mean() - 0.3
 
 
