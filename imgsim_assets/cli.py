@@ -120,14 +120,17 @@ def cmd_search(args) -> int:
         return 2
     if args.server:
         return _search_server(args)
+    from imgsim_assets.core import images
     from imgsim_assets.core.search import UnknownImage
     from imgsim_assets.settings import Settings
 
+    box = images.Box.parse(args.box) if args.box else None  # a malformed box fails before the model loads
     settings = Settings.from_env()
     searcher, source = open_searcher(args, settings)
     if searcher.random_weights:
         print(RANDOM_BANNER, file=sys.stderr)
-    if args.id is not None:
+    used = {}
+    if args.id is not None and box is None:
         try:
             hits = searcher.search_ids([args.id], args.k, args.nprobe, args.batch)[0]
         except UnknownImage as e:
@@ -135,12 +138,24 @@ def cmd_search(args) -> int:
             return 2
         query = f"image_id {args.id} ({searcher.describe(args.id)[0]})"
     else:
-        answer = searcher.search_files([args.image], args.k, args.nprobe, args.batch)[0]
+        if args.id is not None:  # a region of an indexed image: its file is the query
+            path, _, copies = searcher.describe(args.id)
+            if not copies:
+                print(f"imgsim search: {UnknownImage(args.id)}", file=sys.stderr)
+                return 2
+            file, root = images.source_path(settings.images_dir, path), settings.images_dir
+            query = f"image_id {args.id} ({path})"
+        else:
+            file, root, query = args.image, None, args.image
+        answer = searcher.search_files([file], args.k, args.nprobe, args.batch, root=root, box=box)[0]
         if not answer.ok:
-            print(f"cannot search with {args.image}: {answer.record.reason}: {answer.record.message}", file=sys.stderr)
+            print(f"cannot search with {file}: {answer.record.reason}: {answer.record.message}", file=sys.stderr)
             return 2
-        query, hits = args.image, answer.hits
-    return _print_answer(args, {"query": query, "backend": args.backend, "hits": [h.to_dict() for h in hits]},
+        hits = answer.hits
+        if box is not None:  # as used: cut at the picture's edges
+            used["box"] = list(box.clip(*answer.record.size).coords)
+            query += f", box {images.Box(*used['box']).text}"
+    return _print_answer(args, {"query": query, **used, "backend": args.backend, "hits": [h.to_dict() for h in hits]},
                          source, settings.images_dir)
 
 
@@ -153,10 +168,10 @@ def _search_server(args) -> int:
     token = args.token or Settings.from_env().serve_token
     try:
         if args.id is not None:
-            answer = client.search_id(args.server, args.id, args.k, args.nprobe, args.batch, token)
+            answer = client.search_id(args.server, args.id, args.k, args.nprobe, args.batch, token, box=args.box)
             query = f"image_id {args.id}"
         else:
-            answer = client.search_file(args.server, args.image, args.k, args.nprobe, args.batch, token)
+            answer = client.search_file(args.server, args.image, args.k, args.nprobe, args.batch, token, box=args.box)
             query = args.image
     except client.ServerError as e:
         print(f"imgsim search: {e}", file=sys.stderr)
@@ -447,6 +462,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("search", help="nearest indexed images of IMAGE (or of an indexed image, --id)")
     p.add_argument("image", nargs="?", help="an image file to search with")
     p.add_argument("--id", type=int, default=None, help="search with an indexed image, by its image_id")
+    p.add_argument("--box", default=None, metavar="X0,Y0,X1,Y1", help="only this region of the image is the query, "
+                   "in pixels of the picture as displayed (after EXIF rotation); cut at its edges, at least 8 px a side")
     p.add_argument("--batch", action="append", default=None, help="only answer from this batch (repeatable)")
     p.add_argument("-k", type=int, default=10)
     p.add_argument("--nprobe", type=int, default=None, help="IVF lists to visit (default: as tuned at build)")

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import socket
 import threading
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import uvicorn
 from dagster import instance_for_test
+from PIL import Image
 
 from imgsim_assets.core.sample_data import write_sample_corpus
 from imgsim_assets.definitions import build_definitions
@@ -50,6 +52,29 @@ def sample_collection(root: Path):
         assert run_job(instance, defs.resolve_job_def("analyze_index"),
                        ops_config={"near_duplicates": {"config": {"threshold": 0.95, "grouping": "connected"}}}) is None
         yield settings, defs, instance
+
+
+# An indexed photograph pasted into a canvas tiled with another one. With the tests' 2-block
+# random-weight encoder the whole collage finds brick.png first and the pasted photograph only
+# at rank 87 of 92; the box around it is the photograph's own pixels, and finds it first.
+COLLAGE_PHOTO = "batch-0001/astronaut.png"
+COLLAGE_FILL = "batch-0001/brick.png"
+
+
+def collage(images_dir: Path) -> tuple[bytes, tuple[int, int, int, int]]:
+    """A 1024² PNG: :data:`COLLAGE_PHOTO` (512²) pasted near its top-right corner, the rest
+    tiled with :data:`COLLAGE_FILL`; and the pasted photograph's box (x0, y0, x1, y1)."""
+    photo = Image.open(images_dir / COLLAGE_PHOTO).convert("RGB")
+    fill = Image.open(images_dir / COLLAGE_FILL).convert("RGB")
+    canvas = Image.new("RGB", (2 * photo.width, 2 * photo.height))
+    for x in range(0, canvas.width, fill.width):
+        for y in range(0, canvas.height, fill.height):
+            canvas.paste(fill, (x, y))
+    x0, y0 = canvas.width - photo.width - 10, 10
+    canvas.paste(photo, (x0, y0))
+    out = io.BytesIO()
+    canvas.save(out, format="PNG")
+    return out.getvalue(), (x0, y0, x0 + photo.width, y0 + photo.height)
 
 
 def free_port() -> int:

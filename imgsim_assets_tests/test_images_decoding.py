@@ -14,9 +14,9 @@ from imgsim_assets_tests.pictures import encode, jpeg, photo, png
 SMALL = Preprocess(crop_size=56, resize_size=64)
 
 
-def _decoded(data: bytes, pre=SMALL) -> tuple[images.ImageRecord, np.ndarray | None]:
+def _decoded(data: bytes, pre=SMALL, box=None) -> tuple[images.ImageRecord, np.ndarray | None]:
     record = images.ImageRecord(path="x")
-    return record, decode(data, pre, record)
+    return record, decode(data, pre, record, box)
 
 
 def test_jpeg_draft_is_close_to_full_decode():
@@ -272,3 +272,47 @@ def test_deep_greyscale_is_scaled_as_before_without_a_float64_copy(mode):
     one_band = np.asarray(images.protocol.resize_and_crop(Image.fromarray(got, "L"), pre).convert("RGB"))
     three = np.asarray(images.protocol.resize_and_crop(Image.fromarray(got, "L").convert("RGB"), pre))
     assert np.array_equal(one_band, three)
+
+
+@pytest.mark.parametrize("orientation", [1, 3, 6, 8])
+def test_a_box_is_in_the_pixels_of_the_upright_picture(orientation):
+    upright = photo(240, 320, seed=7)  # displayed landscape 320×240
+    exif = Image.Exif()
+    exif[images.ORIENTATION_TAG] = orientation
+    data = encode(Image.fromarray(_as_stored(upright, orientation)), "PNG", exif=exif.tobytes())
+    box = images.Box(200, 20, 300, 140)  # a region of the right half as displayed
+    rec, out = _decoded(data, box=box)
+    assert (rec.status, rec.size) == ("ok", (320, 240))
+    np.testing.assert_array_equal(out, _decoded(png(upright[20:140, 200:300]))[1])
+
+
+def test_a_box_in_a_drafted_jpeg_is_decoded_at_the_scale_the_box_needs(monkeypatch):
+    picture = photo(1200, 1600, seed=8)
+    data = jpeg(Image.fromarray(picture))
+    resizes = []
+    original = Image.Image.resize
+
+    def spy(self, size, *args, **kwargs):
+        resizes.append(self.size)
+        return original(self, size, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "resize", spy)
+    _decoded(data, Preprocess())
+    assert resizes[-1] == (400, 300)  # 1/4 scale covers 256 of the whole
+    box = images.Box(400, 300, 1200, 900)  # 800×600: the whole picture's quarter draft leaves it 200×150
+    _, boxed = _decoded(data, Preprocess(), box=box)
+    assert resizes[-1] == (400, 300)  # cut from a half-scale draft: the smallest that still covers 256
+    exact = decode(jpeg(Image.fromarray(picture[300:900, 400:1200])), Preprocess(draft=False), images.ImageRecord(path="y"))
+    assert np.abs(boxed.astype(float) - exact.astype(float)).mean() < 4.0
+
+
+def test_a_box_changes_no_limit():
+    bomb = encode(Image.new("1", (20_000, 20_000)), "PNG")
+    rec, out = _decoded(bomb, box=images.Box(0, 0, 100, 100))
+    assert out is None and rec.reason == images.DECOMPRESSION_BOMB
+    with pytest.raises(images.BadBox, match="lies outside the 80x60 image"):
+        _decoded(png(photo(60, 80)), box=images.Box(100, 100, 200, 200))
+    budget = Preprocess(crop_size=56, resize_size=64, max_decode_bytes=100 * 100 * 4 + 10 * 10 * 4 + 800)
+    assert _decoded(png(photo(100, 100)), budget, box=images.Box(0, 0, 10, 10))[0].status == "ok"
+    rec, _ = _decoded(png(photo(100, 100)), budget, box=images.Box(0, 0, 60, 60))  # the cut-out counts too
+    assert rec.reason == images.DECOMPRESSION_BOMB

@@ -16,7 +16,7 @@ from imgsim_assets.core.sample_data import write_synthetic_batch
 from imgsim_assets.core.storage import artifact_path
 from imgsim_assets.ingest import ingest
 from imgsim_assets.serve.app import ServeConfig, create_app
-from imgsim_assets_tests.serving import get, post_image, running_server, sample_collection
+from imgsim_assets_tests.serving import COLLAGE_PHOTO, collage, get, post_image, running_server, sample_collection
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +141,7 @@ def test_a_token_guards_every_request_and_is_required_beyond_loopback(collection
         assert get(base + "/healthz", token="s3cret")[0] == 200
         assert get(base + "/healthz?token=s3cret")[0] == 200
         assert get(base + "/evaluation")[0] == 401 and get(base + "/evaluation", token="s3cret")[0] == 200
+        assert get(base + "/compare?a=1&b=2")[0] == 401 and get(base + "/compare?a=1&b=2", token="s3cret")[0] == 404
         assert get(base + "/")[0] == 200  # the page itself holds no data; it sends the token on
         env = {**os.environ, "IMGSIM_SERVE_TOKEN": "s3cret"}
         query = str(settings.images_dir / "batch-0001" / "chelsea.png")
@@ -153,6 +154,128 @@ def test_a_token_guards_every_request_and_is_required_beyond_loopback(collection
                                  env={k: v for k, v in env.items() if k != "IMGSIM_SERVE_TOKEN"},
                                  capture_output=True, text=True, timeout=120)
         assert refused.returncode == 2 and "401 unauthorized" in refused.stderr
+
+
+def _box(box) -> str:
+    return ",".join(str(v) for v in box)
+
+
+def test_region_search_finds_a_photograph_pasted_into_a_collage(collection, server):
+    settings, _, _ = collection
+    base, _ = server
+    data, (x0, y0, x1, y1) = collage(settings.images_dir)
+
+    status, whole, _ = post_image(base + "/search?k=92", data, "collage.png")
+    assert status == 200 and whole["hits"][0]["path"] != COLLAGE_PHOTO and "box" not in whole["query"]
+    unboxed = next(h for h in whole["hits"] if h["path"] == COLLAGE_PHOTO)
+    assert unboxed["rank"] > 10
+
+    status, boxed, _ = post_image(f"{base}/search?k=5&box={_box((x0, y0, x1, y1))}", data, "collage.png")
+    assert status == 200, boxed
+    top = boxed["hits"][0]
+    assert top["path"] == COLLAGE_PHOTO and top["inner_product"] == pytest.approx(1.0, abs=1e-4)
+    assert top["inner_product"] > unboxed["inner_product"] + 0.05
+    assert boxed["query"]["box"] == [x0, y0, x1, y1] and (boxed["query"]["width"], boxed["query"]["height"]) == (1024, 1024)
+
+    # A box past the picture's edges is cut there; the answer says what was used.
+    status, past, _ = post_image(f"{base}/search?k=1&box={_box((x0, -50, x1 + 500, y1))}", data, "collage.png")
+    assert status == 200 and past["query"]["box"] == [x0, 0, 1024, y1]
+
+    # A region of an indexed image (its file decoded again) answers as that region uploaded.
+    photo_id = top["image_id"]
+    crop = io.BytesIO()
+    Image.open(settings.images_dir / COLLAGE_PHOTO).convert("RGB").crop((100, 50, 356, 306)).save(crop, format="PNG")
+    status, by_id, _ = get(f"{base}/search?image_id={photo_id}&k=10&box=100,50,356,306")
+    assert status == 200, by_id
+    uploaded = post_image(base + "/search?k=10", crop.getvalue(), "crop.png")[1]
+    assert [h["image_id"] for h in by_id["hits"]] == [h["image_id"] for h in uploaded["hits"]]
+    assert by_id["hits"][0]["inner_product"] == pytest.approx(uploaded["hits"][0]["inner_product"], abs=1e-5)
+    assert by_id["query"]["box"] == [100, 50, 356, 306] and by_id["query"]["image_id"] == photo_id
+
+    # Bad boxes: 400 with the reason.
+    for box, said in [("1,2,3", "four numbers"), ("a,b,c,d", "four numbers"), ("10,10,5,50", "x0 < x1"),
+                      ("0,0,4,100", "at least 8"), ("2000,2000,3000,3000", "lies outside the 1024x1024 image"),
+                      ("1020,0,1100,100", "leaves 4x100 pixels"), ("0,0,nan,10", "finite")]:
+        status, body, _ = post_image(f"{base}/search?box={box}", data, "collage.png")
+        assert (status, body["error"]) == (400, "bad_box") and said in body["detail"], (box, body)
+    status, body, _ = get(f"{base}/search?image_id={photo_id}&box=0,0,10,5")
+    assert (status, body["error"]) == (400, "bad_box")
+    status, body, _ = get(f"{base}/search?image_id=5&box=0,0,100,100")
+    assert (status, body["error"]) == (404, "unknown_image")
+    status, body, _ = post_image(base + "/search?box=0,0,100,100", b"<html>not a picture</html>", "page.jpg")
+    assert (status, body["error"]) == (422, "not_an_image")  # a fine box on a bad file: the file's refusal
+
+    spec = get(base + "/openapi.json")[1]
+    for method in ("get", "post"):
+        assert "box" in {p["name"] for p in spec["paths"]["/search"][method]["parameters"]}
+    assert {p["name"] for p in spec["paths"]["/compare"]["get"]["parameters"]} == {"a", "b"}
+
+
+def test_region_search_from_the_command_line(collection, server, tmp_path):
+    settings, _, _ = collection
+    base, _ = server
+    data, box = collage(settings.images_dir)
+    query = tmp_path / "collage.png"
+    query.write_bytes(data)
+    env = {**os.environ, "IMGSIM_DATA_DIR": str(settings.data_dir), "IMGSIM_DEVICE": "cpu"}
+
+    def search(*args):
+        return subprocess.run([sys.executable, "-m", "imgsim_assets.cli", "search", *args, "-k", "3", "--json"],
+                              env=env, capture_output=True, text=True, timeout=300)
+
+    local = search(str(query), "--box", _box(box))
+    assert local.returncode == 0, local.stderr[-2000:]
+    answer = json.loads(local.stdout)
+    assert answer["hits"][0]["path"] == COLLAGE_PHOTO and answer["box"] == list(box)
+    assert answer["hits"][0]["inner_product"] == pytest.approx(1.0, abs=1e-4)
+    whole = json.loads(search(str(query)).stdout)
+    assert COLLAGE_PHOTO not in [h["path"] for h in whole["hits"]]
+    served = search("--server", base, str(query), "--box", _box(box))
+    assert served.returncode == 0, served.stderr[-2000:]
+    assert json.loads(served.stdout)["hits"][0]["path"] == COLLAGE_PHOTO
+    # The top-left quarter of an indexed photograph, by id: locally and through the server, alike.
+    photo_id = answer["hits"][0]["image_id"]
+    by_id = [json.loads(search("--id", str(photo_id), "--box", "0,0,256,256", *server_args).stdout)["hits"]
+             for server_args in ((), ("--server", base))]
+    assert [h["image_id"] for h in by_id[0]] == [h["image_id"] for h in by_id[1]]
+    refused = search(str(query), "--box", "0,0,4,4")
+    assert refused.returncode == 2 and "each side must be at least 8" in refused.stderr
+    refused = search("--server", base, str(query), "--box", "5000,0,6000,100")
+    assert refused.returncode == 2 and "400 bad_box" in refused.stderr and "lies outside" in refused.stderr
+
+
+def test_compare_pairs_the_patches_of_two_indexed_images(collection, server):
+    base, _ = server
+    chelsea = post_image(base + "/search?k=1", (collection[0].images_dir / "batch-0001/chelsea.png").read_bytes())[1]
+    chelsea_id = chelsea["hits"][0]["image_id"]
+    status, same, _ = get(f"{base}/compare?a={chelsea_id}&b={chelsea_id}")
+    assert status == 200, same
+    for side in (same["a"], same["b"]):
+        assert (side["rows"], side["cols"], side["patch_size"]) == (8, 8, 14) and side["path"] == "batch-0001/chelsea.png"
+        assert all(s == pytest.approx(1.0, abs=1e-3) for row in side["similarity"] for s in row)
+        assert [m for row in side["match"] for m in row] == list(range(64))
+    assert same["inner_product"] == pytest.approx(1.0, abs=1e-4) and same["score"] == pytest.approx(1.0, abs=1e-4)
+
+    # Its half-size copy: the score is the one search ranks it by; each grid covers the center
+    # crop of its own picture (451x300 and 225x150: the middle 300 and 150 px square).
+    neighbours = get(f"{base}/search?image_id={chelsea_id}&k=10&batch=batch-0002")[1]["hits"]
+    small = next(h for h in neighbours if h["path"] == "batch-0002/chelsea_small.jpg")
+    status, pair, _ = get(f"{base}/compare?a={chelsea_id}&b={small['image_id']}")
+    assert status == 200, pair
+    assert pair["inner_product"] == pytest.approx(small["inner_product"], abs=1e-4)
+    a, b = pair["a"], pair["b"]
+    assert (a["width"], a["height"], b["width"], b["height"]) == (451, 300, 225, 150)
+    assert a["crop"]["y1"] - a["crop"]["y0"] == pytest.approx(300 * 112 / 128, abs=0.5)
+    assert b["crop"]["y1"] - b["crop"]["y0"] == pytest.approx(150 * 112 / 128, abs=0.5)
+    assert (a["crop"]["x0"] + a["crop"]["x1"]) / 2 == pytest.approx(451 / 2, abs=2)
+    mean = sum(map(sum, a["similarity"])) / 64
+    assert 0.5 < mean < 1.0 and all(0 <= m < 64 for row in a["match"] for m in row)
+
+    cases = [(get(f"{base}/compare?a={chelsea_id}&b=5"), 404, "unknown_image"),
+             (get(f"{base}/compare?a={chelsea_id}"), 400, "missing_parameter"),
+             (get(f"{base}/compare?a=abc&b=1"), 422, "bad_parameter")]
+    for (status, body, _), expected_status, error in cases:
+        assert (status, body["error"]) == (expected_status, error), body
 
 
 def test_concurrent_image_queries_share_model_calls(collection, server):

@@ -80,6 +80,8 @@ def test_bombs_are_refused_from_their_header_and_large_uploads_stay_within_budge
         status, body, _ = post_image(base + "/search", bomb, "bomb.png")
         assert (status, body["error"]) == (422, "decompression_bomb"), body
         assert "MiB, over the budget of 256 MiB" in body["detail"] and time.monotonic() - began < 5
+        status, body, _ = post_image(base + "/search?box=0,0,64,64", bomb, "bomb.png")  # a small box changes nothing
+        assert (status, body["error"]) == (422, "decompression_bomb") and time.monotonic() - began < 10
     assert _status(pid, "VmHWM") - peak_before < 64 << 20  # refused before a single row was decoded
 
     # Within the budget: 36 Mpx of 16-bit greyscale decodes, one band at a time, to 3 bytes a pixel.
@@ -220,6 +222,41 @@ def test_only_its_own_host_names_and_safe_content_types(collection):
     with running_server(settings, allowed_hosts=("photos.example",)) as (base, _):
         assert _raw_get(base, "/healthz", "photos.example")[0] == 200
         assert _raw_get(base, "/healthz", "other.example")[0] == 421
+
+
+def test_regions_and_comparisons_read_indexed_files_only_through_the_images_root(collection, tmp_path):
+    settings, _, _ = collection
+    target = settings.images_dir / "batch-0001" / "camera.png"
+    original = target.read_bytes()
+    with running_server(settings) as (base, _):
+        image_id = post_image(base + "/search?k=1", original)[1]["hits"][0]["image_id"]
+        other = post_image(base + "/search?k=1", (settings.images_dir / "batch-0001" / "coins.png").read_bytes())[1]
+        other_id = other["hits"][0]["image_id"]
+        asks = (f"/search?image_id={image_id}&box=0,0,100,100", f"/compare?a={other_id}&b={image_id}")
+        target.rename(tmp_path / "camera.png")
+        try:
+            target.symlink_to("/etc/passwd")  # a link out of the root
+            for ask in asks:
+                status, body, _ = get(base + ask)
+                assert (status, body["error"]) == (403, "outside_root") and "/etc" not in body["detail"], body
+            target.unlink()
+            os.mkfifo(target)  # opened, it would block a reader forever
+            for ask in asks:
+                status, body, _ = get(base + ask)
+                assert (status, body["error"]) == (403, "not_a_file"), body
+            target.unlink()
+            target.write_bytes(png_bomb(13376, 1))  # replaced since it was indexed: the decode budget holds
+            for ask in asks:
+                status, body, _ = get(base + ask)
+                assert (status, body["error"]) == (422, "decompression_bomb"), body
+            target.unlink()
+            for ask in asks:
+                status, body, _ = get(base + ask)
+                assert (status, body["error"]) == (404, "unreadable") and str(settings.data_dir) not in body["detail"]
+        finally:
+            target.unlink(missing_ok=True)
+            (tmp_path / "camera.png").rename(target)
+        assert get(base + asks[1])[0] == 200
 
 
 def test_thumbnails_come_in_a_few_sizes_from_a_bounded_cache(tmp_path):

@@ -1,14 +1,16 @@
 """`imgsim serve`'s web page in a real browser: the sample corpus ingested with a tiny encoder,
 the app on loopback, Debian's Chromium driven by Playwright. Searching by a chosen file, by a
-clicked hit, within a batch, an upload the API refuses, and the duplicates, clusters and quality
-views, each checked on what the page displays; screenshots go to test-artifacts/serve-*.png."""
+clicked hit, within a batch, an upload the API refuses, a region dragged on the query, why two
+images match, and the duplicates, clusters and quality views, each checked on what the page
+displays; screenshots go to test-artifacts/serve-*.png."""
 
 import json
 import re
+from urllib.parse import parse_qs, urlparse
 
 import pytest
 
-from imgsim_assets_tests.serving import get, running_server, sample_collection
+from imgsim_assets_tests.serving import COLLAGE_FILL, COLLAGE_PHOTO, collage, get, running_server, sample_collection
 from imgsim_assets_tests.test_ui import ARTIFACTS, CHROMIUM, _browser_or_skip
 
 # Of the sample's re-encoded queries, this one finds its original photograph first with the
@@ -132,6 +134,147 @@ def test_search_page(served, page):
     expect(hits).to_have_count(10)
     expect(hits.first.locator(".path")).to_have_text(ORIGINAL)
     expect(error).to_be_hidden()
+
+
+PICTURE_RECT = """img => {
+  const r = img.getBoundingClientRect(), s = Math.min(r.width / img.naturalWidth, r.height / img.naturalHeight);
+  return {left: r.left + (r.width - img.naturalWidth * s) / 2, top: r.top + (r.height - img.naturalHeight * s) / 2,
+          scale: s};
+}"""
+# The pasted photograph, or one of its edited copies (a box dragged to the nearest screen pixel
+# may land a pixel or two off the pasted edges; then the half-size copy can tie with it).
+PHOTO_FAMILY = re.compile(r"^batch-000[12]/astronaut(_[a-z]+)?\.(png|jpg)$")
+
+
+# Per heatmap: where its picture lies on the canvas (object-fit: contain), the bounding box
+# of the painted pixels, and the share of that box that is painted; in CSS pixels.
+PAINTED = """cs => cs.map(c => {
+  const img = c.previousElementSibling, r = img.getBoundingClientRect();
+  const s = Math.min(r.width / img.naturalWidth, r.height / img.naturalHeight);
+  const picture = {left: (r.width - img.naturalWidth * s) / 2, top: (r.height - img.naturalHeight * s) / 2,
+                   width: img.naturalWidth * s};
+  const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data, k = c.width / r.width;
+  let x0 = Infinity, y0 = Infinity, x1 = -1, y1 = -1, n = 0;
+  for (let y = 0; y < c.height; y++) for (let x = 0; x < c.width; x++) {
+    if (d[(y * c.width + x) * 4 + 3] === 0) continue;
+    n++; x0 = Math.min(x0, x); y0 = Math.min(y0, y); x1 = Math.max(x1, x + 1); y1 = Math.max(y1, y + 1);
+  }
+  return {picture, painted: [x0 / k, y0 / k, x1 / k, y1 / k], share: n / ((x1 - x0) * (y1 - y0))};
+})"""
+
+
+def _boxes_sent(requests) -> list:
+    return [parse_qs(urlparse(url).query).get("box", [None])[0] for url in requests]
+
+
+def test_region_search_by_dragging_a_box_and_why_two_images_match(served, page, tmp_path):
+    from playwright.sync_api import expect
+
+    base, settings = served
+    data, box = collage(settings.images_dir)
+    query = tmp_path / "collage.png"
+    query.write_bytes(data)
+    hits = page.locator("#results li.hit")
+    searches = []
+    page.on("request", lambda r: searches.append(r.url) if r.method == "POST" and "/search" in r.url else None)
+
+    # 1. The whole collage: the picture it is tiled with comes first, not the pasted photograph.
+    page.goto(f"{base}/")
+    page.set_input_files("#file-input", str(query))
+    expect(hits).to_have_count(10)
+    expect(hits.first.locator(".path")).to_have_text(COLLAGE_FILL)
+    expect(page.locator("#clear-box")).to_be_hidden()
+    page.wait_for_function("() => document.getElementById('query-preview').naturalWidth === 1024")
+
+    # 2. A box dragged with the mouse around the pasted photograph: released, it searches with the box.
+    rect = page.locator("#query-preview").evaluate(PICTURE_RECT)
+    x0, y0, x1, y1 = (rect["left"] + box[0] * rect["scale"], rect["top"] + box[1] * rect["scale"],
+                      rect["left"] + box[2] * rect["scale"], rect["top"] + box[3] * rect["scale"])
+    page.mouse.move(x0, y0)
+    page.mouse.down()
+    page.mouse.move((x0 + x1) / 2, (y0 + y1) / 2, steps=4)
+    page.mouse.move(x1, y1, steps=4)
+    page.mouse.up()
+    expect(hits.first.locator(".path")).to_have_text(PHOTO_FAMILY)
+    expect(hits).to_have_count(10)
+    sent = [float(v) for v in _boxes_sent(searches)[-1].split(",")]
+    assert sent == pytest.approx(list(box), abs=2 / rect["scale"]), sent  # within a screen pixel or two
+    expect(page.locator("#query-box")).to_be_visible()
+    expect(page.locator("#clear-box")).to_be_visible()
+    expect(page.locator("#region-hint")).to_contain_text("boxed region")
+    expect(page.locator("#error")).to_be_hidden()
+    page.evaluate("window.scrollTo(0, 0)")
+    page.screenshot(path=str(ARTIFACTS / "serve-region.png"))
+
+    # 3. "Clear box": the whole collage again, and no box sent.
+    page.locator("#clear-box").click()
+    expect(hits.first.locator(".path")).to_have_text(COLLAGE_FILL)
+    expect(page.locator("#query-box")).to_be_hidden()
+    assert _boxes_sent(searches)[-1] is None
+
+    # 4. The same box drawn with a finger (pointer events of type touch).
+    page.locator("#query-stage").evaluate("""(stage, p) => {
+      const at = (type, x, y) => stage.dispatchEvent(new PointerEvent(type, {pointerId: 7, pointerType: 'touch',
+        isPrimary: true, clientX: x, clientY: y, bubbles: true, cancelable: true, button: 0, buttons: 1}));
+      at('pointerdown', p.x0, p.y0); at('pointermove', (p.x0 + p.x1) / 2, p.y1); at('pointermove', p.x1, p.y1);
+      at('pointerup', p.x1, p.y1);
+    }""", {"x0": x0, "y0": y0, "x1": x1, "y1": y1})
+    expect(hits.first.locator(".path")).to_have_text(PHOTO_FAMILY)
+    assert _boxes_sent(searches)[-1] is not None
+
+    # 5. Why do these match: search by the photograph itself, then "Why?" on its half-size copy.
+    hits.filter(has=page.locator(".path", has_text=COLLAGE_PHOTO)).first.locator("button.hit-button").click()
+    expect(hits.first.locator(".path")).to_have_text(COLLAGE_PHOTO)
+    copy = hits.filter(has=page.locator(".path", has_text="batch-0002/astronaut_small.jpg"))
+    expect(copy).to_have_count(1)
+    expect(hits.first.locator("button.why-button")).to_have_count(0)  # not the query with itself
+    expect(hits.locator("button.why-button")).to_have_count(9)
+    copy_of = {"a": hits.first.get_attribute("data-image-id"), "b": copy.get_attribute("data-image-id")}
+    _wait_until_loaded(page, "#results li.hit img")
+    page.screenshot(path=str(ARTIFACTS / "serve-why.png"))
+    copy.locator("button.why-button").click()
+    dialog = page.locator("#compare-dialog")
+    expect(dialog).to_be_visible()
+    canvases = dialog.locator("canvas.heatmap")
+    for i in range(2):
+        expect(canvases.nth(i)).to_have_attribute("data-cells", "64")  # 8×8 patches of 14 px at 112 px
+    _wait_until_loaded(page, "#compare-dialog img.compare-image")
+    # Each heatmap is painted exactly over the part of its picture the model saw (the crop the
+    # API reports), wherever the picture lies in its letterboxed frame.
+    painted = canvases.evaluate_all(PAINTED)
+    status, pair, _ = get(f"{base}/compare?a={copy_of['a']}&b={copy_of['b']}")
+    assert status == 200
+    for side, found in zip((pair["a"], pair["b"]), painted):
+        scale = found["picture"]["width"] / side["width"]
+        expected = (found["picture"]["left"] + side["crop"]["x0"] * scale, found["picture"]["top"] + side["crop"]["y0"] * scale,
+                    found["picture"]["left"] + side["crop"]["x1"] * scale, found["picture"]["top"] + side["crop"]["y1"] * scale)
+        assert found["painted"] == pytest.approx(expected, abs=2), (found, expected)
+        assert found["share"] > 0.95  # every cell of the crop painted
+    expect(dialog.locator("#compare-a figcaption")).to_contain_text(COLLAGE_PHOTO)
+    expect(dialog.locator("#compare-b figcaption")).to_contain_text("astronaut_small.jpg")
+    expect(page.locator("#compare-summary")).to_contain_text("8×8 patches")
+    low, high = (float(page.locator(f"#legend-{end}").inner_text()) for end in ("low", "high"))
+    assert low < high <= 1.0
+    canvases.first.hover()  # a cell pointed at, and its match outlined in the other image
+    page.screenshot(path=str(ARTIFACTS / "serve-compare.png"))
+    page.keyboard.press("Escape")
+    expect(dialog).to_be_hidden()
+
+    # 6. A box on an indexed image's preview (a thumbnail) is sent in its original's pixels.
+    by_id = []
+    page.on("request", lambda r: by_id.append(r.url) if r.method == "GET" and "/search?" in r.url else None)
+    rect = page.locator("#query-preview").evaluate(PICTURE_RECT)
+    quarter = 256 * rect["scale"] * 256 / 512  # the thumbnail is 256 px of the 512-px original
+    page.mouse.move(rect["left"] + 1, rect["top"] + 1)
+    page.mouse.down()
+    page.mouse.move(rect["left"] + quarter, rect["top"] + quarter, steps=4)
+    page.mouse.up()
+    expect(page.locator("#clear-box")).to_be_visible()
+    expect(hits).to_have_count(10)
+    page.wait_for_function("() => document.getElementById('results').getAttribute('aria-busy') === 'false'")
+    sent = [float(v) for v in _boxes_sent(by_id)[-1].split(",")]
+    assert sent == pytest.approx([0, 0, 256, 256], abs=4), sent
+    expect(page.locator("#error")).to_be_hidden()
 
 
 def test_duplicates_clusters_and_quality_pages(served, page):

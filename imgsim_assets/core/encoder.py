@@ -122,14 +122,26 @@ class Encoder:
     @torch.inference_mode()
     def embed(self, pixels: np.ndarray | torch.Tensor) -> np.ndarray:
         """uint8 ``N×3×H×W`` (host or device) → float32 ``N×D`` unit vectors."""
+        return self._embed(pixels, patches=False)[0]
+
+    @torch.inference_mode()
+    def embed_with_patches(self, pixels: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`embed`, plus each image's patch tokens as float32 ``N×P×D`` unit vectors
+        (``P`` = the patch grid's rows × columns, row by row), from the same model call."""
+        return self._embed(pixels, patches=True)
+
+    def _embed(self, pixels, patches: bool) -> tuple[np.ndarray, np.ndarray | None]:
         began = time.perf_counter()
         x = self._host_tensor(pixels).to(self.device, non_blocking=True)
         x = (x.float() - self._mean) / self._std
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
             feats = self._forward(x)
         vectors = dinov2.pool(feats, self.spec.pooling).cpu().numpy().astype(np.float32, copy=False)
+        tokens = None
+        if patches:
+            tokens = torch.nn.functional.normalize(feats["x_norm_patchtokens"].float(), dim=-1).cpu().numpy()
         self.model_seconds += time.perf_counter() - began  # .cpu() waited for the device
-        return vectors
+        return vectors, tokens
 
     def embed_batches(
         self,

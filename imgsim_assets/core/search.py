@@ -79,7 +79,8 @@ class ImageIndex:
 
     def to_index_space(self, embeddings: np.ndarray) -> np.ndarray:
         """Raw embeddings → the vectors the IVF stores (the index's own PCA + normalisation)."""
-        return searched_space(self.index)[1](embeddings)
+        transform = searched_space(self.index)[1]
+        return transform(embeddings) if transform is not None else np.asarray(embeddings, dtype=np.float32)
 
     def describe(self, image_id: int) -> tuple[str, str, int]:
         """(first path, its batch, number of files) of an indexed image_id; empty if unknown."""
@@ -220,10 +221,18 @@ def check_query_encoder(index_encoder: dict, query_encoder: dict) -> None:
         )
 
 
-def embed_files(paths, encoder, pre, root=None, workers: int = 1):
-    """Embed image files as queries: (records, vectors of the ok ones in order)."""
+def embed_files(paths, encoder, pre, root=None, workers: int = 1, box=None):
+    """Embed image files as queries: (records, vectors of the ok ones in order); only ``box``
+    of each (an ``images.Box``) when given."""
     paths = [os.path.abspath(p) for p in paths]
     root = root or os.path.commonpath([os.path.dirname(p) for p in paths] or ["."])
+    if box is not None:  # queries cut to a box are few: decoded here, not in worker processes
+        from imgsim_assets.core import images
+
+        decoded = [images.preprocess_file(p, root, pre, box) for p in paths]
+        pixels = [px for _, px in decoded if px is not None]
+        vectors = encoder.embed(np.stack(pixels)) if pixels else np.zeros((0, encoder.spec.dim), np.float32)
+        return [r for r, _ in decoded], vectors
     records, vectors = [], []
     for batch_records, batch_vectors in encoder.embed_files(paths, pre, root, workers=workers):
         records.extend(batch_records)
@@ -334,10 +343,14 @@ class Searcher:
         return preprocess_from_info({"encoder": self.encoder_info})
 
     def search_files(self, paths: Sequence[str | os.PathLike], k: int = 10, nprobe: int | None = None,
-                     batches: Sequence[str] | None = None, root: str | os.PathLike | None = None) -> list[Answer]:
+                     batches: Sequence[str] | None = None, root: str | os.PathLike | None = None,
+                     box=None) -> list[Answer]:
         """One :class:`Answer` per file, in order; a file that cannot be decoded is answered with
-        its rejection, not an exception."""
-        records, vectors = embed_files(list(paths), self.encoder, self.preprocess, root=root, workers=self.workers)
+        its rejection, not an exception. With ``box`` (an ``images.Box`` in the pixels of the
+        upright picture) only that region of each file is the query; ``images.BadBox`` when it
+        leaves too little of one."""
+        records, vectors = embed_files(list(paths), self.encoder, self.preprocess, root=root, workers=self.workers,
+                                       box=box)
         found = iter(self.search(vectors, k, nprobe, batches) if len(vectors) else [])
         return [Answer(r.path, r, next(found) if r.status == "ok" else []) for r in records]
 
@@ -346,10 +359,11 @@ class Searcher:
         """Neighbours of indexed images (each is its own first neighbour)."""
         return self.search(self.vectors_of(image_ids), k, nprobe, batches)
 
-    def decode_upload(self, data: bytes, name: str = "upload", max_decode_bytes: int | None = None):
+    def decode_upload(self, data: bytes, name: str = "upload", max_decode_bytes: int | None = None, box=None):
         """An image given as bytes → (its record, uint8 pixels or None when rejected), preprocessed
-        as the index's images were, within ``max_decode_bytes`` of decoded pixels when given.
-        Never raises for a bad image."""
+        as the index's images were (only ``box`` of it, an ``images.Box``, when given), within
+        ``max_decode_bytes`` of decoded pixels when given. Never raises for a bad image; raises
+        ``images.BadBox`` for a box that leaves too little of it."""
         from dataclasses import replace
 
         from imgsim_assets.core import images
@@ -363,7 +377,18 @@ class Searcher:
             return record, None
         record.sha256 = hashlib.sha256(data).hexdigest()
         record.image_id, record.bytes = images.image_id_from_sha256(record.sha256), len(data)
-        return record, images.decode(data, pre, record)
+        return record, images.decode(data, pre, record, box)
+
+    def to_searched_space(self, vectors: np.ndarray) -> np.ndarray:
+        """Raw embeddings → the vectors whose inner products search ranks by."""
+        return vectors
+
+    def compare(self, first, second):
+        """Why two pictures match (``compare.Picture``s, preprocessed as the index's images were):
+        a ``compare.PatchComparison``, each patch paired with its best match in the other."""
+        from imgsim_assets.core import compare
+
+        return compare.compare(self.encoder, self.preprocess, first, second, self.to_searched_space)
 
     def embed_pixels(self, pixels: Sequence[np.ndarray]) -> np.ndarray:
         """Preprocessed images (uint8 3×H×W each) → raw embeddings, in one model call."""
@@ -399,6 +424,9 @@ class FaissSearcher(Searcher):
 
     def search(self, vectors, k=10, nprobe=None, batches=None):
         return self.index.search(vectors, k, nprobe=nprobe, batches=batches)
+
+    def to_searched_space(self, vectors):
+        return self.index.to_index_space(vectors)
 
     def search_ids(self, image_ids, k=10, nprobe=None, batches=None):
         """Neighbours of indexed images, searched with the vectors the index holds for them (no

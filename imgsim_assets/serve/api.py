@@ -93,9 +93,36 @@ COPY_DETECTION = {
     },
 }
 
+_BOX_PROPERTIES = {k: {"type": "number"} for k in ("x0", "y0", "x1", "y1")}
+_GRID = {
+    "type": "object",
+    "description": "one image's DINOv2 patches, each with its best match in the other image",
+    "properties": {
+        "image_id": {"type": "integer", "format": "int64"}, "path": {"type": "string"}, "batch": {"type": "string"},
+        "rows": {"type": "integer"}, "cols": {"type": "integer"}, "patch_size": {"type": "integer"},
+        "width": {"type": "integer", "description": "the picture as displayed (after EXIF rotation)"},
+        "height": {"type": "integer"},
+        "crop": {"type": "object", "properties": _BOX_PROPERTIES, "description": "the region of the picture the "
+                 "grid covers (after the resize and center crop), in its pixels: patch (r, c) spans 1/rows and "
+                 "1/cols of it"},
+        "similarity": {"type": "array", "items": {"type": "array", "items": {"type": "number"}},
+                       "description": "rows × cols: cosine of each patch with its best match in the other image"},
+        "match": {"type": "array", "items": {"type": "array", "items": {"type": "integer"}},
+                  "description": "rows × cols: that match, as row × cols + col of the other image's grid"},
+    },
+}
+COMPARISON = {
+    "type": "object",
+    "properties": {"a": _GRID, "b": _GRID, "inner_product": {"type": "number", "description": "of the two "
+                   "images' vectors in the index's space, as search ranks them"},
+                   "score": {"type": "number", "description": "(inner_product + 1) / 2"},
+                   "index_version": {"type": "string"}, "took_ms": {"type": "number"}},
+}
+
 REFUSALS = {
-    400: "bad request", 401: "token missing or wrong",
-    403: "a write from off loopback without a token, or from another site's page", 404: "unknown image", 408: "the body paused too long",
+    400: "bad request (or a box that is malformed or leaves under 8 px a side)", 401: "token missing or wrong",
+    403: "a write from off loopback without a token, or from another site's page; or an image's file that is not "
+         "a regular file inside the images root", 404: "unknown image", 408: "the body paused too long",
     413: "upload too large", 415: "the original no longer decodes as an image, or a write not sent as JSON",
     421: "a Host name this service does not answer to",
     422: "bad parameter, not a usable image, or over the decode budget", 503: "busy: retry after Retry-After seconds",
@@ -104,16 +131,24 @@ REFUSALS = {
 _K = Param("k", "neighbours to return (1 to max_k, default 10)")
 _BATCH = Param("batch", "only answer from these batches (repeatable)", "string", many=True)
 _NPROBE = Param("nprobe", "inverted lists to visit (default: as tuned at build)")
+_BOX = Param("box", "only this region of the image is the query: x0,y0,x1,y1 in pixels of the picture as "
+             "displayed (after EXIF rotation), right and bottom excluded; cut at the picture's edges, refused "
+             "(400) when under 8 px a side is left", "string")
 _PAGE = (Param("page", "1-based page"), Param("per_page", "items per page (at most 200)"))
 _WRITE = (400, 401, 403, 415)
 
 ENDPOINTS = (
     Endpoint("/", "page", "The search page", answer_description="HTML", public=True, documented=False),
     Endpoint("/search", "search_by_id", "Neighbours of an indexed image",
-             params=(Param("image_id", "an indexed image", required=True), _K, _BATCH, _NPROBE),
-             answer=ANSWER, refusals=(400, 401, 404, 421, 422, 503)),
+             params=(Param("image_id", "an indexed image", required=True), _K, _BATCH, _NPROBE, _BOX),
+             answer=ANSWER, refusals=(400, 401, 403, 404, 421, 422, 503)),
     Endpoint("/search", "search_by_upload", "Neighbours of an uploaded image", method="POST",
-             params=(_K, _BATCH, _NPROBE), answer=ANSWER, upload=True, refusals=(400, 401, 408, 413, 421, 422, 503)),
+             params=(_K, _BATCH, _NPROBE, _BOX), answer=ANSWER, upload=True,
+             refusals=(400, 401, 408, 413, 421, 422, 503)),
+    Endpoint("/compare", "compare", "Why two indexed images match: each one's patches with their best match "
+             "in the other", params=(Param("a", "an indexed image", required=True),
+                                     Param("b", "another indexed image", required=True)),
+             answer=COMPARISON, refusals=(400, 401, 403, 404, 421, 422, 503)),
     Endpoint("/images/{image_id}", "image", "An indexed image: the original, or a JPEG thumbnail",
              params=(Param("image_id", "an indexed image", where="path"),
                      Param("size", "thumbnail box in pixels (16 to 1024; drawn at the next of 64, 128, 256, 512)")),

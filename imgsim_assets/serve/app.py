@@ -19,6 +19,8 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route, compile_path
 from starlette.staticfiles import StaticFiles
 
+from imgsim_assets.core import images
+from imgsim_assets.core.compare import Picture
 from imgsim_assets.core.evaluation import CopyDetectionReport
 from imgsim_assets.core.review import KeepRules
 from imgsim_assets.core.search import UnknownImage
@@ -90,6 +92,66 @@ class Service:
                 raise ApiError(400, "unknown_batch", str(e)) from None
         return batches or None
 
+    def _box(self, request: Request) -> images.Box | None:
+        raw = request.query_params.get("box")
+        if raw is None or raw == "":
+            return None
+        try:
+            return images.Box.parse(raw)
+        except images.BadBox as e:
+            raise ApiError(400, "bad_box", str(e)) from None
+
+    async def _decode(self, searcher, data: bytes, name: str, box: images.Box | None):
+        """(record, pixels) of an image's bytes, on the upload decoders, within their budget;
+        a refusal as the ApiError that says why."""
+        self.batcher.decoding += 1
+        try:
+            record, pixels = await self.uploads.decode(searcher, data, name, box)
+        except Overloaded as e:
+            raise ApiError(503, "busy", str(e), {"Retry-After": str(e.retry_after)}) from None
+        except images.BadBox as e:
+            raise ApiError(400, "bad_box", str(e)) from None
+        finally:
+            self.batcher.decoding -= 1
+        if pixels is None:
+            raise ApiError(422, record.reason, record.message)
+        return record, pixels
+
+    async def _indexed(self, searcher, image_id: int, box: images.Box | None = None):
+        """(record, pixels) of an indexed image decoded again from its file, as its query."""
+        path, _, copies = searcher.describe(image_id)
+        if not copies:
+            raise ApiError(404, "unknown_image", f"image_id {image_id} is not in the index")
+        data = await asyncio.to_thread(self._read_indexed, path, searcher.preprocess.max_file_bytes)
+        return await self._decode(searcher, data, path, box)
+
+    def _read_indexed(self, path: str, max_bytes: int) -> bytes:
+        """An indexed file's bytes, read only through the images root."""
+        root = self.config.images_dir
+        try:
+            return images.read_file(images.source_path(root, path), root, max_bytes=max_bytes)
+        except ValueError:
+            raise ApiError(403, images.OUTSIDE_ROOT, f"{path} leads outside the images root") from None
+        except images.Rejected as e:
+            if e.reason in (images.OUTSIDE_ROOT, images.NOT_A_FILE):
+                raise ApiError(403, e.reason, f"{path} is not a regular file inside the images root") from None
+            raise ApiError(404 if e.reason == images.UNREADABLE else 422, e.reason,
+                           _relative(f"{path}: {e.message}", self.config)) from None
+
+    async def _embed(self, searcher, pixels):
+        try:
+            return await self.batcher.embed(searcher, pixels)
+        except Overloaded as e:
+            raise ApiError(503, "busy", str(e), {"Retry-After": str(e.retry_after)}) from None
+
+    @staticmethod
+    def _query(record, box: images.Box | None, **named) -> dict:
+        """What an answer says of its query: the picture's size, and the box cut from it."""
+        query = {**named, "image_id": record.image_id, "width": record.width, "height": record.height}
+        if box is not None:  # as used: cut at the picture's edges
+            query["box"] = list(box.clip(record.width, record.height).coords)
+        return query
+
     def _answer(self, loaded, hits, started: float, **extra) -> dict:
         return {"hits": [h.to_dict() for h in hits], "num_vectors": loaded.searcher.num_vectors,
                 "index_version": loaded.version, "took_ms": round((time.perf_counter() - started) * 1000, 3), **extra}
@@ -102,6 +164,12 @@ class Service:
         if image_id is None:
             raise ApiError(400, "missing_parameter", "give image_id (GET) or upload an image (POST, field 'image')")
         k, nprobe, batches = self._k(request), self._nprobe(request), self._batches(request, loaded.searcher)
+        box = self._box(request)
+        if box is not None:  # a region of the image: its file is decoded and embedded again
+            record, pixels = await self._indexed(loaded.searcher, image_id, box)
+            vector = await self._embed(loaded.searcher, pixels)
+            hits = (await asyncio.to_thread(loaded.searcher.search, vector, k, nprobe, batches))[0]
+            return JSONResponse(self._answer(loaded, hits, started, query=self._query(record, box)))
         if self.in_flight >= self.config.max_in_flight:
             raise ApiError(503, "busy", f"{self.in_flight} queries in flight", {"Retry-After": "1"})
         self.in_flight += 1
@@ -119,22 +187,32 @@ class Service:
         loaded = self.live.current
         k, nprobe, batches = self._k(request), self._nprobe(request), self._batches(request, loaded.searcher)
         data, name = await self._upload(request)
-        self.batcher.decoding += 1
-        try:
-            record, pixels = await self.uploads.decode(loaded.searcher, data, name)
-        except Overloaded as e:
-            raise ApiError(503, "busy", str(e), {"Retry-After": str(e.retry_after)}) from None
-        finally:
-            self.batcher.decoding -= 1
-        if pixels is None:
-            raise ApiError(422, record.reason, record.message)
-        try:
-            vector = await self.batcher.embed(loaded.searcher, pixels)
-        except Overloaded as e:
-            raise ApiError(503, "busy", str(e), {"Retry-After": str(e.retry_after)}) from None
+        box = self._box(request)  # after the body: a client still sending it could not read the refusal
+        record, pixels = await self._decode(loaded.searcher, data, name, box)
+        vector = await self._embed(loaded.searcher, pixels)
         hits = (await asyncio.to_thread(loaded.searcher.search, vector, k, nprobe, batches))[0]
-        query = {"name": name, "image_id": record.image_id, "width": record.width, "height": record.height}
-        return JSONResponse(self._answer(loaded, hits, started, query=query))
+        return JSONResponse(self._answer(loaded, hits, started, query=self._query(record, box, name=name)))
+
+    async def compare(self, request: Request) -> JSONResponse:
+        """Why two indexed images match: GET /compare?a=ID&b=ID. Both files are decoded again and
+        run through the encoder; each patch of one is paired with its best match in the other."""
+        started = time.perf_counter()
+        loaded = self.live.current
+        ids = [_int_param(request, name, None, -(1 << 63), (1 << 63) - 1) for name in ("a", "b")]
+        if None in ids:
+            raise ApiError(400, "missing_parameter", "give two indexed images: /compare?a=ID&b=ID")
+        sides = [await self._indexed(loaded.searcher, image_id) for image_id in ids]
+        pictures = [Picture(pixels, record.size) for record, pixels in sides]
+        try:
+            result = await self.batcher.run(loaded.searcher.compare, *pictures)
+        except Overloaded as e:
+            raise ApiError(503, "busy", str(e), {"Retry-After": str(e.retry_after)}) from None
+        answer = result.to_dict()
+        for key, image_id in zip("ab", ids):
+            path, batch, _ = loaded.searcher.describe(image_id)
+            answer[key].update(image_id=image_id, path=path, batch=batch)
+        answer.update(index_version=loaded.version, took_ms=round((time.perf_counter() - started) * 1000, 3))
+        return JSONResponse(answer)
 
     async def _upload(self, request: Request) -> tuple[bytes, str]:
         limit = self.config.max_upload_bytes

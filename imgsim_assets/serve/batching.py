@@ -49,6 +49,7 @@ class ModelBatcher:
         self._queue: asyncio.Queue[_Query] | None = None
         self._task: asyncio.Task | None = None
         self.in_model = 0
+        self.other = 0  # calls of run() waiting or running
         self._seconds_per_query = 0.05  # moving average, measured on the batches run
 
     @property
@@ -76,6 +77,17 @@ class ModelBatcher:
         future = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_Query(pixels, searcher, future))
         return await future
+
+    async def run(self, fn, *args):
+        """``fn(*args)`` on the model's thread, between batches: other model work (a comparison)
+        shares the thread team the batches use, and waits in the same bounded line."""
+        if self.depth + self.other >= self.max_queue:
+            raise Overloaded(f"{self.depth + self.other} model calls are waiting", self.retry_after())
+        self.other += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._model_thread, fn, *args)
+        finally:
+            self.other -= 1
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()

@@ -38,23 +38,25 @@ class UploadDecoder:
         """Seconds until the uploads already admitted are decoded, as measured so far."""
         return max(1, math.ceil(self.pending * self._seconds / self.workers))
 
-    async def decode(self, searcher, data: bytes, name: str):
-        """(record, pixels or None) of one upload; :class:`Overloaded` when too many are waiting."""
+    async def decode(self, searcher, data: bytes, name: str, box=None):
+        """(record, pixels or None) of one upload (only ``box`` of it when given);
+        :class:`Overloaded` when too many are waiting, ``images.BadBox`` for a box that leaves
+        too little of it."""
         if self.pending >= self.max_pending:
             raise Overloaded(f"{self.pending} uploads are being decoded", self.retry_after())
         self.pending += 1
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._pool, self._decode, searcher, data, name)
+            return await loop.run_in_executor(self._pool, self._decode, searcher, data, name, box)
         finally:
             self.pending -= 1
             if not self.pending and self._large:  # the burst is over: hand its memory back
                 self._large = False
                 loop.run_in_executor(self._pool, memory.trim)
 
-    def _decode(self, searcher, data: bytes, name: str):
+    def _decode(self, searcher, data: bytes, name: str, box):
         began = time.perf_counter()
-        record, pixels = searcher.decode_upload(data, name, self.max_decode_bytes)
+        record, pixels = searcher.decode_upload(data, name, self.max_decode_bytes, box)
         self._seconds = 0.8 * self._seconds + 0.2 * (time.perf_counter() - began)
         if pixels is not None and decode_bytes("RGB", record.width, record.height) >= TRIM_AFTER:
             self._large = True

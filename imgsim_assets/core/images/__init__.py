@@ -10,7 +10,9 @@ from imgsim_assets.core.images.names import (
 )  # fmt: skip
 from imgsim_assets.core.images.pool import decode_pool, default_workers, preprocess_files, shutdown_decode_pool
 from imgsim_assets.core.images.preprocess import preprocess_file
-from imgsim_assets.core.images.protocol import PATCH_SIZE, Preprocess
+from imgsim_assets.core.images.protocol import (
+    MIN_BOX_SIDE, PATCH_SIZE, BadBox, Box, Preprocess, source_box,
+)  # fmt: skip
 from imgsim_assets.core.images.reading import read_file
 from imgsim_assets.core.images.reasons import (
     CHANGED_WHILE_READING, DECODE_ERROR, DECOMPRESSION_BOMB, EMPTY_FILE, NOT_A_FILE, NOT_AN_IMAGE, OUTSIDE_ROOT,
@@ -19,6 +21,7 @@ from imgsim_assets.core.images.reasons import (
 from imgsim_assets.core.images.records import OK, REJECTED, ImageRecord, records_to_columns
 
 __all__ = [
+    "MIN_BOX_SIDE", "BadBox", "Box", "source_box",
     "CHANGED_WHILE_READING", "DECODE_ERROR", "DECOMPRESSION_BOMB", "DONE_MARKER", "EMPTY_FILE", "NOT_AN_IMAGE",
     "NOT_A_FILE", "OK", "ORIENTATION_TAG", "OUTSIDE_ROOT", "PATCH_SIZE", "REASONS", "REJECTED", "TOO_LARGE",
     "TOO_SMALL", "TRUNCATED", "UNREADABLE", "UNSUPPORTED_MODE", "ImageRecord", "Preprocess", "Rejected", "as_text",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import re
 import struct
 import warnings
@@ -14,7 +15,7 @@ from typing import Iterator
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from imgsim_assets.core.images.protocol import PATCH_SIZE, Preprocess, resize_and_crop
+from imgsim_assets.core.images.protocol import PATCH_SIZE, BadBox, Box, Preprocess, resize_and_crop
 from imgsim_assets.core.images.reasons import (
     DECODE_ERROR, DECOMPRESSION_BOMB, EMPTY_FILE, NOT_AN_IMAGE, TOO_SMALL, TRUNCATED, UNSUPPORTED_MODE, Rejected,
 )  # fmt: skip
@@ -51,26 +52,32 @@ _BUFFER_REPR = re.compile(r" ?<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
 _TRUNCATION = re.compile(r"truncated|broken data stream|premature end|unexpected end", re.IGNORECASE)
 
 
-def decode(data: bytes, pre: Preprocess, record: ImageRecord) -> np.ndarray | None:
+def decode(data: bytes, pre: Preprocess, record: ImageRecord, box: Box | None = None) -> np.ndarray | None:
     """:func:`decode_pixels` for callers that hold bytes rather than a file: a rejection goes
-    into ``record`` and the result is None. Never raises for bad data."""
+    into ``record`` and the result is None. Never raises for bad data (only :class:`BadBox`
+    for a box that leaves too little of the picture)."""
     try:
-        return decode_pixels(data, pre, record)
+        return decode_pixels(data, pre, record, box)
     except Rejected as e:
         record.reject(e)
         return None
 
 
-def decode_pixels(data: bytes, pre: Preprocess, record: ImageRecord) -> np.ndarray:
+def decode_pixels(data: bytes, pre: Preprocess, record: ImageRecord, box: Box | None = None) -> np.ndarray:
     """Decode and preprocess one image to uint8 ``3×H×W``, filling in ``record``'s format,
-    size and remarks; raises :class:`Rejected` for every failure, each mapped to a reason."""
+    size and remarks; raises :class:`Rejected` for every failure, each mapped to a reason.
+
+    With ``box`` (pixels of the upright picture), only that region is preprocessed, as if the
+    picture had been cropped to it first; a box reaching past an edge is cut there, and one
+    that leaves less than ``MIN_BOX_SIDE`` pixels a side raises :class:`BadBox`. The limits
+    are those of the whole picture: it is decoded whole."""
     if not data:
         raise Rejected(EMPTY_FILE, "file is empty")
     try:
         with warnings.catch_warnings(), _pixel_limit(pre.max_pixels):
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            return _decode(data, pre, record)
-    except Rejected:
+            return _decode(data, pre, record, box)
+    except (Rejected, BadBox):
         raise
     except UnidentifiedImageError as e:
         # Pillow names the in-memory buffer, address included: drop it, messages stay stable.
@@ -87,7 +94,7 @@ def decode_pixels(data: bytes, pre: Preprocess, record: ImageRecord) -> np.ndarr
         raise Rejected(DECODE_ERROR, f"unexpected {type(e).__name__}: {e}") from e
 
 
-def _decode(data: bytes, pre: Preprocess, record: ImageRecord) -> np.ndarray:
+def _decode(data: bytes, pre: Preprocess, record: ImageRecord, box: Box | None) -> np.ndarray:
     im = Image.open(io.BytesIO(data), formats=_open_formats())
     record.format = im.format or ""
     width, height = im.size
@@ -102,23 +109,28 @@ def _decode(data: bytes, pre: Preprocess, record: ImageRecord) -> np.ndarray:
     record.width, record.height = (height, width) if transposed else (width, height)
     if width < PATCH_SIZE or height < PATCH_SIZE:
         raise Rejected(TOO_SMALL, f"{width}x{height} is smaller than one {PATCH_SIZE}px patch")
+    region = box.clip(*record.size) if box is not None else None  # before a pixel is decoded
     if pre.draft and im.format == "JPEG":
         # DCT-domain downscale: decodes at 1/2, 1/4 or 1/8 size, never below the resize
         # target. The target is for the upright image; draft works before the rotation.
-        target_w, target_h = pre.resized_size(*record.size)
+        target_w, target_h = _draft_target(record.size, pre, region)
         im.draft("RGB", (target_h, target_w) if transposed else (target_w, target_h))
-    _within_budget(im, pre, rotated=orientation != 1)  # after draft: what will really be decoded
+    crop_share = region.width * region.height / (record.width * record.height) if region is not None else 0.0
+    _within_budget(im, pre, rotated=orientation != 1, crop_share=crop_share)  # after draft: what will really be decoded
     im.load()
     if orientation != 1 and _orientation(im)[0] != orientation:
         # The reader rotated the pixels itself while loading and dropped the tag; it reported
         # the upright size from the start (recent Pillows' TIFF reader does).
         orientation = 1
         record.width, record.height = width, height
+        region = box.clip(*record.size) if box is not None else None
     upright = im.transpose(UPRIGHT[orientation]) if orientation != 1 else im
+    if region is not None:
+        upright, region = _crop(upright, region.scaled(upright.width / record.width, upright.height / record.height))
     if _is_grey(upright):  # resized as one band, made RGB at the output size: the same pixels, a third of the memory
-        picture = resize_and_crop(_to_l(upright), pre).convert("RGB")
+        picture = resize_and_crop(_to_l(upright), pre, region).convert("RGB")
     else:
-        picture = resize_and_crop(_to_rgb(upright), pre)
+        picture = resize_and_crop(_to_rgb(upright), pre, region)
     pixels = np.asarray(picture, dtype=np.uint8).transpose(2, 0, 1).copy()
     frames, frames_remark = _frame_count(im)
     if frames > 1:
@@ -129,8 +141,32 @@ def _decode(data: bytes, pre: Preprocess, record: ImageRecord) -> np.ndarray:
     return pixels
 
 
-def _within_budget(im: Image.Image, pre: Preprocess, rotated: bool) -> None:
+def _draft_target(size: tuple[int, int], pre: Preprocess, region: Box | None) -> tuple[int, int]:
+    """The smallest size of the whole upright picture at which ``region`` (or all of it) still
+    covers its resize target."""
+    if region is None:
+        return pre.resized_size(*size)
+    target_w, target_h = pre.resized_size(region.width, region.height)
+    scale = max(target_w / region.width, target_h / region.height)
+    return (math.ceil(size[0] * scale), math.ceil(size[1] * scale))
+
+
+def _crop(upright: Image.Image, region: Box) -> tuple[Image.Image, Box]:
+    """The whole pixels that hold ``region``, cut out, and the region within them: resampling
+    then sees nothing of the picture outside the box."""
+    whole = (max(math.floor(region.x0), 0), max(math.floor(region.y0), 0),
+             min(math.ceil(region.x1), upright.width), min(math.ceil(region.y1), upright.height))
+    cut = upright if whole == (0, 0, upright.width, upright.height) else upright.crop(whole)
+    # Clamped: a region scaled by a draft's ratio may overshoot the edge by a rounding error,
+    # and Pillow refuses to resample from outside the picture.
+    return cut, Box(max(region.x0 - whole[0], 0.0), max(region.y0 - whole[1], 0.0),
+                    min(region.x1 - whole[0], cut.width), min(region.y1 - whole[1], cut.height))
+
+
+def _within_budget(im: Image.Image, pre: Preprocess, rotated: bool, crop_share: float = 0.0) -> None:
     cost = decode_bytes(im.mode, *im.size, rotated=rotated, transparent="transparency" in im.info)
+    if crop_share:  # the cut-out region is one more copy of part of the frame
+        cost += math.ceil(crop_share * im.size[0] * im.size[1] + im.size[0] + im.size[1]) * _PIXEL_BYTES.get(im.mode, 4)
     if cost > pre.max_decode_bytes:
         raise Rejected(DECOMPRESSION_BOMB, f"decoding {im.size[0]}x{im.size[1]} {im.mode} takes about "
                        f"{cost / 2**20:,.0f} MiB, over the budget of {pre.max_decode_bytes / 2**20:,.0f} MiB")

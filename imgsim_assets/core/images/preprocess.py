@@ -11,21 +11,23 @@ import numpy as np
 
 from imgsim_assets.core.images.decoding import decode_pixels
 from imgsim_assets.core.images.names import image_id_from_sha256, record_path
-from imgsim_assets.core.images.protocol import Preprocess
+from imgsim_assets.core.images.protocol import Box, Preprocess
 from imgsim_assets.core.images.reading import read_file
 from imgsim_assets.core.images.reasons import Rejected
 from imgsim_assets.core.images.records import ImageRecord
 
 
-def preprocess_file(path: str | os.PathLike, root: str | os.PathLike, pre: Preprocess) -> tuple[ImageRecord, np.ndarray | None]:
-    """Read, hash and preprocess one file: an ``ok`` record with its pixels, or a
-    ``rejected`` one with None. Never raises for a bad file."""
+def preprocess_file(path: str | os.PathLike, root: str | os.PathLike, pre: Preprocess,
+                    box: Box | None = None) -> tuple[ImageRecord, np.ndarray | None]:
+    """Read, hash and preprocess one file (only ``box`` of it when given): an ``ok`` record with
+    its pixels, or a ``rejected`` one with None. Never raises for a bad file (only
+    :class:`BadBox` for a box that leaves too little of it)."""
     path = Path(os.fsdecode(path))
     record = ImageRecord(path=record_path(path, root))
     try:
         data = read_file(path, root, max_bytes=pre.max_file_bytes)
         digest = hashlib.sha256(data).hexdigest()
         record.sha256, record.image_id, record.bytes = digest, image_id_from_sha256(digest), len(data)
-        return record, decode_pixels(data, pre, record)
+        return record, decode_pixels(data, pre, record, box)
     except Rejected as e:
         return record.reject(e), None

@@ -1,7 +1,7 @@
 /* imgsim search page: plain JavaScript, no framework, no build step.
  *
  * Talks to the same-origin JSON API (/healthz, /search, /images/{id}, /batches,
- * /duplicates, /clusters, /evaluation). If the page was opened as /?token=…, every fetch
+ * /duplicates, /clusters, /evaluation, /compare). If the page was opened as /?token=…, every fetch
  * carries "Authorization: Bearer …" and every <img src> carries ?token=….
  * All API data goes into the DOM through textContent / attributes, never HTML.
  */
@@ -31,6 +31,17 @@
     queryFigure: $('query-figure'),
     queryPreview: $('query-preview'),
     queryCaption: $('query-caption'),
+    queryStage: $('query-stage'),
+    queryBox: $('query-box'),
+    regionHint: $('region-hint'),
+    clearBox: $('clear-box'),
+    compareDialog: $('compare-dialog'),
+    compareSummary: $('compare-summary'),
+    compareError: $('compare-error'),
+    comparePanels: $('compare-panels'),
+    compareSides: [$('compare-a'), $('compare-b')],
+    legendLow: $('legend-low'),
+    legendHigh: $('legend-high'),
     queryNote: $('query-note'),
     options: $('search-options'),
     k: $('k'),
@@ -52,6 +63,9 @@
     query: null,          // {kind: 'file', file} | {kind: 'id', imageId, path?, batch?}
     previewUrl: null,     // object URL of the current uploaded query
     searchSeq: 0,         // guards against out-of-order search responses
+    box: null,            // {fx0, fy0, fx1, fy1}: the searched region, as fractions of the query picture
+    compareFrom: null,    // the indexed image the hits are compared with ("why?"), if the query is one
+    compare: null,        // what the compare dialog shows: {seq, data, hover}
     pagers: {
       duplicates: makePager('duplicates', DUP_PER_PAGE, loadDuplicates),
       clusters: makePager('clusters', CLU_PER_PAGE, loadClusters),
@@ -330,12 +344,14 @@
   function searchByFile(file) {
     if (!file) return;
     state.query = { kind: 'file', file: file };
+    setBox(null);
     setPreviewFromFile(file);
     return runSearch();
   }
 
   function searchById(imageId, path, batch) {
     state.query = { kind: 'id', imageId: String(imageId), path: path, batch: batch };
+    setBox(null);
     setPreviewFromId(imageId, path, batch);
     return runSearch();
   }
@@ -355,6 +371,7 @@
     const params = searchParams();
     let data;
     try {
+      if (state.box) params.set('box', await boxParam(q));
       if (q.kind === 'file') {
         const form = new FormData();
         form.append('image', q.file, q.file.name || 'pasted-image');
@@ -379,6 +396,7 @@
 
   function renderSearch(data) {
     const hits = Array.isArray(data.hits) ? data.hits : [];
+    state.compareFrom = comparableQuery(data, hits);
     el.results.replaceChildren(...hits.map(hitElement));
     el.resultsEmpty.hidden = hits.length > 0;
     el.resultsEmpty.textContent = selectedBatches().length
@@ -439,6 +457,9 @@
       window.scrollTo({ top: 0, behavior: 'smooth' });
     });
     li.append(button);
+    if (state.compareFrom !== null && String(hit.image_id) !== state.compareFrom) {
+      li.append(whyButton(state.compareFrom, hit));
+    }
     return li;
   }
 
@@ -546,6 +567,280 @@
     setView('search');
     searchByFile(file);
   });
+
+  // ---------------------------------------------------------- query region
+  // A box dragged on the preview (mouse, pen or touch) searches that region of the picture
+  // only. It is kept as fractions of the picture and sent in the picture's own pixels, as a
+  // person sees it: browsers draw the preview upright from its EXIF orientation, as the
+  // server reads it.
+  const MIN_DRAG = 6;  // CSS pixels: a shorter drag is a click, not a box
+
+  function clamp01(v) { return Math.min(1, Math.max(0, v)); }
+
+  // Where a picture lies in its <img> (object-fit: contain centres it, margins around), in
+  // the page's coordinates; null before it has loaded.
+  function pictureRect(img) {
+    const r = img.getBoundingClientRect();
+    const nw = img.naturalWidth, nh = img.naturalHeight;
+    if (!nw || !nh || !r.width || !r.height || img.classList.contains('broken')) return null;
+    const scale = Math.min(r.width / nw, r.height / nh);
+    const w = nw * scale, h = nh * scale;
+    return { left: r.left + (r.width - w) / 2, top: r.top + (r.height - h) / 2, width: w, height: h };
+  }
+
+  function drawBox(b) {
+    const rect = b ? pictureRect(el.queryPreview) : null;
+    if (!rect) {
+      el.queryBox.hidden = true;
+      return;
+    }
+    const stage = el.queryStage.getBoundingClientRect();
+    el.queryBox.style.left = (rect.left - stage.left + b.fx0 * rect.width) + 'px';
+    el.queryBox.style.top = (rect.top - stage.top + b.fy0 * rect.height) + 'px';
+    el.queryBox.style.width = ((b.fx1 - b.fx0) * rect.width) + 'px';
+    el.queryBox.style.height = ((b.fy1 - b.fy0) * rect.height) + 'px';
+    el.queryBox.hidden = false;
+  }
+
+  function setBox(b) {
+    state.box = b;
+    el.clearBox.hidden = !b;
+    el.queryStage.classList.toggle('has-box', !!b);
+    el.regionHint.textContent = b ? 'Searching the boxed region only.' : 'Drag on the picture to search one region of it.';
+    drawBox(b);
+  }
+
+  // The upright size of the query picture: the file's is the preview's own; an indexed
+  // image's preview is a thumbnail, so its original is measured (once per query).
+  function pictureSize(q) {
+    if (q.kind === 'file') {
+      return Promise.resolve({ w: el.queryPreview.naturalWidth, h: el.queryPreview.naturalHeight });
+    }
+    if (!q.size) {
+      q.size = new Promise((resolve, reject) => {
+        const im = new Image();
+        im.onload = () => resolve({ w: im.naturalWidth, h: im.naturalHeight });
+        im.onerror = () => { q.size = null; reject(new Error('the original image did not load')); };
+        im.src = imageUrl(q.imageId);
+      });
+    }
+    return q.size;
+  }
+
+  async function boxParam(q) {
+    const size = await pictureSize(q);
+    const b = state.box;
+    return [b.fx0 * size.w, b.fy0 * size.h, b.fx1 * size.w, b.fy1 * size.h].map((v) => Math.round(v)).join(',');
+  }
+
+  let drag = null;
+
+  function dragPoint(e) {
+    return { fx: clamp01((e.clientX - drag.rect.left) / drag.rect.width),
+      fy: clamp01((e.clientY - drag.rect.top) / drag.rect.height) };
+  }
+
+  el.queryStage.addEventListener('pointerdown', (e) => {
+    if (!state.query || (e.pointerType === 'mouse' && e.button !== 0)) return;
+    const rect = pictureRect(el.queryPreview);
+    if (!rect) return;
+    e.preventDefault();
+    try {
+      el.queryStage.setPointerCapture(e.pointerId);  // the drag goes on outside the picture
+    } catch (_) { /* a pointer the browser no longer tracks: the drag still works inside */ }
+    drag = { id: e.pointerId, rect: rect, box: null };
+    drag.start = dragPoint(e);
+  });
+  el.queryStage.addEventListener('pointermove', (e) => {
+    if (!drag || e.pointerId !== drag.id) return;
+    const p = dragPoint(e);
+    drag.box = { fx0: Math.min(drag.start.fx, p.fx), fy0: Math.min(drag.start.fy, p.fy),
+      fx1: Math.max(drag.start.fx, p.fx), fy1: Math.max(drag.start.fy, p.fy) };
+    drawBox(drag.box);
+  });
+  function endDrag(e, search) {
+    if (!drag || e.pointerId !== drag.id) return;
+    const b = drag.box, rect = drag.rect;
+    drag = null;
+    if (search && b && (b.fx1 - b.fx0) * rect.width >= MIN_DRAG && (b.fy1 - b.fy0) * rect.height >= MIN_DRAG) {
+      setBox(b);
+      runSearch();
+    } else {
+      drawBox(state.box);
+    }
+  }
+  el.queryStage.addEventListener('pointerup', (e) => endDrag(e, true));
+  el.queryStage.addEventListener('pointercancel', (e) => endDrag(e, false));
+  el.queryPreview.addEventListener('dragstart', (e) => e.preventDefault());
+  el.queryPreview.addEventListener('load', () => drawBox(state.box));
+  window.addEventListener('resize', () => {
+    drawBox(state.box);
+    if (state.compare && state.compare.data) drawHeatmaps();
+  });
+  el.clearBox.addEventListener('click', () => {
+    setBox(null);
+    runSearch();
+  });
+
+  // -------------------------------------------------------- why do these match?
+  // The indexed image a hit can be compared with: the query when it is one (searched by id,
+  // or an upload whose bytes are indexed, which then comes back among its hits).
+  function comparableQuery(data, hits) {
+    const q = state.query;
+    if (q && q.kind === 'id') return String(q.imageId);
+    const id = data.query && data.query.image_id !== undefined ? String(data.query.image_id) : null;
+    return id !== null && hits.some((h) => String(h.image_id) === id) ? id : null;
+  }
+
+  function whyButton(queryId, hit) {
+    const why = node('button', 'why-button', 'Why?');
+    why.type = 'button';
+    why.title = 'Why do these match? Compare the query with ' + (basename(hit.path) || hit.image_id) + ' patch by patch';
+    why.addEventListener('click', () => openCompare(queryId, String(hit.image_id)));
+    return why;
+  }
+
+  // Low to high: viridis, readable in both colour schemes and by most colour-blind eyes.
+  const RAMP = [[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]];
+
+  function rampColour(t) {
+    const x = clamp01(t) * (RAMP.length - 1);
+    const i = Math.min(Math.floor(x), RAMP.length - 2), f = x - i;
+    const c = RAMP[i].map((v, k) => Math.round(v + (RAMP[i + 1][k] - v) * f));
+    return 'rgba(' + c.join(',') + ',0.6)';
+  }
+
+  async function openCompare(aId, bId) {
+    const seq = (state.compare ? state.compare.seq : 0) + 1;
+    state.compare = { seq: seq, data: null, hover: null };
+    el.compareError.hidden = true;
+    el.compareSummary.textContent = 'Comparing…';
+    el.comparePanels.setAttribute('aria-busy', 'true');
+    for (const side of el.compareSides) {
+      const canvas = side.querySelector('canvas');
+      canvas.getContext('2d').clearRect(0, 0, canvas.width, canvas.height);
+      delete canvas.dataset.cells;
+    }
+    if (!el.compareDialog.open) el.compareDialog.showModal();
+    let data;
+    try {
+      data = await api('/compare', new URLSearchParams({ a: aId, b: bId }));
+    } catch (err) {
+      if (!state.compare || state.compare.seq !== seq) return;
+      el.comparePanels.setAttribute('aria-busy', 'false');
+      el.compareSummary.textContent = '';
+      el.compareError.textContent = describeError(err, 'Comparing');
+      el.compareError.hidden = false;
+      return;
+    }
+    if (!state.compare || state.compare.seq !== seq) return;
+    await Promise.all(['a', 'b'].map((key, i) => showSide(el.compareSides[i], data[key])));
+    if (!state.compare || state.compare.seq !== seq) return;
+    state.compare.data = data;
+    el.compareSummary.textContent = 'score ' + fmtScore(data.score) + ' (inner product ' +
+      fmtScore(data.inner_product) + ') · ' + data.a.rows + '×' + data.a.cols + ' patches each · ' +
+      fmtMs(data.took_ms) + ' ms';
+    el.comparePanels.setAttribute('aria-busy', 'false');
+    drawHeatmaps();
+  }
+
+  async function showSide(side, grid) {
+    const img = side.querySelector('img');
+    img.alt = basename(grid.path) || ('Image ' + grid.image_id);
+    side.querySelector('figcaption').textContent = (grid.path || grid.image_id) + (grid.batch ? ' · ' + grid.batch : '');
+    side.dataset.imageId = String(grid.image_id);
+    img.src = imageUrl(grid.image_id, 512);
+    try { await img.decode(); } catch (_) { img.classList.add('broken'); }
+  }
+
+  function similarityRange(data) {
+    let lo = Infinity, hi = -Infinity;
+    for (const grid of [data.a, data.b]) {
+      for (const row of grid.similarity) for (const v of row) { lo = Math.min(lo, v); hi = Math.max(hi, v); }
+    }
+    return hi - lo < 1e-3 ? { lo: hi - 1e-3, hi: hi } : { lo: lo, hi: hi };
+  }
+
+  // Where the picture of a side lies on its canvas (which covers the <img>), and how many of
+  // the canvas's pixels one pixel of the original takes (the <img> shows a thumbnail).
+  function sideGeometry(grid, img) {
+    const box = img.getBoundingClientRect(), rect = pictureRect(img);
+    if (!rect) return null;
+    return { x: rect.left - box.left, y: rect.top - box.top, sx: rect.width / grid.width, sy: rect.height / grid.height };
+  }
+
+  // A cell of a side's grid over the part of its picture the model saw, in canvas pixels.
+  function cellRect(grid, g, index) {
+    const r = Math.floor(index / grid.cols), c = index % grid.cols;
+    const cw = (grid.crop.x1 - grid.crop.x0) / grid.cols, ch = (grid.crop.y1 - grid.crop.y0) / grid.rows;
+    return { x: g.x + (grid.crop.x0 + c * cw) * g.sx, y: g.y + (grid.crop.y0 + r * ch) * g.sy, w: cw * g.sx, h: ch * g.sy };
+  }
+
+  function drawHeatmaps() {
+    const data = state.compare.data, hover = state.compare.hover;
+    const range = similarityRange(data);
+    el.legendLow.textContent = fmtScore(range.lo);
+    el.legendHigh.textContent = fmtScore(range.hi);
+    ['a', 'b'].forEach((key, i) => {
+      const grid = data[key], side = el.compareSides[i];
+      const img = side.querySelector('img'), canvas = side.querySelector('canvas');
+      const ratio = window.devicePixelRatio || 1;
+      canvas.width = Math.round(img.clientWidth * ratio);
+      canvas.height = Math.round(img.clientHeight * ratio);
+      const ctx = canvas.getContext('2d');
+      ctx.setTransform(ratio, 0, 0, ratio, 0, 0);
+      ctx.clearRect(0, 0, img.clientWidth, img.clientHeight);
+      const g = sideGeometry(grid, img);
+      if (!g) return;
+      for (let n = 0; n < grid.rows * grid.cols; n++) {
+        const cell = cellRect(grid, g, n);
+        const v = grid.similarity[Math.floor(n / grid.cols)][n % grid.cols];
+        ctx.fillStyle = rampColour((v - range.lo) / (range.hi - range.lo));
+        ctx.fillRect(cell.x, cell.y, cell.w, cell.h);
+      }
+      canvas.dataset.cells = String(grid.rows * grid.cols);
+      // The pointed cell, and the cell of the other image it matches.
+      let outline = null;
+      if (hover && hover.side === key) outline = hover.index;
+      if (hover && hover.side !== key) {
+        const other = data[hover.side];
+        outline = other.match[Math.floor(hover.index / other.cols)][hover.index % other.cols];
+      }
+      if (outline !== null) {
+        const cell = cellRect(grid, g, outline);
+        ctx.lineWidth = 3;
+        ctx.strokeStyle = hover.side === key ? '#ffffff' : '#e36209';
+        ctx.strokeRect(cell.x + 1.5, cell.y + 1.5, cell.w - 3, cell.h - 3);
+      }
+    });
+  }
+
+  el.compareSides.forEach((side, i) => {
+    const key = i === 0 ? 'a' : 'b';
+    const canvas = side.querySelector('canvas');
+    canvas.addEventListener('pointermove', (e) => {
+      const c = state.compare;
+      if (!c || !c.data) return;
+      const grid = c.data[key], g = sideGeometry(grid, side.querySelector('img'));
+      if (!g) return;
+      const r = canvas.getBoundingClientRect();
+      const x = (e.clientX - r.left - g.x) / g.sx, y = (e.clientY - r.top - g.y) / g.sy;
+      const col = Math.floor((x - grid.crop.x0) / (grid.crop.x1 - grid.crop.x0) * grid.cols);
+      const row = Math.floor((y - grid.crop.y0) / (grid.crop.y1 - grid.crop.y0) * grid.rows);
+      const inside = row >= 0 && row < grid.rows && col >= 0 && col < grid.cols;
+      const hover = inside ? { side: key, index: row * grid.cols + col } : null;
+      if (JSON.stringify(hover) === JSON.stringify(c.hover)) return;
+      c.hover = hover;
+      drawHeatmaps();
+    });
+    canvas.addEventListener('pointerleave', () => {
+      if (state.compare && state.compare.data && state.compare.hover) {
+        state.compare.hover = null;
+        drawHeatmaps();
+      }
+    });
+  });
+  $('compare-close').addEventListener('click', () => el.compareDialog.close());
 
   // ------------------------------------------------------------ option changes
   el.options.addEventListener('submit', (e) => e.preventDefault());
