@@ -94,7 +94,7 @@ COPY_DETECTION = {
 }
 
 REFUSALS = {
-    400: "bad request", 401: "token missing or wrong",
+    400: "bad request (unknown_batch; filter_unavailable: the index holds no photo metadata)", 401: "token missing or wrong",
     403: "a write from off loopback without a token, or from another site's page", 404: "unknown image", 408: "the body paused too long",
     413: "upload too large", 415: "the original no longer decodes as an image, or a write not sent as JSON",
     421: "a Host name this service does not answer to",
@@ -104,16 +104,26 @@ REFUSALS = {
 _K = Param("k", "neighbours to return (1 to max_k, default 10)")
 _BATCH = Param("batch", "only answer from these batches (repeatable)", "string", many=True)
 _NPROBE = Param("nprobe", "inverted lists to visit (default: as tuned at build)")
+# Photo filters (core.filters.Filters); an image whose file does not say fails the filter.
+_FILTERS = (
+    Param("taken_after", "only images taken at or after this camera-local time (EXIF; ISO 8601 date or "
+          "date-time without an offset, e.g. 2021-06-01)", "string"),
+    Param("taken_before", "only images taken before this camera-local time (exclusive)", "string"),
+    Param("camera", "only images whose camera make and model, joined by a space, contain this "
+          "(case-insensitive: canon, iphone 12)", "string"),
+    Param("min_pixels", "only images of at least this many pixels (width × height as displayed)"),
+)
 _PAGE = (Param("page", "1-based page"), Param("per_page", "items per page (at most 200)"))
 _WRITE = (400, 401, 403, 415)
 
 ENDPOINTS = (
     Endpoint("/", "page", "The search page", answer_description="HTML", public=True, documented=False),
     Endpoint("/search", "search_by_id", "Neighbours of an indexed image",
-             params=(Param("image_id", "an indexed image", required=True), _K, _BATCH, _NPROBE),
+             params=(Param("image_id", "an indexed image", required=True), _K, _BATCH, *_FILTERS, _NPROBE),
              answer=ANSWER, refusals=(400, 401, 404, 421, 422, 503)),
     Endpoint("/search", "search_by_upload", "Neighbours of an uploaded image", method="POST",
-             params=(_K, _BATCH, _NPROBE), answer=ANSWER, upload=True, refusals=(400, 401, 408, 413, 421, 422, 503)),
+             params=(_K, _BATCH, *_FILTERS, _NPROBE), answer=ANSWER, upload=True,
+             refusals=(400, 401, 408, 413, 421, 422, 503)),
     Endpoint("/images/{image_id}", "image", "An indexed image: the original, or a JPEG thumbnail",
              params=(Param("image_id", "an indexed image", where="path"),
                      Param("size", "thumbnail box in pixels (16 to 1024; drawn at the next of 64, 128, 256, 512)")),
