@@ -93,6 +93,10 @@ class ImageIndex:
         self._paths = self.catalog.column("path").to_pylist()
         batches = self.catalog.column("batch").combine_chunks().dictionary_encode()
         self.batch_names: list[str] = batches.dictionary.to_pylist()
+        self._batch_set = frozenset(self.batch_names)
+        self.has_photo_metadata = all(c in self.catalog.column_names for c in FILTER_COLUMNS)
+        """Whether the catalog carries the columns photo filters read (indexes built before they
+        were recorded do not)."""
         self._batch_codes = batches.indices.to_numpy(zero_copy_only=False)
         self._row_ids = ids
         starts = np.flatnonzero(np.r_[True, self._ids[1:] != self._ids[:-1]]) if len(ids) else np.zeros(0, np.int64)
@@ -102,6 +106,7 @@ class ImageIndex:
         self._image_of_row: np.ndarray | None = None
         self._in_batches: dict[tuple[str, ...], np.ndarray] = {}
         self._allowed: dict[tuple, _Allowed] = {}
+        self._sample: np.ndarray | None = None  # positions of the images a filter's share is estimated on
         self._lock = threading.Lock()
         self._direct_map = False
 
@@ -145,16 +150,10 @@ class ImageIndex:
         """Files indexed per batch."""
         return dict(zip(self.batch_names, np.bincount(self._batch_codes, minlength=len(self.batch_names)).tolist()))
 
-    @property
-    def has_photo_metadata(self) -> bool:
-        """Whether the catalog carries the columns photo filters read (indexes built before
-        they were recorded do not)."""
-        return all(c in self.catalog.column_names for c in FILTER_COLUMNS)
-
     def check(self, filters: Filters) -> None:
         """ValueError naming a batch that is not indexed; :class:`FilterUnavailable` for a photo
         filter on an index without photo metadata."""
-        unknown = sorted(set(filters.batches) - set(self.batch_names))
+        unknown = sorted(set(filters.batches) - self._batch_set)
         if unknown:
             raise ValueError(f"no indexed batch named {', '.join(map(repr, unknown))}")
         if filters.photo and not self.has_photo_metadata:
@@ -224,8 +223,9 @@ class ImageIndex:
         n = len(self.image_ids)
         if n <= SHARE_SAMPLE:
             return float(self.passes(filters).mean()) if n else 0.0
-        sample = np.random.default_rng(0).choice(n, SHARE_SAMPLE, replace=False)
-        return float(self.passes(filters, sample).mean())
+        if self._sample is None:
+            self._sample = np.sort(np.random.default_rng(0).choice(n, SHARE_SAMPLE, replace=False))
+        return float(self.passes(filters, self._sample).mean())
 
     def stored_vectors(self, image_ids: Sequence[int]) -> np.ndarray:
         """The vectors the index holds for ``image_ids`` (in its own space, decoded from their
@@ -279,11 +279,25 @@ class ImageIndex:
             results.append(hits)
         return results
 
+    def strategy(self, filters: Filters, k: int = 10) -> str:
+        """How a search for ``k`` neighbours is held to ``filters``: ``answers`` (the index's
+        own, filtered), ``selector`` or ``exact`` (see :meth:`search`)."""
+        if self._wide(filters, k) is not None:
+            return "answers"
+        return "selector" if self.allowed(filters).selector is not None else "exact"
+
+    def _wide(self, filters: Filters, k: int) -> int | None:
+        """How many of the index's answers to filter to keep ``k``; None: restrict the search."""
+        share = self._share(filters)
+        if share < POST_FILTER_SHARE:
+            return None
+        wide = min(int(np.ceil(POST_FILTER_MARGIN * k / share)) + k, self.num_vectors)
+        return wide if wide <= POST_FILTER_MAX else None
+
     def _search_filtered(self, index: faiss.Index, queries: np.ndarray, k: int, nprobe: int, filters: Filters,
                          in_index_space: bool) -> tuple[np.ndarray, np.ndarray]:
-        share = self._share(filters)
-        wide = min(int(np.ceil(POST_FILTER_MARGIN * k / share)) + k, self.num_vectors) if share else None
-        if share < POST_FILTER_SHARE or wide > POST_FILTER_MAX:
+        wide = self._wide(filters, k)
+        if wide is None:
             return self._search_allowed(index, queries, k, nprobe, filters, in_index_space)
         scores, ids = index.search(queries, wide, params=faiss.SearchParametersIVF(nprobe=nprobe))
         flat = ids.ravel()
