@@ -32,9 +32,10 @@ Measured, each beside an in-process baseline on the same index or encoder:
   until /healthz shows it, failed queries, p99 during the swap vs before it;
 - filtered id queries (``--only filters`` runs this phase alone, without the server):
   ``FaissSearcher.search_ids`` with photo filters from a broad one (half the images) to one
-  day's photos, vs the same queries unfiltered, one thread: p50 with the filter used
-  before (kept) and with a new filter every query (cold), the way the index held to it, and
-  recall@10 against exact search over the images the filter allows. The synthetic images'
+  day's photos, vs the same queries unfiltered, taken in turn with them (so that the rest of
+  the machine weighs on both alike): p50 with the filter used before (kept) and with a new
+  filter every query (cold), the way the index held to it, and recall@10 against exact
+  search over the images the filter allows. The synthetic images'
   photo metadata (``photo_table``) is drawn independently of their vectors.
 """
 
@@ -746,14 +747,18 @@ def exact_top(index, queries: np.ndarray, allowed: np.ndarray, k: int, chunk: in
     return best_ids
 
 
-def _p50_ms(call: Callable[[int], object], seconds: float, at_least: int = 20) -> float:
-    times, i, deadline = [], 0, time.perf_counter() + seconds
+def _interleaved(calls: dict[str, Callable[[int], object]], seconds: float, at_least: int = 20) -> dict[str, float]:
+    """p50 milliseconds of each call, the calls taken in turn (query i of each, then i + 1), so
+    that whatever else the machine does weighs on all of them alike."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    i, deadline = 0, time.perf_counter() + seconds
     while time.perf_counter() < deadline or i < at_least:
-        start = time.perf_counter()
-        call(i)
-        times.append(time.perf_counter() - start)
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call(i)
+            times[name].append(time.perf_counter() - start)
         i += 1
-    return float(np.median(times) * 1000)
+    return {name: float(np.median(t) * 1000) for name, t in times.items()}
 
 
 def filtered_queries(searcher, query_ids: np.ndarray, seconds: float) -> None:
@@ -768,27 +773,29 @@ def filtered_queries(searcher, query_ids: np.ndarray, seconds: float) -> None:
     def query(i: int, filters=None):
         return searcher.search_ids([ids[i % len(ids)]], 10, filters=filters)
 
-    _p50_ms(query, min(1.0, seconds / 5))  # warm
-    plain = _p50_ms(query, seconds)
-    print(f"filtered id queries (FaissSearcher.search_ids, k=10, one thread, random indexed ids; warm: the filter "
-          f"used before; cold: a new filter every query), {seconds:g} s each; unfiltered p50 {plain:.3f} ms:")
+    _interleaved({"warm": query}, min(1.0, seconds / 5))
+    print(f"filtered id queries (FaissSearcher.search_ids, k=10, random indexed ids; warm: the filter used before; "
+          f"cold: a new filter every query; each beside unfiltered queries taken in turn), {seconds:g} s per filter:")
     probes = np.asarray(ids[:RECALL_QUERIES], np.int64)
     for what, arguments in FILTERS:
         filters = Filters.parse(**arguments)
         allowed = index.image_ids[index.passes(filters)]
         way = index.strategy(filters)
         query(0, filters)
-        warm = _p50_ms(lambda i: query(i, filters), seconds)
-        # Another key every query, allowing the same images: nothing is found kept (pixels are known for every image).
-        cold = _p50_ms(lambda i: query(i, replace(filters, min_pixels=(filters.min_pixels or 0) + 1 + i)), seconds)
+        p50 = _interleaved({
+            "unfiltered": query,
+            "warm": lambda i: query(i, filters),
+            # Another key every query, allowing the same images (every image's size is known): nothing kept is found.
+            "cold": lambda i: query(i, replace(filters, min_pixels=(filters.min_pixels or 0) + 1 + i)),
+        }, seconds)
         found = [[h.image_id for h in hits] for hits in searcher.search_ids(probes, 10, filters=filters)]
         truth = exact_top(index, index.stored_vectors(probes), allowed, 10)
         recall = np.mean([len(set(f) & set(t.tolist())) / max(min(10, len(allowed)), 1) for f, t in zip(found, truth)])
         label = f"  {what} ({len(allowed) / len(index.image_ids):.2%} of the images, {way}, recall@10 {recall:.3f})"
-        ratio_line(f"{label}: p50 warm", f"{warm:.3f} ms", f"unfiltered {plain:.3f} ms", warm / plain, "<= 2x",
-                   warm <= 2 * plain)
-        ratio_line(f"{label}: p50 cold", f"{cold:.3f} ms", f"unfiltered {plain:.3f} ms", cold / plain, "<= 2x",
-                   cold <= 2 * plain)
+        plain = p50["unfiltered"]
+        for side in ("warm", "cold"):
+            ratio_line(f"{label}: p50 {side}", f"{p50[side]:.3f} ms", f"unfiltered {plain:.3f} ms", p50[side] / plain,
+                       "<= 2x", p50[side] <= 2 * plain)
 
 
 def main(argv=None) -> None:
