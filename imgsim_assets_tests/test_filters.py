@@ -115,6 +115,7 @@ def test_between_the_two_a_selector_visits_more_lists_the_smaller_the_share(inde
     searcher, x, ids, cluster = indexed
     index = searcher.index
     monkeypatch.setattr(search, "EXACT_MAX", 50)
+    monkeypatch.setattr(search, "EXACT_KEPT_MAX", 0)  # never read for exact search here
     filters = Filters.parse(camera="apple", taken_before="2020-04-01")  # one cluster of twelve
     allowed = _allowed(index, filters)
     share = len(allowed) / N
@@ -127,6 +128,22 @@ def test_between_the_two_a_selector_visits_more_lists_the_smaller_the_share(inde
     answers = _hit_ids(searcher.search(queries, k=10, filters=filters))
     assert answers == [[i for i in row if i >= 0] for row in expected.tolist()] and all(len(a) == 10 for a in answers[:15])
     assert index.allowed(filters).selector is not None and index.allowed(filters).vectors is None
+
+
+def test_a_filter_used_again_is_searched_exactly_once_its_vectors_are_read(indexed, monkeypatch):
+    searcher, x, ids, cluster = indexed
+    index = searcher.index
+    monkeypatch.setattr(search, "EXACT_MAX", 50)
+    filters = Filters.parse(camera="apple", taken_before="2020-03-20")
+    allowed = _allowed(index, filters)
+    assert 50 < len(allowed) <= search.EXACT_KEPT_MAX
+    queries = x[cluster == 2][:10]
+    assert index.strategy(filters) == "selector"  # built now, the vectors not read
+    first = index.allowed(filters)  # used again: they are read in the background
+    first.reading.result(timeout=60)
+    assert index.strategy(filters) == "exact" and first.vectors.shape == (len(allowed), index.ivf.d)
+    truth = np.argsort(-(index.to_index_space(queries) @ index.stored_vectors(allowed).T), axis=1, kind="stable")
+    assert _hit_ids(searcher.search(queries, k=10, filters=filters)) == allowed[truth[:, :10]].tolist()
 
 
 def test_filters_combine_with_batches_and_nulls_never_pass(indexed):
@@ -147,6 +164,18 @@ def test_filters_combine_with_batches_and_nulls_never_pass(indexed):
     assert all(h.image_id in set(_allowed(index, only_b)) for hits in answer for h in hits)
     with pytest.raises(ValueError, match="no indexed batch named 'zz'"):
         searcher.check_filters(Filters.parse(batches=["zz"]))
+
+
+def test_a_filters_images_found_from_its_narrowest_condition_are_those_the_full_mask_finds(indexed):
+    searcher, _, _, _ = indexed
+    index = searcher.index
+    for arguments in (dict(taken_after="2020-03-01"), dict(taken_before="2020-02-01"),
+                      dict(taken_after="2020-03-01", taken_before="2020-03-05", camera="apple"),
+                      dict(camera="canon", min_pixels=100_000), dict(camera="n"), dict(camera="x", batches=["b"]),
+                      dict(min_pixels=200_000, batches=["a", "b"]), dict(taken_after="2031-01-01"),
+                      dict(batches=["b"], taken_before="2020-12-01")):
+        filters = Filters.parse(**arguments)
+        assert np.array_equal(index._allowed_positions(filters), np.flatnonzero(index.passes(filters))), arguments
 
 
 def test_allowed_sets_are_kept_for_the_filters_used_last(indexed):

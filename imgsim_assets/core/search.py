@@ -6,6 +6,7 @@ The CLI, the ``similar_images`` asset and the HTTP service only format what it r
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import json
 import os
@@ -35,14 +36,21 @@ INFO_FILE = "index.json"
 # selector then skips the others before any distance is computed, and the search visits more
 # lists the smaller the share (at 1% allowed, recall@10 0.78 at the tuned nprobe, 0.96 at 8×).
 # The selector's hash lookups cost 2.6× an unfiltered search when half the vectors pass, so it
-# is kept for small shares. A few thousand allowed vectors are compared exactly, every one.
+# is kept for small shares. A few thousand allowed vectors are compared exactly, every one; so
+# are up to EXACT_KEPT_MAX once a filter is used again: reading their vectors takes longer than
+# a search (about 1.5 µs each at 1M, scattered over the lists), so it happens in the background
+# and the selector answers until they are read.
 POST_FILTER_SHARE = 0.1  # at least this share allowed: filter the index's answers...
 POST_FILTER_MARGIN = 2.0  # ... asking for this × k / share of them...
 POST_FILTER_MAX = 1024  # ... unless that is more than this
 SHARE_SAMPLE = 4096  # images on which a filter's share is estimated before any search
 EXACT_MAX = 4096  # at most this many allowed images: exact search over their stored vectors
-NPROBE_BOOST_MAX = 16  # with a selector, lists visited × POST_FILTER_SHARE / share, at most this many times
+# With a selector, lists visited × POST_FILTER_SHARE / share, at most 8 times as many: at 1M
+# vectors 8× holds recall@10 near 0.95 down to EXACT_MAX allowed and costs 1.4× an unfiltered
+# search (16× cost 2.2×).
+NPROBE_BOOST_MAX = 8
 ALLOWED_KEPT = 16  # the allowed sets (ids, selector or vectors) of this many filters are kept
+EXACT_KEPT_MAX = 16_384  # a filter used again with at most this many images: exact search once read
 
 
 def similarity_score(inner_product: float) -> float:
@@ -73,6 +81,7 @@ class _Allowed:
     selector: faiss.IDSelector | None = None
     inner: faiss.IDSelector | None = None  # what ``selector`` negates: kept alive with it
     vectors: np.ndarray | None = None  # the stored vectors of ``ids``, for an exact search
+    reading: concurrent.futures.Future | None = None  # ``vectors`` being read in the background
 
 
 @dataclass
@@ -107,6 +116,7 @@ class ImageIndex:
         self._in_batches: dict[tuple[str, ...], np.ndarray] = {}
         self._allowed: dict[tuple, _Allowed] = {}
         self._sample: np.ndarray | None = None  # positions of the images a filter's share is estimated on
+        self._reader: concurrent.futures.ThreadPoolExecutor | None = None  # reads kept filters' vectors
         self._lock = threading.Lock()
         self._direct_map = False
 
@@ -178,6 +188,11 @@ class ImageIndex:
 
     def _images_in_batches(self, batches: Sequence[str]) -> np.ndarray:
         """Per indexed image, whether one of its files is in ``batches`` (kept per selection)."""
+        return self._batch_selection(batches)[0]
+
+    def _batch_selection(self, batches: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """The images with a file in ``batches``: per image whether, and their positions (kept
+        per selection)."""
         key = tuple(sorted(set(batches)))
         with self._lock:
             found = self._in_batches.get(key)
@@ -185,13 +200,27 @@ class ImageIndex:
             if self._image_of_row is None:
                 self._image_of_row = np.searchsorted(self.image_ids, self._row_ids)
             codes = [self.batch_names.index(b) for b in key]
-            found = np.zeros(len(self.image_ids), dtype=bool)
-            found[self._image_of_row[np.isin(self._batch_codes, codes)]] = True
+            inside = np.zeros(len(self.image_ids), dtype=bool)
+            inside[self._image_of_row[np.isin(self._batch_codes, codes)]] = True
+            found = (inside, np.flatnonzero(inside))
             with self._lock:
                 if len(self._in_batches) >= 4 * ALLOWED_KEPT:
                     self._in_batches.clear()
                 self._in_batches[key] = found
         return found
+
+    def _allowed_positions(self, filters: Filters) -> np.ndarray:
+        """The sorted positions (in ``image_ids``) of the images ``filters`` allow. A narrow
+        filter starts from the few images its time range, camera or batches name, and tests the
+        other conditions on those only."""
+        start = self.photo.narrowest(filters)
+        if filters.batches:
+            inside, positions = self._batch_selection(filters.batches)
+            if start is None or len(positions) < len(start):
+                start = positions
+        if start is None:
+            return np.flatnonzero(self.passes(filters))
+        return np.sort(start[self.passes(filters, start)])
 
     def allowed(self, filters: Filters) -> _Allowed:
         """The images ``filters`` allow, with the selector or the stored vectors a search over
@@ -201,14 +230,20 @@ class ImageIndex:
             found = self._allowed.pop(key, None)
             if found is not None:
                 self._allowed[key] = found  # most recently used last
+                if found.vectors is None and found.reading is None and len(found.ids) <= EXACT_KEPT_MAX:
+                    if self._reader is None:
+                        self._reader = concurrent.futures.ThreadPoolExecutor(1, "imgsim-filter-vectors")
+                    found.reading = self._reader.submit(self._read_vectors, found)
                 return found
-        keep = self.passes(filters)
-        ids = self.image_ids[keep]
+        positions = self._allowed_positions(filters)
+        ids = self.image_ids[positions]
         found = _Allowed(ids, len(ids) / max(len(self.image_ids), 1))
         if len(ids) <= EXACT_MAX:
             found.vectors = self.stored_vectors(ids) if len(ids) else np.zeros((0, self.ivf.d), np.float32)
         elif len(ids) > len(self.image_ids) // 2:  # the smaller set is hashed: the ones left out
-            found.inner = faiss.IDSelectorBatch(self.image_ids[~keep])
+            left_out = np.ones(len(self.image_ids), dtype=bool)
+            left_out[positions] = False
+            found.inner = faiss.IDSelectorBatch(self.image_ids[left_out])
             found.selector = faiss.IDSelectorNot(found.inner)
         else:
             found.selector = faiss.IDSelectorBatch(ids)
@@ -217,6 +252,9 @@ class ImageIndex:
             while len(self._allowed) > ALLOWED_KEPT:
                 self._allowed.pop(next(iter(self._allowed)))
         return found
+
+    def _read_vectors(self, allowed: _Allowed) -> None:
+        allowed.vectors = self.stored_vectors(allowed.ids)  # one assignment: searches see none or all
 
     def _share(self, filters: Filters) -> float:
         """The share of indexed images ``filters`` allow, estimated on a fixed sample."""
@@ -255,7 +293,8 @@ class ImageIndex:
         restricted to them finds in the same lists (a query that keeps fewer is searched again
         the next way); up to ``EXACT_MAX`` allowed images are compared with the query, every
         one; between the two, a Faiss id selector restricts the search, which visits more lists
-        the smaller the share."""
+        the smaller the share, until the filter is used again and the vectors of its images (up
+        to ``EXACT_KEPT_MAX``) have been read for exact search."""
         filters = (filters or Filters()).with_batches(batches)
         index = self.ivf if in_index_space else self.index
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
@@ -280,11 +319,11 @@ class ImageIndex:
         return results
 
     def strategy(self, filters: Filters, k: int = 10) -> str:
-        """How a search for ``k`` neighbours is held to ``filters``: ``answers`` (the index's
-        own, filtered), ``selector`` or ``exact`` (see :meth:`search`)."""
+        """How a search for ``k`` neighbours is held to ``filters`` now: ``answers`` (the index's
+        own, filtered), ``selector`` or ``exact`` (see :meth:`search`). Asking counts as a use."""
         if self._wide(filters, k) is not None:
             return "answers"
-        return "selector" if self.allowed(filters).selector is not None else "exact"
+        return "exact" if self.allowed(filters).vectors is not None else "selector"
 
     def _wide(self, filters: Filters, k: int) -> int | None:
         """How many of the index's answers to filter to keep ``k``; None: restrict the search."""
@@ -316,7 +355,8 @@ class ImageIndex:
     def _search_allowed(self, index: faiss.Index, queries: np.ndarray, k: int, nprobe: int, filters: Filters,
                         in_index_space: bool) -> tuple[np.ndarray, np.ndarray]:
         allowed = self.allowed(filters)
-        if allowed.selector is not None:
+        vectors = allowed.vectors  # once: a background read may set it meanwhile
+        if vectors is None:
             boost = min(max(POST_FILTER_SHARE / allowed.share, 1.0), NPROBE_BOOST_MAX)
             params = faiss.SearchParametersIVF(nprobe=min(int(np.ceil(nprobe * boost)), self.ivf.nlist),
                                                sel=allowed.selector)
@@ -326,7 +366,7 @@ class ImageIndex:
         found = min(k, len(allowed.ids))
         if found:
             space = queries if in_index_space else self.to_index_space(queries)
-            best, at = faiss.knn(space, allowed.vectors, found, metric=faiss.METRIC_INNER_PRODUCT)
+            best, at = faiss.knn(space, vectors, found, metric=faiss.METRIC_INNER_PRODUCT)
             scores[:, :found], ids[:, :found] = best, allowed.ids[at]
         return scores, ids
 
