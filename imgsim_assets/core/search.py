@@ -46,8 +46,8 @@ POST_FILTER_MAX = 1024  # ... unless that is more than this
 SHARE_SAMPLE = 4096  # images on which a filter's share is estimated before any search
 EXACT_MAX = 4096  # at most this many allowed images: exact search over their stored vectors
 # With a selector, lists visited × POST_FILTER_SHARE / share, at most 8 times as many: at 1M
-# vectors 8× holds recall@10 near 0.95 down to EXACT_MAX allowed and costs 1.4× an unfiltered
-# search (16× cost 2.2×).
+# vectors 8× holds recall@10 near 0.96 down to EXACT_MAX allowed (16× cost 2.2× an unfiltered
+# search).
 NPROBE_BOOST_MAX = 8
 ALLOWED_KEPT = 16  # the allowed sets (ids, selector or vectors) of this many filters are kept
 EXACT_KEPT_MAX = 16_384  # a filter used again with at most this many images: exact search once read
@@ -113,7 +113,7 @@ class ImageIndex:
         self._first_rows = self._rows[starts]
         self._photo: PhotoColumns | None = None
         self._image_of_row: np.ndarray | None = None
-        self._in_batches: dict[tuple[str, ...], np.ndarray] = {}
+        self._in_batches: dict[tuple[str, ...], tuple[np.ndarray, np.ndarray]] = {}
         self._allowed: dict[tuple, _Allowed] = {}
         self._sample: np.ndarray | None = None  # positions of the images a filter's share is estimated on
         self._reader: concurrent.futures.ThreadPoolExecutor | None = None  # reads kept filters' vectors
