@@ -29,7 +29,14 @@ Measured, each beside an in-process baseline on the same index or encoder:
   ``--seconds``) vs one at a time, with the model batch sizes from /metrics, and the model alone
   on 16 images in one call vs 16 calls (what batching can gain on these CPUs);
 - reload under load: 8 clients send id queries while the grown index is published: seconds
-  until /healthz shows it, failed queries, p99 during the swap vs before it.
+  until /healthz shows it, failed queries, p99 during the swap vs before it;
+- filtered id queries (``--only filters`` runs this phase alone, without the server):
+  ``FaissSearcher.search_ids`` with photo filters from a broad one (half the images) to one
+  day's photos, vs the same queries unfiltered, taken in turn with them (so that the rest of
+  the machine weighs on both alike): p50 with the filter used before (kept) and, in a run of
+  its own, with a new filter every query (cold), the way the index held to it, and recall@10 against exact
+  search over the images the filter allows. The synthetic images'
+  photo metadata (``photo_table``) is drawn independently of their vectors.
 """
 
 from __future__ import annotations
@@ -90,13 +97,76 @@ def _log(message: str) -> None:
     print(f"  [{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def _catalog(ids: np.ndarray, batch_of_row: np.ndarray, first_row: int = 0):
+# Photo metadata of the synthetic images: capture times spread over ten years, cameras drawn
+# with Zipf weights (the first, an iPhone, takes a third), common sensor sizes, and no EXIF
+# (no time, no camera) for one image in ten.
+CAMERAS = (("Apple", "iPhone 12"), ("Canon", "Canon EOS 5D Mark IV"), ("Samsung", "SM-S911B"),
+           ("NIKON CORPORATION", "NIKON D750"), ("SONY", "ILCE-7M3"), ("Google", "Pixel 7"), ("FUJIFILM", "X-T4"),
+           ("Canon", "Canon EOS R5"), ("Apple", "iPhone 15 Pro"), ("OLYMPUS", "E-M10"), ("Panasonic", "DC-GH5"),
+           ("NIKON CORPORATION", "NIKON Z 6"))
+SENSORS = ((1280, 960), (2048, 1536), (4032, 3024), (6000, 4000), (8192, 5464))
+PHOTO_YEARS = (2015, 2025)
+
+
+def photo_table(rows: int):
+    """The photo columns of the catalog's first ``rows`` rows (the same rows, the same values)."""
+    import pyarrow as pa
+
+    from imgsim_assets.core import build
+
+    rng = np.random.default_rng(SEED + 5)
+    missing = rng.random(rows) < 0.1
+    start = np.datetime64(f"{PHOTO_YEARS[0]}-01-01", "us").astype(np.int64)
+    end = np.datetime64(f"{PHOTO_YEARS[1]}-01-01", "us").astype(np.int64)
+    captured = rng.integers(start, end, rows)
+    weights = 1 / np.arange(1, len(CAMERAS) + 1)
+    camera = rng.choice(len(CAMERAS), rows, p=weights / weights.sum())
+    sensor = np.asarray(SENSORS)[rng.integers(0, len(SENSORS), rows)]
+    makes, models = (pa.array(np.asarray([c[i] for c in CAMERAS], dtype=object)[camera], pa.string(), mask=missing)
+                     for i in (0, 1))
+    schema = build.catalog_schema()
+    columns = {"captured_at": pa.array(captured, pa.timestamp("us"), mask=missing), "camera_make": makes,
+               "camera_model": models, "width": pa.array(sensor[:, 0], pa.int32()),
+               "height": pa.array(sensor[:, 1], pa.int32()),
+               "pixels": pa.array(sensor[:, 0].astype(np.int64) * sensor[:, 1], pa.int64())}
+    names = [f.name for f in schema][3:]
+    return pa.table({n: columns.get(n, pa.nulls(rows, schema.field(n).type)) for n in names})
+
+
+def _catalog(ids: np.ndarray, batch_of_row: np.ndarray, first_row: int = 0, photos=None):
     import pyarrow as pa
 
     names = [f"b{b:04d}" for b in range(int(batch_of_row.max()) + 1)] if len(batch_of_row) else []
     batches = pa.DictionaryArray.from_arrays(pa.array(batch_of_row.astype(np.int32)), pa.array(names))
     paths = [f"{names[b]}/{first_row + i:06d}.jpg" for i, b in enumerate(batch_of_row.tolist())]
-    return pa.table({"image_id": pa.array(ids, pa.int64()), "batch": batches.cast(pa.string()), "path": paths})
+    table = pa.table({"image_id": pa.array(ids, pa.int64()), "batch": batches.cast(pa.string()), "path": paths})
+    return _with_photos(table, photos) if photos is not None else table
+
+
+def _with_photos(catalog, photos):
+    for name in photos.column_names:
+        if name in catalog.column_names:
+            catalog = catalog.drop_columns([name])
+        catalog = catalog.append_column(name, photos[name])
+    return catalog
+
+
+def _photos_in_cache(cache: Path) -> None:
+    """Give the catalogs of an index cached before the photo columns existed theirs (the
+    vectors do not change, so the index is not built again)."""
+    import pyarrow.parquet as pq
+
+    from imgsim_assets.core.search import CATALOG_FILE
+    from imgsim_assets.core.storage import atomic_path
+
+    grown = pq.read_table(cache / "grown" / CATALOG_FILE)
+    if "captured_at" in grown.column_names:
+        return
+    photos = photo_table(grown.num_rows)
+    for part in ("index", "grown"):
+        catalog = pq.read_table(cache / part / CATALOG_FILE)
+        with atomic_path(cache / part / CATALOG_FILE) as tmp:
+            pq.write_table(_with_photos(catalog, photos.slice(0, catalog.num_rows)), tmp)
 
 
 def build_index(cache: Path, n: int, dim: int) -> dict:
@@ -135,14 +205,16 @@ def build_index(cache: Path, n: int, dim: int) -> dict:
     del x, data
     names = [f"b{b:04d}" for b in range(batches)]
     info = built.info(names)
-    catalog = _catalog(ids, batch_of_row)
+    photos = photo_table(n + new_n)
+    catalog = _catalog(ids, batch_of_row, photos=photos.slice(0, n))
     build.publish(built.pca, built.merged, catalog, info).save(work / "index")
     _log("saved")
 
     # The next version: one more batch of 1% new vectors, a new shard merged with the index.
     new = mixture(new_n, dim, seed=4)
     grown = built.add_batch(f"b{batches:04d}", new_ids, new)
-    grown_catalog = pa.concat_tables([catalog, _catalog(new_ids, np.full(new_n, batches, np.int32), n)])
+    grown_catalog = pa.concat_tables([catalog, _catalog(new_ids, np.full(new_n, batches, np.int32), n,
+                                                        photos=photos.slice(n))])
     grown_info = {**info, "num_vectors": int(grown.ntotal), "batches": [*names, f"b{batches:04d}"]}
     build.publish(built.pca, grown, grown_catalog, grown_info).save(work / "grown")
     record = {"n": n, "dim": dim, "grown_n": int(grown.ntotal), "seconds": round(time.perf_counter() - t0, 1),
@@ -158,6 +230,7 @@ def build_index(cache: Path, n: int, dim: int) -> dict:
 def cached_index(n: int, dim: int) -> tuple[Path, dict, bool]:
     cache = Path(tempfile.gettempdir()) / f"imgsim-bench-serve-v{CACHE_VERSION}-{n}x{dim}"
     if (cache / "build.json").is_file():
+        _photos_in_cache(cache)
         return cache, json.loads((cache / "build.json").read_text()), True
     return cache, build_index(cache, n, dim), False
 
@@ -647,12 +720,108 @@ def reload_under_load(b: Bench) -> None:
           f"answers came from the new version; server peak RSS {peak_rss_mb(b.proc.pid):.0f} MB")
 
 
+# Filters from broad to narrow: (what, Filters.parse arguments).
+FILTERS = (
+    ("taken 2020-2024", dict(taken_after="2020-01-01", taken_before="2025-01-01")),
+    ("camera 'canon'", dict(camera="canon")),
+    ("camera 'iphone 15', at least 24 MP", dict(camera="iphone 15", min_pixels=24_000_000)),
+    ("taken in June 2019", dict(taken_after="2019-06-01", taken_before="2019-07-01")),
+    ("batch b0001", dict(batches=["b0001"])),
+    ("taken on 1 June 2019", dict(taken_after="2019-06-01", taken_before="2019-06-02")),
+)
+RECALL_QUERIES = 20
+
+
+def exact_top(index, queries: np.ndarray, allowed: np.ndarray, k: int, chunk: int = 65_536) -> np.ndarray:
+    """The ids of each query's ``k`` nearest among ``allowed`` (exhaustive, in the index's space,
+    over the vectors it stores; ``chunk`` ids at a time)."""
+    best_scores = np.full((len(queries), 0), -np.inf, np.float32)
+    best_ids = np.zeros((len(queries), 0), np.int64)
+    for start in range(0, len(allowed), chunk):
+        part = allowed[start : start + chunk]
+        scores = queries @ index.stored_vectors(part).T
+        best_scores = np.concatenate([best_scores, scores], axis=1)
+        best_ids = np.concatenate([best_ids, np.broadcast_to(part, scores.shape)], axis=1)
+        keep = np.argsort(-best_scores, axis=1, kind="stable")[:, :k]
+        best_scores, best_ids = np.take_along_axis(best_scores, keep, 1), np.take_along_axis(best_ids, keep, 1)
+    return best_ids
+
+
+def _interleaved(calls: dict[str, Callable[[int], object]], seconds: float, at_least: int = 20) -> dict[str, float]:
+    """p50 milliseconds of each call, the calls taken in turn (query i of each, then i + 1), so
+    that whatever else the machine does weighs on all of them alike."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    i, deadline = 0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline or i < at_least:
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call(i)
+            times[name].append(time.perf_counter() - start)
+        i += 1
+    return {name: float(np.median(t) * 1000) for name, t in times.items()}
+
+
+def filtered_queries(searcher, query_ids: np.ndarray, seconds: float) -> None:
+    """Filtered vs unfiltered id queries in-process, through ``FaissSearcher.search_ids``."""
+    from dataclasses import replace
+
+    from imgsim_assets.core.filters import Filters
+
+    index = searcher.index
+    ids = query_ids.tolist()
+
+    def query(i: int, filters=None):
+        return searcher.search_ids([ids[i % len(ids)]], 10, filters=filters)
+
+    _interleaved({"warm": query}, min(1.0, seconds / 5))
+    print(f"filtered id queries (FaissSearcher.search_ids, k=10, random indexed ids; warm: the filter used before; "
+          f"cold: a new filter every query; each beside unfiltered queries taken in turn), {seconds:g} s per filter:")
+    probes = np.asarray(ids[:RECALL_QUERIES], np.int64)
+    for what, arguments in FILTERS:
+        filters = Filters.parse(**arguments)
+        allowed = index.image_ids[index.passes(filters)]
+        way = index.strategy(filters)  # how a new filter is held
+        query(0, filters)  # used again: a filter kept may read its images' vectors for exact search
+        reading = index.allowed(filters).reading
+        if reading is not None:
+            reading.result()
+        kept = index.strategy(filters)
+        way = way if kept == way else f"{way}, {kept} once kept"
+        def variant(i: int) -> Filters:
+            """Another filter allowing the same images (a size bound moved between the sensors'
+            sizes; every image's size is known), so that nothing kept is found."""
+            bound = filters.min_pixels - 1 - i if filters.min_pixels else 1 + i
+            return replace(filters, min_pixels=bound)
+
+        sides = {"warm": lambda i: query(i, filters), "cold": lambda i: query(i, variant(i))}
+        truth = exact_top(index, index.stored_vectors(probes), allowed, 10)
+
+        def recall(variant: Filters) -> float:
+            found = [[h.image_id for h in hits] for hits in searcher.search_ids(probes, 10, filters=variant)]
+            return float(np.mean([len(set(f) & set(t.tolist())) / max(min(10, len(allowed)), 1)
+                                  for f, t in zip(found, truth)]))
+
+        # Each side in turn with unfiltered queries of its own: a cold query's new selector would
+        # otherwise push out of the caches what the warm ones read.
+        p50 = {"warm": _interleaved({"unfiltered": query, "warm": sides["warm"]}, seconds / 2)}
+        kept_recall = recall(filters)
+        p50["cold"] = _interleaved({"unfiltered": query, "cold": sides["cold"]}, seconds / 2)
+        new_recall = recall(variant(10**6))
+        recalls = f"{new_recall:.3f}" if new_recall == kept_recall else f"{new_recall:.3f} new, {kept_recall:.3f} kept"
+        label = f"  {what} ({len(allowed) / len(index.image_ids):.2%} of the images, {way}, recall@10 {recalls})"
+        for side, times in p50.items():
+            ratio_line(f"{label}: p50 {side}", f"{times[side]:.3f} ms", f"unfiltered {times['unfiltered']:.3f} ms",
+                       times[side] / times["unfiltered"], "<= 2x", times[side] <= 2 * times["unfiltered"])
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vectors", type=int, default=1_000_000)
     parser.add_argument("--dim", type=int, default=384)
     parser.add_argument("--seconds", type=float, default=5.0, help="per load phase")
     parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--only", choices=["filters"], default=None,
+                        help="filters: the filtered queries alone, in-process (no server)")
     args = parser.parse_args(argv)
     if args.dim not in MODELS_BY_DIM:
         parser.error(f"--dim must be a DINOv2 width ({', '.join(map(str, MODELS_BY_DIM))}) for image queries")
@@ -677,6 +846,14 @@ def main(argv=None) -> None:
           f"weights, CPU, torch {torch.get_num_threads()} threads; query photo {photo.name} "
           f"({photo.stat().st_size / 2**20:.1f} MB)")
 
+    if args.only == "filters":
+        from imgsim_assets.core.search import FaissSearcher, ImageIndex
+
+        searcher = FaissSearcher(ImageIndex.load(cache / "index"), device="cpu")
+        searcher.index.stored_vectors([])  # the id → vector map, as the server builds it before serving
+        filtered_queries(searcher, query_ids, args.seconds)
+        return
+
     data_dir = Path(tempfile.mkdtemp(prefix="imgsim-bench-serve-data-"))
     try:
         link = artifact_path(data_dir / "assets", "faiss_index")
@@ -686,6 +863,7 @@ def main(argv=None) -> None:
             b = Bench(port, proc, cache, build, link, photo, query_ids, args.seconds, args.clients)
             local = cold_start(b, log, started)
             id_queries(b, local)
+            filtered_queries(local.searcher, query_ids, b.seconds)
             image_queries(b, local)
             reload_under_load(b)
     finally:

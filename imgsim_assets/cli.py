@@ -127,12 +127,20 @@ def cmd_search(args) -> int:
     box = images.Box.parse(args.box) if args.box else None  # a malformed box fails before the model loads
     settings = Settings.from_env()
     searcher, source = open_searcher(args, settings)
+    filters = search_filters(args)
+    if filters is None:
+        return 2
+    try:
+        searcher.check_filters(filters)
+    except ValueError as e:
+        print(f"imgsim search: {e}", file=sys.stderr)
+        return 2
     if searcher.random_weights:
         print(RANDOM_BANNER, file=sys.stderr)
     used = {}
     if args.id is not None and box is None:
         try:
-            hits = searcher.search_ids([args.id], args.k, args.nprobe, args.batch)[0]
+            hits = searcher.search_ids([args.id], args.k, args.nprobe, filters=filters)[0]
         except UnknownImage as e:
             print(f"imgsim search: {e}", file=sys.stderr)
             return 2
@@ -147,7 +155,7 @@ def cmd_search(args) -> int:
             query = f"image_id {args.id} ({path})"
         else:
             file, root, query = args.image, None, args.image
-        answer = searcher.search_files([file], args.k, args.nprobe, args.batch, root=root, box=box)[0]
+        answer = searcher.search_files([file], args.k, args.nprobe, filters=filters, root=root, box=box)[0]
         if not answer.ok:
             print(f"cannot search with {file}: {answer.record.reason}: {answer.record.message}", file=sys.stderr)
             return 2
@@ -159,19 +167,37 @@ def cmd_search(args) -> int:
                          source, settings.images_dir)
 
 
+def search_filters(args):
+    """The search's filters from its options (batches included); None, and the reason said,
+    when one is not valid."""
+    from imgsim_assets.core.filters import Filters
+
+    try:
+        return Filters.parse(args.batch or (), args.taken_after, args.taken_before, args.camera, args.min_pixels)
+    except ValueError as e:
+        print(f"imgsim search: {e}", file=sys.stderr)
+        return None
+
+
 def _search_server(args) -> int:
     """The query answered by a running ``imgsim serve`` (no model, no index loaded here)."""
     from imgsim_assets.serve import client
 
     from imgsim_assets.settings import Settings
 
+    filters = search_filters(args)
+    if filters is None:
+        return 2
+    photo = [(name, value) for name, value in filters.params() if name != "batch"]
     token = args.token or Settings.from_env().serve_token
     try:
         if args.id is not None:
-            answer = client.search_id(args.server, args.id, args.k, args.nprobe, args.batch, token, box=args.box)
+            answer = client.search_id(args.server, args.id, args.k, args.nprobe, filters.batches, token,
+                                      filters=photo, box=args.box)
             query = f"image_id {args.id}"
         else:
-            answer = client.search_file(args.server, args.image, args.k, args.nprobe, args.batch, token, box=args.box)
+            answer = client.search_file(args.server, args.image, args.k, args.nprobe, filters.batches, token,
+                                        filters=photo, box=args.box)
             query = args.image
     except client.ServerError as e:
         print(f"imgsim search: {e}", file=sys.stderr)
@@ -465,6 +491,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--box", default=None, metavar="X0,Y0,X1,Y1", help="only this region of the image is the query, "
                    "in pixels of the picture as displayed (after EXIF rotation); cut at its edges, at least 8 px a side")
     p.add_argument("--batch", action="append", default=None, help="only answer from this batch (repeatable)")
+    p.add_argument("--taken-after", default=None, metavar="DATE",
+                   help="only images taken at or after this camera-local time (EXIF), e.g. 2021-06-01 or 2021-06-01T18:00")
+    p.add_argument("--taken-before", default=None, metavar="DATE", help="only images taken before this time (exclusive)")
+    p.add_argument("--camera", default=None, metavar="TEXT",
+                   help="only images whose camera make and model contain TEXT (case-insensitive: canon, 'iphone 12')")
+    p.add_argument("--min-pixels", default=None, metavar="N", help="only images of at least N pixels (width × height)")
     p.add_argument("-k", type=int, default=10)
     p.add_argument("--nprobe", type=int, default=None, help="IVF lists to visit (default: as tuned at build)")
     p.add_argument("--json", action="store_true", help="machine-readable output")

@@ -67,10 +67,19 @@ def test_bench_index_builds_grows_and_judges_a_tiny_index(tmp_path):
 
 
 def test_bench_serve_runs_every_phase_on_a_tiny_index(tmp_path):
+    from bench.serve import FILTERS
+
     out = _bench("bench.serve", "--vectors", "20000", "--seconds", "1", "--clients", "2", tmp_path=tmp_path)
-    for phase in ("cold start", "id queries", "image queries", "reload under load"):
+    for phase in ("cold start", "id queries", "filtered id queries", "image queries", "reload under load"):
         assert phase in out
     assert "failed queries during the swap: 0 of" in out
+    # The filtered queries alone (the index cached by the run above), each filter warm and cold.
+    only = _bench("bench.serve", "--vectors", "20000", "--seconds", "0.2", "--only", "filters", tmp_path=tmp_path)
+    assert "index cached" in only and "image queries" not in only
+    for text in (out, only):
+        lines = {what: r for what, r in _ratios(text).items() if " p50 warm" in what or " p50 cold" in what}
+        assert len(lines) == 2 * len(FILTERS) and all(f"{what} (" in " ".join(lines) for what, _ in FILTERS)
+        assert all(_figures(what.split("recall@10 ")[1]) for what in lines)
 
 
 def test_bench_preprocess_compares_with_the_plain_loop_at_every_size(tmp_path):

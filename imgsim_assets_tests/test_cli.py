@@ -7,7 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+from PIL import Image
+
+from imgsim_assets.core.images import metadata as md
 from imgsim_assets.core.sample_data import write_synthetic_batch
+from imgsim_assets_tests.pictures import photo
 
 IMGSIM = [sys.executable, "-m", "imgsim_assets.cli"]
 
@@ -16,17 +20,31 @@ def _run(args, env):
     return subprocess.run(IMGSIM + args, env=env, capture_output=True, text=True, timeout=600)
 
 
+def _camera_batch(folder: Path) -> None:
+    """Three 200×150 JPEGs: one from a Canon in June 2021, one from an iPhone in 2022, one
+    without EXIF."""
+    folder.mkdir(parents=True)
+    for i, (make, model, taken) in enumerate((("Canon", "Canon EOS R5", "2021:06:15 10:00:00"),
+                                              ("Apple", "iPhone 12", "2022:01:01 09:30:00"), (None, None, None))):
+        exif = Image.Exif()
+        if make:
+            exif[md.MAKE], exif[md.MODEL] = make, model
+            exif.get_ifd(md.EXIF_IFD)[md.DATETIME_ORIGINAL] = taken
+        Image.fromarray(photo(150, 200, seed=30 + i)).save(folder / f"shot{i}.jpg", exif=exif.tobytes())
+
+
 def test_ingest_then_search_json(tmp_path):
     data = tmp_path / "data"
     files = write_synthetic_batch(data / "images" / "first", 8, seed=5)
     write_synthetic_batch(data / "images" / "second", 4, seed=6)
+    _camera_batch(data / "images" / "cameras")
     env = {**os.environ, "IMGSIM_DATA_DIR": str(data), "IMGSIM_WEIGHTS": "random", "IMGSIM_DEVICE": "cpu"}
     env.pop("DAGSTER_HOME", None)
 
     ingest = _run(["ingest", "--milvus"], env)
     assert ingest.returncode == 0, ingest.stderr[-2000:]
     assert "RANDOM WEIGHTS" in ingest.stderr
-    assert "2 batch(es) embedded" in ingest.stdout
+    assert "3 batch(es) embedded" in ingest.stdout
     assert (data / "dagster_home" / "dagster.yaml").exists()
 
     search = _run(["search", str(files[3]), "-k", "3", "--json"], env)
@@ -44,6 +62,22 @@ def test_ingest_then_search_json(tmp_path):
     assert len(answer["hits"]) == 4 and {h["batch"] for h in answer["hits"]} == {"second"}
     unknown = _run(["search", "--id", "12345"], env)
     assert unknown.returncode == 2 and "not in the index" in unknown.stderr
+
+    # Photo filters: capture time, camera, size (the synthetic pictures are 128×96, without EXIF).
+    def paths(*args) -> list[str]:
+        found = _run(["search", str(files[3]), "-k", "15", "--json", *args], env)
+        assert found.returncode == 0, found.stderr[-2000:]
+        return sorted(h["path"] for h in json.loads(found.stdout)["hits"])
+
+    assert paths("--camera", "CANON eos") == ["cameras/shot0.jpg"]
+    assert paths("--taken-after", "2021-06-15T10:00", "--taken-before", "2022-01-01T09:30") == ["cameras/shot0.jpg"]
+    assert paths("--taken-after", "2021-06-15T10:00:01") == ["cameras/shot1.jpg"]
+    assert paths("--min-pixels", "20000") == ["cameras/shot0.jpg", "cameras/shot1.jpg", "cameras/shot2.jpg"]
+    assert paths("--min-pixels", "20000", "--camera", "iphone", "--batch", "cameras") == ["cameras/shot1.jpg"]
+    bad = _run(["search", str(files[3]), "--taken-after", "last week"], env)
+    assert bad.returncode == 2 and "taken_after must be an ISO 8601 date" in bad.stderr
+    milvus_photo = _run(["search", str(files[3]), "--backend", "milvus", "--camera", "canon"], env)
+    assert milvus_photo.returncode == 2 and "Milvus collection holds no photo metadata" in milvus_photo.stderr
 
     # The same query answered by the Milvus Lite collection that `ingest --milvus` filled.
     # Raw vectors of a random-weight ViT are nearly collinear, so compare scores, not ranks.

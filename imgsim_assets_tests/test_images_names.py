@@ -58,7 +58,7 @@ def test_odd_file_names_are_listed_and_recorded_as_valid_utf8(tmp_path):
         record.path.encode("utf-8")  # no lone surrogates
         assert os.fsencode(images.os_path(record.path)) in (latin1, long_name, longest) or record.path.endswith("deep.png")
         assert (tmp_path / images.os_path(record.path)).read_bytes() == picture  # the escape is undone
-        json.dumps(asdict(record), ensure_ascii=False).encode("utf-8")
+        json.dumps(asdict(record), ensure_ascii=False, default=str).encode("utf-8")  # default: its times
     pa.array([r.path for r in records])
     manifest = pa.Table.from_pydict(images.records_to_columns(records), schema=tables.MANIFEST_SCHEMA)
     buf = io.BytesIO()

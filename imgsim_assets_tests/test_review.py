@@ -15,13 +15,14 @@ import pytest
 
 from imgsim_assets.core import review as rv
 from imgsim_assets.core import setaside as sa_
+from imgsim_assets.core.tables import MANIFEST_SCHEMA
 
 UTC = dt.timezone.utc
 
 
 def _manifest(rows: list[dict]) -> pa.Table:
-    columns = {name: pa.array([r.get(name) for r in rows], kind) for name, kind in rv.PHOTO_COLUMNS.items()}
-    return pa.table(columns)
+    fields = [MANIFEST_SCHEMA.field(name) for name in rv.PHOTO_COLUMNS]
+    return pa.table({f.name: pa.array([r.get(f.name) for r in rows], f.type) for f in fields})
 
 
 def _photos(tmp_path, rows, name="b1") -> rv.Photos:

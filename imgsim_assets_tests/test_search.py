@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from imgsim_assets.core.filters import Filters, FilterUnavailable
 from imgsim_assets.core.sample_data import write_synthetic_batch
 from imgsim_assets.core.search import FaissSearcher, UnknownImage
 from imgsim_assets.ingest import ingest
@@ -62,6 +63,13 @@ def test_the_faiss_and_milvus_searchers_answer_what_the_service_asks_alike(pipel
             searcher.check_batches(["b1", "b9"])
         assert searcher.info["encoder"]["model"] == searcher.encoder_info["model"] == "dinov2_vits14"
     assert faiss_searcher.info["factory"] == "PCA11,L2norm,Flat"  # the index's own info
+    photo = Filters.parse(camera="canon")
+    faiss_searcher.check_filters(photo)  # synthetic pictures hold no EXIF: nothing passes, but it filters
+    assert faiss_searcher.search_ids([faiss_searcher.index.image_ids[0]], k=5, filters=photo) == [[]]
+    with pytest.raises(FilterUnavailable, match="Milvus collection holds no photo metadata"):
+        milvus_searcher.check_filters(photo)
+    with pytest.raises(FilterUnavailable):
+        milvus_searcher.search(np.zeros((1, 384), np.float32), k=5, filters=photo)
 
     faiss_searcher.warm()
     loaded = faiss_searcher._encoder

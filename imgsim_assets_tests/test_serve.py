@@ -12,8 +12,9 @@ import time
 import pytest
 from PIL import Image
 
-from imgsim_assets.core.sample_data import write_synthetic_batch
-from imgsim_assets.core.storage import artifact_path
+from imgsim_assets.core.sample_data import SKIMAGE_NAMES, write_synthetic_batch
+from imgsim_assets.core.search import ImageIndex
+from imgsim_assets.core.storage import artifact_path, publish_dir
 from imgsim_assets.ingest import ingest
 from imgsim_assets.serve.app import ServeConfig, create_app
 from imgsim_assets_tests.serving import COLLAGE_PHOTO, collage, get, post_image, running_server, sample_collection
@@ -69,6 +70,71 @@ def test_search_by_upload_by_id_and_within_batches(collection, server):
     assert status == 200 and {"get", "post"} <= set(spec["paths"]["/search"])
     assert "404" in spec["paths"]["/evaluation"]["get"]["responses"]
     assert {"408", "413", "421", "422"} <= set(spec["paths"]["/search"]["post"]["responses"])
+
+
+def _paths(answer: dict) -> set[str]:
+    return {h["path"] for h in answer["hits"]}
+
+
+def test_photo_filters_by_capture_time_camera_and_size(collection, server):
+    settings, _, _ = collection
+    base, _ = server
+    chelsea = post_image(base + "/search?k=1", (settings.images_dir / "batch-0001" / "chelsea.png").read_bytes())[1]
+    chelsea_id = chelsea["hits"][0]["image_id"]
+    search = f"{base}/search?image_id={chelsea_id}&k=92"
+
+    # The sample's edited copies carry made-up EXIF: crops a Canon in 2019, half sizes a Nikon in
+    # 2020, mirrors an iPhone in 2021; copy i on day i + 1 of month i mod 12 + 1, at noon.
+    crops = {f"batch-0002/{name}_crop.jpg" for name in SKIMAGE_NAMES}
+    status, canon, _ = get(search + "&camera=CANON")
+    assert status == 200 and _paths(canon) == crops
+    assert _paths(get(search + "&camera=canon%20eos%205d")[1]) == crops
+    assert _paths(get(search + "&camera=apple%20iphone")[1]) == {f"batch-0002/{n}_flip.jpg" for n in SKIMAGE_NAMES}
+    march = get(search + "&taken_after=2019-03-01&taken_before=2019-04-01")[1]
+    assert _paths(march) == {"batch-0002/camera_crop.jpg", "batch-0002/immunohistochemistry_crop.jpg"}
+    noon = get(search + "&taken_after=2020-01-01T12:00&taken_before=2020-01-01T12:00:01")[1]
+    assert _paths(noon) == {"batch-0002/astronaut_small.jpg"}  # the bounds: from included, to excluded
+
+    sizes = {}
+    for path in settings.images_dir.glob("batch-*/*.*"):
+        with Image.open(path) as im:
+            sizes[f"{path.parent.name}/{path.name}"] = im.width * im.height
+    big = get(search + "&min_pixels=250000")[1]
+    assert _paths(big) == {p for p, n in sizes.items() if n >= 250_000} and 0 < len(big["hits"]) < 92
+    originals = get(search + "&min_pixels=250000&batch=batch-0001")[1]
+    assert _paths(originals) == {p for p, n in sizes.items() if n >= 250_000 and p.startswith("batch-0001/")}
+    assert get(search + "&camera=canon&batch=batch-0001")[1]["hits"] == []  # the originals say nothing
+
+    status, flips, _ = post_image(base + "/search?k=5&camera=iphone", (settings.data_dir / "queries" /
+                                                                       "chelsea_reencoded.jpg").read_bytes())
+    assert status == 200 and len(flips["hits"]) == 5 and all(p.endswith("_flip.jpg") for p in _paths(flips))
+    for query, detail in (("&taken_after=June", "ISO 8601"), ("&min_pixels=-5", "between"),
+                          ("&taken_after=2021-01-01&taken_before=2020-01-01", "earlier"),
+                          ("&taken_before=2021-01-01T00:00%2B02:00", "offset")):
+        status, body, _ = get(search + query)
+        assert (status, body["error"]) == (422, "bad_parameter") and detail in body["detail"], query
+    spec = get(base + "/openapi.json")[1]["paths"]["/search"]
+    for method in ("get", "post"):
+        assert {"taken_after", "taken_before", "camera", "min_pixels"} <= {p["name"] for p in spec[method]["parameters"]}
+
+    cli = subprocess.run([sys.executable, "-m", "imgsim_assets.cli", "search", "--server", base, "--id", str(chelsea_id),
+                          "-k", "92", "--camera", "canon", "--taken-before", "2019-04-01", "--json"],
+                         env=os.environ, capture_output=True, text=True, timeout=120)
+    assert cli.returncode == 0, cli.stderr
+    assert _paths(json.loads(cli.stdout)) == {f"batch-0002/{SKIMAGE_NAMES[i]}_crop.jpg" for i in (0, 1, 2, 12, 13, 14)}
+
+
+def test_an_index_without_photo_metadata_refuses_photo_filters(collection, tmp_path):
+    settings, _, _ = collection
+    index = ImageIndex.load(artifact_path(settings.assets_dir, "faiss_index"))
+    old = ImageIndex(index.index, index.catalog.select(["image_id", "batch", "path"]), index.info)
+    assets = tmp_path / "assets"
+    publish_dir(artifact_path(assets, "faiss_index"), old.save)  # as an index built before them was
+    some_id = int(old.catalog["image_id"][0].as_py())
+    with running_server(settings, assets_dir=assets) as (base, _):
+        status, body, _ = get(f"{base}/search?image_id={some_id}&camera=canon")
+        assert (status, body["error"]) == (400, "filter_unavailable") and "photo metadata" in body["detail"]
+        assert get(f"{base}/search?image_id={some_id}&k=3&batch=batch-0002")[0] == 200
 
 
 def test_bad_input_is_a_clear_4xx_and_the_server_keeps_serving(collection, server, tmp_path):

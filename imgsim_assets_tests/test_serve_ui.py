@@ -1,8 +1,8 @@
 """`imgsim serve`'s web page in a real browser: the sample corpus ingested with a tiny encoder,
 the app on loopback, Debian's Chromium driven by Playwright. Searching by a chosen file, by a
-clicked hit, within a batch, an upload the API refuses, a region dragged on the query, why two
-images match, and the duplicates, clusters and quality views, each checked on what the page
-displays; screenshots go to test-artifacts/serve-*.png."""
+clicked hit, within a batch, with photo filters, an upload the API refuses, a region dragged on
+the query, why two images match, and the duplicates, clusters and quality views, each checked on
+what the page displays; screenshots go to test-artifacts/serve-*.png."""
 
 import json
 import re
@@ -275,6 +275,52 @@ def test_region_search_by_dragging_a_box_and_why_two_images_match(served, page, 
     sent = [float(v) for v in _boxes_sent(by_id)[-1].split(",")]
     assert sent == pytest.approx([0, 0, 256, 256], abs=4), sent
     expect(page.locator("#error")).to_be_hidden()
+
+def test_photo_filters_narrow_the_results(served, page):
+    from PIL import Image
+    from playwright.sync_api import expect
+
+    base, settings = served
+    hits = page.locator("#results li.hit")
+    page.goto(f"{base}/")
+    page.set_input_files("#file-input", str(settings.data_dir / "queries" / QUERY))
+    expect(hits).to_have_count(10)
+    expect(hits.first.locator(".path")).to_have_text(ORIGINAL)
+    unfiltered = hits.locator(".path").all_inner_texts()
+    assert any(not p.endswith("_crop.jpg") for p in unfiltered)
+
+    # A camera (the sample's crops say a Canon took them), entered: only crops, still ten.
+    page.fill("#camera", "canon")
+    page.press("#camera", "Enter")
+    expect(hits.locator(".path").filter(has_not_text="_crop.jpg")).to_have_count(0)
+    expect(hits).to_have_count(10)
+    assert hits.locator(".path").all_inner_texts() != unfiltered
+    _wait_until_loaded(page, "#results li.hit img")
+    page.screenshot(path=str(ARTIFACTS / "serve-search-camera.png"), full_page=True)
+
+    # And dates: crop i was taken at noon on day i + 1 of month i mod 12 + 1 of 2019, so 3 to 15
+    # March (through the 15th: the whole day) holds camera (i = 2) and immunohistochemistry (14).
+    page.fill("#taken-from", "2019-03-03")
+    page.fill("#taken-to", "2019-03-15")
+    march = ["batch-0002/camera_crop.jpg", "batch-0002/immunohistochemistry_crop.jpg"]
+    expect(hits).to_have_count(2)
+    assert sorted(hits.locator(".path").all_inner_texts()) == march
+    page.screenshot(path=str(ARTIFACTS / "serve-search-dates.png"), full_page=True)
+
+    # And a size neither reaches: nothing passes, and the page says why.
+    sizes = {p: Image.open(settings.images_dir / p).size for p in march}
+    assert all(w * h < 250_000 for w, h in sizes.values()), sizes
+    page.select_option("#min-pixels", "250000")
+    expect(hits).to_have_count(0)
+    expect(page.locator("#results-empty")).to_have_text("No results pass the photo filter.")
+    expect(page.locator("#error")).to_be_hidden()
+
+    # Clear: the unfiltered answer again.
+    page.locator("#clear-photo-filter").click()
+    expect(hits).to_have_count(10)
+    expect(hits.first.locator(".path")).to_have_text(ORIGINAL)
+    assert hits.locator(".path").all_inner_texts() == unfiltered
+    _assert_fits_width(page)
 
 
 def test_duplicates_clusters_and_quality_pages(served, page):

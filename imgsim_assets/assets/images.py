@@ -24,7 +24,9 @@ from imgsim_assets.resources import PreprocessResource, StorageResource
             kinds={"pillow", "parquet"},
             description="Manifest of every file in the batch folder: path (relative to the images root), "
             "content-addressed image_id, sha256, size, format, and status ok/rejected with the reason "
-            "and the decoder's message. Every file has exactly one row.",
+            "and the decoder's message; the photo's own metadata (EXIF capture time and UTC offset, camera "
+            "make and model, GPS position; width, height and pixels as displayed; the file's mtime), null "
+            "where the file does not say. Every file has exactly one row.",
         ),
         "cropped_tensors": AssetOut(
             io_manager_key="parquet_io_manager",
@@ -81,6 +83,9 @@ def _read_batch(context: AssetExecutionContext, batch: str, storage: StorageReso
             "rejected": MetadataValue.md(
                 rejected[["path", "reason", "message"]].to_markdown(index=False) if len(rejected) else "none"
             ),
+            "with_capture_time": int(manifest["captured_at"].length() - manifest["captured_at"].null_count),
+            "with_camera": int(manifest["camera_model"].length() - manifest["camera_model"].null_count),
+            "with_gps": int(manifest["gps_latitude"].length() - manifest["gps_latitude"].null_count),
             "folder": MetadataValue.path(str(folder)),
             CONSUMED_KEY: consumed,
         },

@@ -302,20 +302,25 @@ def run(data: Arrays, settings: ChainSettings = ChainSettings(),
 
 
 def catalog(manifests: Mapping[str, pq.ParquetFile | pa.Table], indexed_ids: np.ndarray) -> pa.Table:
-    """Every ok file whose image is in the index: image_id, batch, path (manifests are read
-    one at a time, those columns only; membership is tested once over all of them, since each
-    test hashes the whole index's ids)."""
-    columns = ["image_id", "path", "status"]
+    """Every ok file whose image is in the index: image_id, batch, path and the photo metadata
+    (:data:`tables.PHOTO_COLUMNS`; null where a manifest predates them). Manifests are read one
+    at a time, those columns only; membership is tested once over all of them, since each test
+    hashes the whole index's ids."""
+    columns = ["image_id", "path", *tables.PHOTO_COLUMNS]
     parts = []
     for batch, manifest in sorted(manifests.items()):
-        rows = manifest.read(columns=columns) if isinstance(manifest, pq.ParquetFile) else manifest.select(columns)
+        rows = tables.manifest_columns(manifest, [*columns, "status"])
         rows = rows.filter(pc.equal(rows["status"], "ok"))
-        parts.append(pa.table({"image_id": rows["image_id"].cast(pa.int64()),
-                               "batch": pa.array([batch] * rows.num_rows, pa.string()),
-                               "path": rows["path"].cast(pa.string())}))
+        parts.append(pa.table({"image_id": rows["image_id"], "batch": pa.array([batch] * rows.num_rows, pa.string()),
+                               **{c: rows[c] for c in columns[1:]}}))
     if not parts:
-        return pa.table({"image_id": pa.array([], pa.int64()), "batch": pa.array([], pa.string()),
-                         "path": pa.array([], pa.string())})
+        return catalog_schema().empty_table()
     table = pa.concat_tables(parts)
     indexed = pa.array(np.unique(indexed_ids), pa.int64())
     return table.filter(pc.is_in(table["image_id"], value_set=indexed)).combine_chunks()
+
+
+def catalog_schema() -> pa.Schema:
+    """The catalog's columns: one row per indexed file."""
+    photo = [tables.MANIFEST_SCHEMA.field(c) for c in tables.PHOTO_COLUMNS]
+    return pa.schema([("image_id", pa.int64()), ("batch", pa.string()), ("path", pa.string()), *photo])

@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import sqlalchemy as sa
 
-from imgsim_assets.core import duplicates
+from imgsim_assets.core import duplicates, tables
 
 KEEP, SET_ASIDE = "keep", "set_aside"
 GROUPING_KEY = b"imgsim.grouping"  # near_duplicates' Parquet metadata: the rule its groups were made by
@@ -183,27 +183,16 @@ def _aware(value: dt.datetime) -> dt.datetime:
 
 # --- what the manifests say of each image ---------------------------------------------------
 
-PHOTO_COLUMNS = {  # manifest column → type; a manifest without one (written before it existed) gives nulls
-    "path": pa.string(), "image_id": pa.int64(), "status": pa.string(), "bytes": pa.int64(),
-    "width": pa.int32(), "height": pa.int32(), "pixels": pa.int64(), "captured_at": pa.timestamp("us"),
-    "capture_offset": pa.string(), "camera_make": pa.string(), "camera_model": pa.string(),
-    "gps_latitude": pa.float64(), "gps_longitude": pa.float64(), "modified_at": pa.timestamp("us", tz="UTC"),
-}
+PHOTO_COLUMNS = ("path", "image_id", "status", "bytes", *tables.PHOTO_COLUMNS)  # what the review reads of a manifest
 
 
 def read_manifests(paths: Iterable[str | Path]) -> pa.Table:
     """The ok rows of the given ``raw_images`` manifests, with :data:`PHOTO_COLUMNS` (nulls where a
-    manifest lacks a column), sorted by image_id then path."""
-    tables = []
-    for path in paths:
-        table = pq.read_table(path)
-        columns = {name: (table.column(name).cast(kind) if name in table.column_names
-                          else pa.nulls(table.num_rows, kind)) for name, kind in PHOTO_COLUMNS.items()}
-        table = pa.table(columns)
-        tables.append(table.filter(pc.equal(table.column("status"), "ok")))
-    if not tables:
-        return pa.table({name: pa.array([], kind) for name, kind in PHOTO_COLUMNS.items()})
-    table = pa.concat_tables(tables)
+    manifest written before a column existed lacks it), sorted by image_id then path."""
+    empty = pa.schema([tables.MANIFEST_SCHEMA.field(name) for name in PHOTO_COLUMNS]).empty_table()
+    read = [tables.manifest_columns(pq.ParquetFile(path), PHOTO_COLUMNS) for path in paths]
+    table = pa.concat_tables([empty, *read])
+    table = table.filter(pc.equal(table.column("status"), "ok"))
     pixels = pc.multiply(table.column("width").cast(pa.int64()), table.column("height").cast(pa.int64()))
     table = table.set_column(table.column_names.index("pixels"), "pixels", pc.coalesce(table.column("pixels"), pixels))
     return table.sort_by([("image_id", "ascending"), ("path", "ascending")])

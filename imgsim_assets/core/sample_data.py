@@ -2,17 +2,20 @@
 
 Batch 1 holds the originals, batch 2 edited copies (crops, resizes, flips), and a separate
 query folder holds JPEG re-encodes that are in no batch, so a search for one of them should
-find its original first.
+find its original first. Each edited copy carries the EXIF of a made-up camera and capture
+time (:data:`CAMERAS`), so that search filters have something to filter.
 """
 
 from __future__ import annotations
 
 import io
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
 
+from imgsim_assets.core.images import metadata as md
 from imgsim_assets.core.storage import DataLayout, atomic_path
 
 # Photographs and scans that ship inside scikit-image (no download needed).
@@ -49,6 +52,25 @@ def _save(im: Image.Image, path: Path, **kwargs) -> None:
         tmp.write_bytes(data)
 
 
+# Per kind of edit: the camera its copies say they were taken with, and the year. Copy number i
+# (in SKIMAGE_NAMES' order) was taken at noon on day i + 1 of month i mod 12 + 1, at UTC+01:00.
+CAMERAS = {"crop": ("Canon", "Canon EOS 5D Mark IV", 2019), "small": ("NIKON CORPORATION", "NIKON D750", 2020),
+           "flip": ("Apple", "iPhone 12", 2021)}
+
+
+def capture_time(kind: str, i: int) -> datetime:
+    """When the ``kind`` copy of picture number ``i`` says it was taken (camera-local time)."""
+    return datetime(CAMERAS[kind][2], i % 12 + 1, i + 1, 12)
+
+
+def _exif(kind: str, i: int) -> bytes:
+    exif = Image.Exif()
+    exif[md.MAKE], exif[md.MODEL] = CAMERAS[kind][:2]
+    exif.get_ifd(md.EXIF_IFD).update({md.DATETIME_ORIGINAL: capture_time(kind, i).strftime("%Y:%m:%d %H:%M:%S"),
+                                      md.OFFSET_TIME_ORIGINAL: "+01:00"})
+    return exif.tobytes()
+
+
 def _variants(im: Image.Image) -> dict[str, Image.Image]:
     w, h = im.size
     return {
@@ -63,10 +85,10 @@ def write_sample_corpus(data_dir: str | Path, batches: tuple[str, str] = ("batch
     data_dir = Path(data_dir)
     originals, edits = (DataLayout(data_dir).images / b for b in batches)
     queries = data_dir / "queries"
-    for name, im in _skimage_pictures().items():
+    for i, (name, im) in enumerate(_skimage_pictures().items()):
         _save(im, originals / f"{name}.png", format="PNG")
         for kind, variant in _variants(im).items():
-            _save(variant.convert("RGB"), edits / f"{name}_{kind}.jpg", format="JPEG", quality=90)
+            _save(variant.convert("RGB"), edits / f"{name}_{kind}.jpg", format="JPEG", quality=90, exif=_exif(kind, i))
         _save(im.convert("RGB"), queries / f"{name}_reencoded.jpg", format="JPEG", quality=60)
     for folder in (originals, edits):
         (folder / "_SUCCESS").touch()

@@ -7,6 +7,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 PROVENANCE_KEY = b"imgsim"
@@ -23,8 +24,42 @@ MANIFEST_SCHEMA = pa.schema(
         ("status", pa.string()),
         ("reason", pa.string()),
         ("message", pa.string()),
+        # Photo metadata, null where the file does not say (and in manifests written before
+        # these columns existed: read them with manifest_columns).
+        ("captured_at", pa.timestamp("us")),  # the camera's local wall-clock time
+        ("capture_offset", pa.string()),  # its UTC offset, "+02:00"
+        ("camera_make", pa.string()),
+        ("camera_model", pa.string()),
+        ("pixels", pa.int64()),  # width × height, as displayed
+        ("gps_latitude", pa.float64()),
+        ("gps_longitude", pa.float64()),
+        ("modified_at", pa.timestamp("us", tz="UTC")),  # the file's mtime when it was read
     ]
 )
+PHOTO_COLUMNS = ("captured_at", "capture_offset", "camera_make", "camera_model", "width", "height", "pixels",
+                 "gps_latitude", "gps_longitude", "modified_at")
+
+
+def manifest_columns(manifest: pq.ParquetFile | pa.Table, columns: Iterable[str]) -> pa.Table:
+    """``columns`` of a ``raw_images`` manifest, typed as :data:`MANIFEST_SCHEMA` says; a column
+    that an older manifest lacks is all null (``pixels`` is computed from width and height,
+    which older manifests hold)."""
+    columns = list(columns)
+    names = manifest.schema_arrow.names if isinstance(manifest, pq.ParquetFile) else manifest.schema.names
+    present = [c for c in columns if c in names]
+    if "pixels" in columns and "pixels" not in names and {"width", "height"} <= set(names):
+        present += [c for c in ("width", "height") if c not in present]
+    table = manifest.read(columns=present) if isinstance(manifest, pq.ParquetFile) else manifest.select(present)
+    out = {}
+    for name in columns:
+        kind = MANIFEST_SCHEMA.field(name).type
+        if name in names:
+            out[name] = table[name].cast(kind)
+        elif name == "pixels" and {"width", "height"} <= set(names):
+            out[name] = pc.multiply(table["width"].cast(pa.int64()), table["height"].cast(pa.int64()))
+        else:
+            out[name] = pa.nulls(table.num_rows, kind)
+    return pa.table(out, schema=pa.schema([MANIFEST_SCHEMA.field(c) for c in columns]))
 
 
 def with_provenance(schema: pa.Schema, provenance: dict) -> pa.Schema:

@@ -120,7 +120,8 @@ COMPARISON = {
 }
 
 REFUSALS = {
-    400: "bad request (or a box that is malformed or leaves under 8 px a side)", 401: "token missing or wrong",
+    400: "bad request (unknown_batch; filter_unavailable: the index holds no photo metadata; bad_box: a box that "
+         "is malformed or leaves under 8 px a side)", 401: "token missing or wrong",
     403: "a write from off loopback without a token, or from another site's page; or an image's file that is not "
          "a regular file inside the images root", 404: "unknown image", 408: "the body paused too long",
     413: "upload too large", 415: "the original no longer decodes as an image, or a write not sent as JSON",
@@ -134,16 +135,25 @@ _NPROBE = Param("nprobe", "inverted lists to visit (default: as tuned at build)"
 _BOX = Param("box", "only this region of the image is the query: x0,y0,x1,y1 in pixels of the picture as "
              "displayed (after EXIF rotation), right and bottom excluded; cut at the picture's edges, refused "
              "(400) when under 8 px a side is left", "string")
+# Photo filters (core.filters.Filters); an image whose file does not say fails the filter.
+_FILTERS = (
+    Param("taken_after", "only images taken at or after this camera-local time (EXIF; ISO 8601 date or "
+          "date-time without an offset, e.g. 2021-06-01)", "string"),
+    Param("taken_before", "only images taken before this camera-local time (exclusive)", "string"),
+    Param("camera", "only images whose camera make and model, joined by a space, contain this "
+          "(case-insensitive: canon, iphone 12)", "string"),
+    Param("min_pixels", "only images of at least this many pixels (width × height as displayed)"),
+)
 _PAGE = (Param("page", "1-based page"), Param("per_page", "items per page (at most 200)"))
 _WRITE = (400, 401, 403, 415)
 
 ENDPOINTS = (
     Endpoint("/", "page", "The search page", answer_description="HTML", public=True, documented=False),
     Endpoint("/search", "search_by_id", "Neighbours of an indexed image",
-             params=(Param("image_id", "an indexed image", required=True), _K, _BATCH, _NPROBE, _BOX),
+             params=(Param("image_id", "an indexed image", required=True), _K, _BATCH, *_FILTERS, _NPROBE, _BOX),
              answer=ANSWER, refusals=(400, 401, 403, 404, 421, 422, 503)),
     Endpoint("/search", "search_by_upload", "Neighbours of an uploaded image", method="POST",
-             params=(_K, _BATCH, _NPROBE, _BOX), answer=ANSWER, upload=True,
+             params=(_K, _BATCH, *_FILTERS, _NPROBE, _BOX), answer=ANSWER, upload=True,
              refusals=(400, 401, 408, 413, 421, 422, 503)),
     Endpoint("/compare", "compare", "Why two indexed images match: each one's patches with their best match "
              "in the other", params=(Param("a", "an indexed image", required=True),

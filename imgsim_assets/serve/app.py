@@ -22,6 +22,7 @@ from starlette.staticfiles import StaticFiles
 from imgsim_assets.core import images
 from imgsim_assets.core.compare import Picture
 from imgsim_assets.core.evaluation import CopyDetectionReport
+from imgsim_assets.core.filters import Filters, FilterUnavailable
 from imgsim_assets.core.review import KeepRules
 from imgsim_assets.core.search import UnknownImage
 from imgsim_assets.serve import thumbnails
@@ -83,14 +84,21 @@ class Service:
     def _nprobe(self, request: Request) -> int | None:
         return _int_param(request, "nprobe", None, 1, 1 << 20)
 
-    def _batches(self, request: Request, searcher) -> list[str] | None:
-        batches = request.query_params.getlist("batch")
-        if batches:
-            try:
-                searcher.check_batches(batches)  # before any model work
-            except ValueError as e:
-                raise ApiError(400, "unknown_batch", str(e)) from None
-        return batches or None
+    def _filters(self, request: Request, searcher) -> Filters:
+        """The request's batches and photo filters, checked before any model work."""
+        params = request.query_params
+        try:
+            filters = Filters.parse(params.getlist("batch"), params.get("taken_after"), params.get("taken_before"),
+                                    params.get("camera"), params.get("min_pixels"))
+        except ValueError as e:
+            raise ApiError(422, "bad_parameter", str(e)) from None
+        try:
+            searcher.check_filters(filters)
+        except FilterUnavailable as e:
+            raise ApiError(400, "filter_unavailable", str(e)) from None
+        except ValueError as e:
+            raise ApiError(400, "unknown_batch", str(e)) from None
+        return filters
 
     def _box(self, request: Request) -> images.Box | None:
         raw = request.query_params.get("box")
@@ -157,24 +165,25 @@ class Service:
                 "index_version": loaded.version, "took_ms": round((time.perf_counter() - started) * 1000, 3), **extra}
 
     async def search_by_id(self, request: Request) -> JSONResponse:
-        """Neighbours of an indexed image: GET /search?image_id=ID&k=K[&batch=B...][&nprobe=N]."""
+        """Neighbours of an indexed image: GET /search?image_id=ID&k=K[&batch=B...][&taken_after=T]
+        [&taken_before=T][&camera=C][&min_pixels=P][&nprobe=N][&box=X0,Y0,X1,Y1]."""
         started = time.perf_counter()
         loaded = self.live.current
         image_id = _int_param(request, "image_id", None, -(1 << 63), (1 << 63) - 1)
         if image_id is None:
             raise ApiError(400, "missing_parameter", "give image_id (GET) or upload an image (POST, field 'image')")
-        k, nprobe, batches = self._k(request), self._nprobe(request), self._batches(request, loaded.searcher)
+        k, nprobe, filters = self._k(request), self._nprobe(request), self._filters(request, loaded.searcher)
         box = self._box(request)
         if box is not None:  # a region of the image: its file is decoded and embedded again
             record, pixels = await self._indexed(loaded.searcher, image_id, box)
             vector = await self._embed(loaded.searcher, pixels)
-            hits = (await asyncio.to_thread(loaded.searcher.search, vector, k, nprobe, batches))[0]
+            hits = (await asyncio.to_thread(loaded.searcher.search, vector, k, nprobe, None, filters))[0]
             return JSONResponse(self._answer(loaded, hits, started, query=self._query(record, box)))
         if self.in_flight >= self.config.max_in_flight:
             raise ApiError(503, "busy", f"{self.in_flight} queries in flight", {"Retry-After": "1"})
         self.in_flight += 1
         try:
-            hits = (await asyncio.to_thread(loaded.searcher.search_ids, [image_id], k, nprobe, batches))[0]
+            hits = (await asyncio.to_thread(loaded.searcher.search_ids, [image_id], k, nprobe, None, filters))[0]
         except UnknownImage as e:
             raise ApiError(404, "unknown_image", str(e)) from None
         finally:
@@ -182,15 +191,16 @@ class Service:
         return JSONResponse(self._answer(loaded, hits, started, query={"image_id": image_id}))
 
     async def search_by_upload(self, request: Request) -> JSONResponse:
-        """Neighbours of an uploaded image: POST /search?k=K[&batch=B...][&nprobe=N], multipart field 'image'."""
+        """Neighbours of an uploaded image: POST /search?k=K[&batch=B...][&taken_after=T][&taken_before=T]
+        [&camera=C][&min_pixels=P][&nprobe=N][&box=X0,Y0,X1,Y1], multipart field 'image'."""
         started = time.perf_counter()
         loaded = self.live.current
-        k, nprobe, batches = self._k(request), self._nprobe(request), self._batches(request, loaded.searcher)
+        k, nprobe, filters = self._k(request), self._nprobe(request), self._filters(request, loaded.searcher)
         data, name = await self._upload(request)
         box = self._box(request)  # after the body: a client still sending it could not read the refusal
         record, pixels = await self._decode(loaded.searcher, data, name, box)
         vector = await self._embed(loaded.searcher, pixels)
-        hits = (await asyncio.to_thread(loaded.searcher.search, vector, k, nprobe, batches))[0]
+        hits = (await asyncio.to_thread(loaded.searcher.search, vector, k, nprobe, None, filters))[0]
         return JSONResponse(self._answer(loaded, hits, started, query=self._query(record, box, name=name)))
 
     async def compare(self, request: Request) -> JSONResponse:

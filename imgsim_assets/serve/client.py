@@ -40,23 +40,25 @@ def _headers(token: str | None) -> dict:
 
 
 def search_file(server: str, image: str | Path, k: int = 10, nprobe: int | None = None, batches=None,
-                token: str | None = None, timeout: float = 60.0, box: str | None = None) -> dict:
+                token: str | None = None, timeout: float = 60.0, filters=(), box: str | None = None) -> dict:
     """POST /search with the file as multipart field ``image`` (only the region ``box``,
-    ``"x0,y0,x1,y1"``, when given)."""
+    ``"x0,y0,x1,y1"``, when given); ``filters``: more query parameters, (name, value) pairs
+    (``Filters.params()``: taken_after, camera...)."""
     image = Path(image)
     boundary = uuid.uuid4().hex
     kind = mimetypes.guess_type(image.name)[0] or "application/octet-stream"
     body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{image.name}\"\r\n"
             f"Content-Type: {kind}\r\n\r\n").encode() + image.read_bytes() + f"\r\n--{boundary}--\r\n".encode()
-    params = [("k", k), ("nprobe", nprobe), ("box", box), *(("batch", b) for b in batches or [])]
+    params = [("k", k), ("nprobe", nprobe), ("box", box), *(("batch", b) for b in batches or []), *filters]
     request = urllib.request.Request(_url(server, "/search", params), data=body, method="POST", headers={
         **_headers(token), "Content-Type": f"multipart/form-data; boundary={boundary}"})
     return _request(request, timeout)
 
 
 def search_id(server: str, image_id: int, k: int = 10, nprobe: int | None = None, batches=None,
-              token: str | None = None, timeout: float = 60.0, box: str | None = None) -> dict:
-    """GET /search?image_id=ID (of the region ``box`` of it, when given)."""
+              token: str | None = None, timeout: float = 60.0, filters=(), box: str | None = None) -> dict:
+    """GET /search?image_id=ID (of the region ``box`` of it, when given; ``filters`` as for
+    :func:`search_file`)."""
     params = [("image_id", image_id), ("k", k), ("nprobe", nprobe), ("box", box),
-              *(("batch", b) for b in batches or [])]
+              *(("batch", b) for b in batches or []), *filters]
     return _request(urllib.request.Request(_url(server, "/search", params), headers=_headers(token)), timeout)

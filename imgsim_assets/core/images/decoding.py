@@ -15,6 +15,7 @@ from typing import Iterator
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from imgsim_assets.core.images.metadata import photo_metadata
 from imgsim_assets.core.images.protocol import PATCH_SIZE, BadBox, Box, Preprocess, resize_and_crop
 from imgsim_assets.core.images.reasons import (
     DECODE_ERROR, DECOMPRESSION_BOMB, EMPTY_FILE, NOT_AN_IMAGE, TOO_SMALL, TRUNCATED, UNSUPPORTED_MODE, Rejected,
@@ -103,7 +104,10 @@ def _decode(data: bytes, pre: Preprocess, record: ImageRecord, box: Box | None) 
         raise Rejected(DECOMPRESSION_BOMB, f"{width}x{height} pixels exceeds the limit of {pre.max_pixels}")
     if im.format != "JPEG":  # before the EXIF is read: a PNG's may follow its pixels, and reading it decodes them
         _within_budget(im, pre, rotated=False)
-    orientation, exif_remark = _orientation(im)
+    exif, exif_remark = _exif(im)  # the one parse of the EXIF block: orientation and photo metadata
+    orientation, orientation_remark = _orientation(exif)
+    exif_remark = exif_remark or orientation_remark
+    record.describe(photo_metadata(exif, _exif_size(im)))
     transposed = orientation in (5, 6, 7, 8)
     # The manifest reports the size as displayed, i.e. after EXIF rotation.
     record.width, record.height = (height, width) if transposed else (width, height)
@@ -118,7 +122,7 @@ def _decode(data: bytes, pre: Preprocess, record: ImageRecord, box: Box | None) 
     crop_share = region.width * region.height / (record.width * record.height) if region is not None else 0.0
     _within_budget(im, pre, rotated=orientation != 1, crop_share=crop_share)  # after draft: what will really be decoded
     im.load()
-    if orientation != 1 and _orientation(im)[0] != orientation:
+    if orientation != 1 and _orientation(_exif(im)[0])[0] != orientation:
         # The reader rotated the pixels itself while loading and dropped the tag; it reported
         # the upright size from the start (recent Pillows' TIFF reader does).
         orientation = 1
@@ -178,11 +182,27 @@ def _open_formats() -> list[str]:
     return [f for f in Image.ID if f not in EXCLUDED_FORMATS]
 
 
-def _orientation(im: Image.Image) -> tuple[int, str]:
-    """The EXIF orientation, 1 to 8, and a remark when the tag or the EXIF block is unusable
-    (then the picture is used as stored, orientation 1)."""
+def _exif(im: Image.Image) -> tuple[Image.Exif | None, str]:
+    """The parsed EXIF block, or None and a remark when it is unusable."""
     try:
-        value = im.getexif().get(ORIENTATION_TAG, 1)
+        return im.getexif(), ""
+    except _DECODER_ERRORS as e:
+        return None, f"EXIF ignored ({type(e).__name__}: {e})"
+
+
+def _exif_size(im: Image.Image) -> int:
+    """Bytes of the EXIF block as the file stores it (0 when it is the TIFF's own directory)."""
+    raw = im.info.get("exif")
+    return len(raw) if isinstance(raw, (bytes, bytearray)) else 0
+
+
+def _orientation(exif: Image.Exif | None) -> tuple[int, str]:
+    """The EXIF orientation, 1 to 8, and a remark when the tag is unusable (then the picture is
+    used as stored, orientation 1)."""
+    if exif is None:
+        return 1, ""
+    try:
+        value = exif.get(ORIENTATION_TAG, 1)
     except _DECODER_ERRORS as e:
         return 1, f"EXIF ignored ({type(e).__name__}: {e})"
     if isinstance(value, int) and value in UPRIGHT:

@@ -25,7 +25,14 @@ _OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY
 
 
 def read_file(path: str | os.PathLike, root: str | os.PathLike, *, max_bytes: int = Preprocess.max_file_bytes) -> bytes:
-    """The bytes of ``path``, read whole and unchanged; raises :class:`Rejected` saying why not.
+    """The bytes of ``path``, read whole and unchanged: :func:`read_file_stat` without the stat."""
+    return read_file_stat(path, root, max_bytes=max_bytes)[0]
+
+
+def read_file_stat(path: str | os.PathLike, root: str | os.PathLike, *,
+                   max_bytes: int = Preprocess.max_file_bytes) -> tuple[bytes, os.stat_result]:
+    """The bytes of ``path``, read whole and unchanged, and the stat of the open file they were
+    read from (its size and mtime, as the bytes are); raises :class:`Rejected` saying why not.
 
     Only regular files inside ``root`` (symlinks resolved) of at most ``max_bytes`` are read.
     A file that changes while it is read (still being copied in) is read again, up to
@@ -45,12 +52,12 @@ def read_file(path: str | os.PathLike, root: str | os.PathLike, *, max_bytes: in
         if attempt:
             time.sleep(READ_RETRY_DELAY)
         try:
-            data, changed = _read_once(real, max_bytes)
+            data, changed, st = _read_once(real, max_bytes)
         except (OSError, ValueError) as e:  # ValueError: a NUL byte in the path
             raise Rejected(UNREADABLE, f"{type(e).__name__}: {getattr(e, 'strerror', None) or e}") from e
         if not changed:
-            return data
-    raise Rejected(CHANGED_WHILE_READING, f"{changed} ({READ_ATTEMPTS} reads)")
+            return data, st
+    raise Rejected(CHANGED_WHILE_READING, f"{changed} ({READ_ATTEMPTS} reads)", st.st_mtime_ns)
 
 
 def _reject_folder(path: Path, real: Path) -> None:
@@ -65,32 +72,33 @@ def _reject_folder(path: Path, real: Path) -> None:
     raise Rejected(NOT_A_FILE, "a directory, not a regular file")
 
 
-def _read_once(path: Path, max_bytes: int) -> tuple[bytes, str]:
-    """The bytes of the regular file ``path``, and what changed while they were read ("" if
-    nothing did)."""
+def _read_once(path: Path, max_bytes: int) -> tuple[bytes, str, os.stat_result]:
+    """The bytes of the regular file ``path``, what changed while they were read ("" if
+    nothing did), and its stat after reading."""
     _check_regular(os.stat(path))  # before opening: opening a device can have effects
     fd = os.open(path, _OPEN_FLAGS)
     try:
         before = os.fstat(fd)
         _check_regular(before)  # what was opened, should the path have been replaced since
         if before.st_size > max_bytes:
-            raise Rejected(TOO_LARGE, f"{before.st_size} bytes exceeds the limit of {max_bytes}")
+            raise Rejected(TOO_LARGE, f"{before.st_size} bytes exceeds the limit of {max_bytes}", before.st_mtime_ns)
         data = _read_fd(fd)
         after = os.fstat(fd)
     finally:
         os.close(fd)
     if before.st_size != after.st_size:
-        return data, f"size changed from {before.st_size} to {after.st_size} bytes while reading"
+        return data, f"size changed from {before.st_size} to {after.st_size} bytes while reading", after
     if before.st_mtime_ns != after.st_mtime_ns:
-        return data, "modified (mtime changed) while reading"
+        return data, "modified (mtime changed) while reading", after
     if len(data) != after.st_size:
-        return data, f"read {len(data)} bytes of a {after.st_size}-byte file"
-    return data, ""
+        return data, f"read {len(data)} bytes of a {after.st_size}-byte file", after
+    return data, "", after
 
 
 def _check_regular(st: os.stat_result) -> None:
     if not stat.S_ISREG(st.st_mode):
-        raise Rejected(NOT_A_FILE, f"{_KINDS.get(stat.S_IFMT(st.st_mode), 'not a file')}, not a regular file")
+        raise Rejected(NOT_A_FILE, f"{_KINDS.get(stat.S_IFMT(st.st_mode), 'not a file')}, not a regular file",
+                       st.st_mtime_ns)
 
 
 def _read_fd(fd: int) -> bytes:

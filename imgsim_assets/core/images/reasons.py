@@ -23,10 +23,15 @@ REASONS = (NOT_AN_IMAGE, EMPTY_FILE, TRUNCATED, DECOMPRESSION_BOMB, TOO_SMALL, U
 
 class Rejected(Exception):
     """A file cannot become pixels: ``reason`` (one of :data:`REASONS`) and the library's
-    ``message``, made valid UTF-8 text (it may quote an undecodable file name)."""
+    ``message``, made valid UTF-8 text (it may quote an undecodable file name). ``mtime_ns``:
+    the file's modification time when it was seen before being refused, else None."""
 
-    def __init__(self, reason: str, message: str) -> None:
+    mtime_ns: int | None = None
+
+    def __init__(self, reason: str, message: str, mtime_ns: int | None = None) -> None:
         self.reason, self.message = reason, as_text(message)
+        if mtime_ns is not None:
+            self.mtime_ns = mtime_ns
         super().__init__(reason, self.message)  # both, so that it survives pickling
 
     def __str__(self) -> str:

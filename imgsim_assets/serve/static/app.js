@@ -47,6 +47,12 @@
     k: $('k'),
     batchFilter: $('batch-filter'),
     batchFilterEmpty: $('batch-filter-empty'),
+    photoFilter: $('photo-filter'),
+    takenFrom: $('taken-from'),
+    takenTo: $('taken-to'),
+    camera: $('camera'),
+    minPixels: $('min-pixels'),
+    clearPhotoFilter: $('clear-photo-filter'),
     took: $('took'),
     results: $('results'),
     resultsEmpty: $('results-empty'),
@@ -313,12 +319,34 @@
     return Array.from(el.batchFilter.querySelectorAll('input[name="batch"]:checked')).map((b) => b.value);
   }
 
+  // The day after an <input type="date"> value (YYYY-MM-DD), computed in UTC so that no
+  // local daylight-saving change moves it.
+  function nextDay(isoDate) {
+    const d = new Date(isoDate + 'T00:00:00Z');
+    d.setUTCDate(d.getUTCDate() + 1);
+    return d.toISOString().slice(0, 10);
+  }
+
+  // The API's photo filters: taken_before is exclusive, so "through" a day is before the next.
+  function photoFilterParams(params) {
+    if (el.takenFrom.value) params.set('taken_after', el.takenFrom.value);
+    if (el.takenTo.value) params.set('taken_before', nextDay(el.takenTo.value));
+    const camera = el.camera.value.trim();
+    if (camera) params.set('camera', camera);
+    if (el.minPixels.value) params.set('min_pixels', el.minPixels.value);
+    return params;
+  }
+
+  function photoFiltered() {
+    return Boolean(el.takenFrom.value || el.takenTo.value || el.camera.value.trim() || el.minPixels.value);
+  }
+
   // ------------------------------------------------------------------ search
   function searchParams() {
     const params = new URLSearchParams();
     params.set('k', el.k.value || '10');
     for (const b of selectedBatches()) params.append('batch', b);
-    return params;
+    return photoFilterParams(params);
   }
 
   function setPreviewFromFile(file) {
@@ -399,9 +427,9 @@
     state.compareFrom = comparableQuery(data, hits);
     el.results.replaceChildren(...hits.map(hitElement));
     el.resultsEmpty.hidden = hits.length > 0;
-    el.resultsEmpty.textContent = selectedBatches().length
-      ? 'No results in the selected batches.'
-      : 'No results.';
+    el.resultsEmpty.textContent = photoFiltered()
+      ? 'No results pass the photo filter' + (selectedBatches().length ? ' in the selected batches.' : '.')
+      : (selectedBatches().length ? 'No results in the selected batches.' : 'No results.');
 
     el.took.textContent = hits.length + (hits.length === 1 ? ' result' : ' results') +
       ' in ' + fmtMs(data.took_ms) + ' ms · ' +
@@ -847,6 +875,16 @@
   el.k.addEventListener('change', () => { if (state.query) runSearch(); });
   el.batchFilter.addEventListener('change', (e) => {
     if (e.target && e.target.name === 'batch' && state.query) runSearch();
+  });
+  // A date, a size or a camera (on Enter or leaving the field) searches again at once.
+  el.photoFilter.addEventListener('change', () => { if (state.query) runSearch(); });
+  el.clearPhotoFilter.addEventListener('click', () => {
+    const had = photoFiltered();
+    el.takenFrom.value = '';
+    el.takenTo.value = '';
+    el.camera.value = '';
+    el.minPixels.value = '';
+    if (had && state.query) runSearch();
   });
 
   // ------------------------------------------------------------------ paging
