@@ -5,6 +5,7 @@ decoded."""
 
 import dataclasses
 import importlib
+import os
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -21,12 +22,15 @@ from imgsim_assets_tests.run_processes import tiny_definitions
 
 STAGES = importlib.import_module("imgsim_assets.ingest.stages")
 SIZES = {"b1": 3, "b2": 6, "b3": 4}
+FILE_TIME_NS = 1_700_000_000_123_456_000
 
 
 def _collection(root):
     data = root / "data"
     for i, (batch, n) in enumerate(SIZES.items()):
         write_synthetic_batch(data / "images" / batch, n, seed=i, size=(32, 32))
+        for file in (data / "images" / batch).iterdir():  # the same files, to their mtime (the manifests record it)
+            os.utime(file, ns=(FILE_TIME_NS, FILE_TIME_NS))
     (root / "home").mkdir()
     return data
 

@@ -142,6 +142,8 @@ class PhotoColumns:
         self.camera_codes = _int64(encoded.indices.cast(pa.int64()), -1).astype(np.int32) + 1
         self.by_time = np.argsort(self.captured, kind="stable")
         self.times = self.captured[self.by_time]
+        self.by_pixels = np.argsort(self.pixels, kind="stable")
+        self.sizes = self.pixels[self.by_pixels]
         self.by_camera = np.argsort(self.camera_codes, kind="stable")
         self.camera_starts = np.searchsorted(self.camera_codes[self.by_camera], np.arange(len(self.cameras) + 2))
 
@@ -149,9 +151,10 @@ class PhotoColumns:
         if not self.available:
             raise FilterUnavailable(NO_PHOTO_METADATA)
 
-    def mask(self, filters: Filters, images: np.ndarray | None = None) -> np.ndarray:
+    def mask(self, filters: Filters, images: np.ndarray | None = None, known: str | None = None) -> np.ndarray:
         """Which images pass ``filters``' photo conditions (batches are not looked at): every
-        indexed image, or the ones at positions ``images``."""
+        indexed image, or the ones at positions ``images`` (which pass the condition ``known``
+        already: ``time``, ``pixels`` or ``camera``, as :meth:`narrowest` names them)."""
         n = self.size if images is None else len(images)
         keep = np.ones(n, dtype=bool)
         if not filters.photo:
@@ -161,15 +164,15 @@ class PhotoColumns:
         def column(values: np.ndarray) -> np.ndarray:
             return values if images is None else values[images]
 
-        if filters.taken_after is not None or filters.taken_before is not None:
+        if (filters.taken_after is not None or filters.taken_before is not None) and known != "time":
             captured = column(self.captured)
             if filters.taken_after is not None:
                 keep &= captured >= _microseconds(filters.taken_after)
             if filters.taken_before is not None:
                 keep &= (captured < _microseconds(filters.taken_before)) & (captured != NO_TIME)
-        if filters.min_pixels is not None:
+        if filters.min_pixels is not None and known != "pixels":
             keep &= column(self.pixels) >= filters.min_pixels
-        if filters.camera is not None:
+        if filters.camera is not None and known != "camera":
             keep &= self._camera_table(filters.camera)[column(self.camera_codes)]
         return keep
 
@@ -181,11 +184,12 @@ class PhotoColumns:
         table[1:] = [wanted in name for name in self.cameras]
         return table
 
-    def narrowest(self, filters: Filters) -> np.ndarray | None:
-        """The positions of the images one condition of ``filters`` allows, the capture time
-        range (a slice of the images in time order) or the camera (the images of each matching
-        camera), whichever holds fewer; None when neither is set. The other conditions still
-        have to be tested on them (:meth:`mask`)."""
+    def narrowest(self, filters: Filters) -> tuple[np.ndarray, str] | None:
+        """The positions of the images one condition of ``filters`` allows, and its name: the
+        capture time range (``time``: a slice of the images in time order), the minimum size
+        (``pixels``: a slice in size order) or the camera (``camera``: the images of each
+        matching camera), whichever holds fewest; None when none is set. The other conditions
+        still have to be tested on them (:meth:`mask`)."""
         if not filters.photo:
             return None
         self.require()
@@ -195,16 +199,18 @@ class PhotoColumns:
             high = None if filters.taken_before is None else _microseconds(filters.taken_before)
             start = np.searchsorted(self.times, max(low, NO_TIME + 1), "left")
             end = len(self.times) if high is None else np.searchsorted(self.times, high, "left")
-            found.append(self.by_time[start:max(start, end)])
+            found.append((self.by_time[start:max(start, end)], "time"))
+        if filters.min_pixels is not None:
+            found.append((self.by_pixels[np.searchsorted(self.sizes, max(filters.min_pixels, 0), "left"):], "pixels"))
         if filters.camera is not None:
             table = self._camera_table(filters.camera)
             codes = np.flatnonzero(table)
             if len(codes) > len(self.cameras) // 2:  # most cameras: cheaper as one pass
-                found.append(np.flatnonzero(table[self.camera_codes]))
+                found.append((np.flatnonzero(table[self.camera_codes]), "camera"))
             else:
-                found.append(np.concatenate([self.by_camera[self.camera_starts[c]:self.camera_starts[c + 1]]
-                                             for c in codes]) if len(codes) else np.zeros(0, np.int64))
-        return min(found, key=len) if found else None
+                found.append((np.concatenate([self.by_camera[self.camera_starts[c]:self.camera_starts[c + 1]]
+                                              for c in codes]) if len(codes) else np.zeros(0, np.int64), "camera"))
+        return min(found, key=lambda f: len(f[0])) if found else None
 
 
 def _int64(column, null: int) -> np.ndarray:
