@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (set PYTHON=...)"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[$(strip $(FAISS)),dev]'
+	$(BIN)/python -m pip install --quiet -e '.[$(strip $(FAISS)),k8s,dev]'
 	touch $@
 
 install: $(VENV)/.installed

@@ -33,6 +33,7 @@ def build_definitions(
 ) -> Definitions:
     root = str(settings.assets_dir)
     return Definitions(
+        executor=_executor(settings.executor),
         assets=load_assets_from_modules([folders, images, embeddings, index, evaluation, queries, analysis, milvus]),
         asset_checks=load_asset_checks_from_modules([index]),
         jobs=jobs.ALL_JOBS,
@@ -52,6 +53,18 @@ def build_definitions(
             "image_index_io_manager": ImageIndexIOManager(root=root),
         },
     )
+
+
+def _executor(name: str):
+    """Dagster's default executor, or on Kubernetes one pod per step, so that only the GPU steps'
+    pods ask for a GPU (their op tags, ``policies.GPU_STEP_TAGS``)."""
+    if not name:
+        return None
+    if name == "k8s":
+        from dagster_k8s import k8s_job_executor  # the [k8s] extra
+
+        return k8s_job_executor
+    raise ValueError(f"IMGSIM_EXECUTOR={name!r}: expected 'k8s' or nothing")
 
 
 defs = build_definitions(Settings.from_env())

@@ -3,6 +3,7 @@
 from dagster import AssetSelection, define_asset_job
 
 from imgsim_assets.partitions import image_batches
+from imgsim_assets.policies import GPU_RUN_TAGS
 
 # What each job materializes (``imgsim ingest``'s stages name the same tuples).
 EMBED_ASSETS = ("raw_images", "cropped_tensors", "image_embeddings")
@@ -18,11 +19,13 @@ embed_batch_job = define_asset_job(
     selection=AssetSelection.assets(*EMBED_ASSETS),
     partitions_def=image_batches,
     description="Manifest, pixels and embeddings of one image batch.",
+    tags=GPU_RUN_TAGS,
 )
 train_index_job = define_asset_job(
     "train_index",
     selection=AssetSelection.assets(*TRAIN_ASSETS),
     description="Fit PCA, k-means centroids and the sized, trained index template on all batches. Makes every shard stale.",
+    tags=GPU_RUN_TAGS,
 )
 index_shard_job = define_asset_job(
     "index_shard",

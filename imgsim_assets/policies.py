@@ -8,6 +8,16 @@ from dagster import AutomationCondition, BackfillPolicy, Backoff, BetaWarning, R
 # pool to one step at a time (dagster.yaml: concurrency.pools.default_limit).
 GPU_POOL = "gpu"
 
+# On Kubernetes (deploy/: IMGSIM_EXECUTOR=k8s, one pod per step) a GPU step's pod asks for one GPU.
+# Elsewhere the tag is inert. Clusters whose GPU nodes need a selector or a taint of their own
+# extend the pod spec here, e.g.
+#     "pod_spec_config": {"node_selector": {"cloud.google.com/gke-accelerator": "nvidia-l4"},
+#                         "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]}
+GPU_STEP_TAGS = {"dagster-k8s/config": {"container_config": {"resources": {"limits": {"nvidia.com/gpu": 1}}}}}
+# The runs of jobs with GPU steps carry this tag; the deployment caps how many run at once
+# (deploy/values.yaml: concurrency.runs.tagConcurrencyLimits), so queued runs wait without holding a pod.
+GPU_RUN_TAGS = {"imgsim/gpu": "true"}
+
 # A lost worker, a full disk that was cleaned, a GPU that was busy: try again, later each time.
 TRANSIENT_RETRY = RetryPolicy(max_retries=2, delay=10, backoff=Backoff.EXPONENTIAL)
 

@@ -24,6 +24,7 @@ class Settings:
     serve_token_file: str = ""
     review_db: str = ""  # SQLAlchemy URL of the duplicate decisions; empty: the instance's Postgres, else data/review.db
     keep_rules: str = ""  # the ordered keep rules, comma-separated (core.review.KeepRules); empty: the default
+    executor: str = ""  # empty: Dagster's default (steps as processes); "k8s": one Kubernetes pod per step (deploy/)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> "Settings":
@@ -37,6 +38,7 @@ class Settings:
             serve_token_file=environ.get("IMGSIM_SERVE_TOKEN_FILE", cls.serve_token_file),
             review_db=environ.get("IMGSIM_REVIEW_DB", cls.review_db),
             keep_rules=environ.get("IMGSIM_KEEP_RULES", cls.keep_rules),
+            executor=environ.get("IMGSIM_EXECUTOR", cls.executor),
         )
 
     @property

@@ -11,7 +11,7 @@ from dagster import AssetExecutionContext, AssetIn, Failure, MetadataValue, asse
 from imgsim_assets.core import tables
 from imgsim_assets.io_managers import StagedFile
 from imgsim_assets.partitions import image_batches
-from imgsim_assets.policies import BATCH_RUNS, GPU_POOL, TRANSIENT_RETRY
+from imgsim_assets.policies import BATCH_RUNS, GPU_POOL, GPU_STEP_TAGS, TRANSIENT_RETRY
 from imgsim_assets.resources import EncoderResource, StorageResource
 
 PROGRESS_EVERY_S = 30.0
@@ -24,6 +24,7 @@ PROGRESS_EVERY_S = 30.0
     group_name="ingest",
     kinds={"pytorch", "parquet"},
     pool=GPU_POOL,
+    op_tags=GPU_STEP_TAGS,
     backfill_policy=BATCH_RUNS,
     retry_policy=TRANSIENT_RETRY,
 )

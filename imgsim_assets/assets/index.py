@@ -30,7 +30,7 @@ from imgsim_assets.core.search import ImageIndex
 from imgsim_assets.core.vectors import EmbeddingFiles
 from imgsim_assets.io_managers import StagedFile, save_npz
 from imgsim_assets.partitions import image_batches
-from imgsim_assets.policies import BATCH_RUNS, GPU_POOL, TRAINED, TRANSIENT_RETRY
+from imgsim_assets.policies import BATCH_RUNS, GPU_POOL, GPU_STEP_TAGS, TRAINED, TRANSIENT_RETRY
 from imgsim_assets.resources import StorageResource
 
 
@@ -129,6 +129,7 @@ def pca_model(
     kinds={"faiss"},
     automation_condition=TRAINED,
     pool=GPU_POOL,
+    op_tags=GPU_STEP_TAGS,
 )
 def cluster_centroids(
     context: AssetExecutionContext,
