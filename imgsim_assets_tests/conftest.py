@@ -42,3 +42,24 @@ def postgres_url():
         yield server.start()
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def milvus_server_uri():
+    """A fresh Milvus standalone server on loopback (``http://127.0.0.1:PORT``). The dev extra
+    installs it (PyPI's `milvus`, x86-64 Linux); CI sets IMGSIM_REQUIRE_MILVUS_SERVER=1, so
+    there a missing server fails instead of skipping."""
+    from imgsim_assets_tests.milvus_server import MilvusServer, server_package
+
+    package = server_package()
+    if package is None:
+        message = ("Milvus server not installed (pip install 'milvus==2.3.5', in the dev extra "
+                   "for x86-64 Linux)")
+        if os.environ.get("IMGSIM_REQUIRE_MILVUS_SERVER"):
+            pytest.fail(message)
+        pytest.skip(message)
+    server = MilvusServer(package)
+    try:
+        yield server.start()
+    finally:
+        server.stop()

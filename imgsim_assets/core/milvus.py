@@ -13,6 +13,13 @@ import numpy as np
 FIELDS = ("image_id", "embedding", "batch", "path")
 PROVENANCE_PROPERTY = "imgsim.provenance"  # the encoder settings, so queries are embedded alike
 CHUNK = 1_000
+# Reads that decide writes (which rows leave a batch) and counts see every write acknowledged
+# before them. A Milvus server's default, Bounded, lets a query miss rows upserted or deleted in the
+# last few seconds (Milvus Lite is always up to date); Strong waits for the next time tick instead.
+CONSISTENCY = "Strong"
+# Searches take Bounded: a server answers at once from what it holds, which lags writes by at most
+# its gracefulTime (5 s by default). Strong would add a time tick (about 200 ms) to every search.
+SEARCH_CONSISTENCY = "Bounded"
 COLLECTION = "imgsim"  # the collection milvus_collection fills and searches read, unless configured
 
 
@@ -44,7 +51,7 @@ def ensure_collection(client, name: str, dim: int, provenance: dict, index_type:
     schema.add_field("path", DataType.VARCHAR, max_length=4096)
     index = client.prepare_index_params()
     index.add_index("embedding", metric_type="IP", index_type=index_type)
-    client.create_collection(name, schema=schema, index_params=index)
+    client.create_collection(name, schema=schema, index_params=index, consistency_level=CONSISTENCY)
     client.alter_collection_properties(name, properties={PROVENANCE_PROPERTY: json.dumps(provenance, sort_keys=True)})
 
 
@@ -68,20 +75,23 @@ def upsert_batch(client, name: str, batch: str, ids: np.ndarray, vectors: np.nda
             for i, v, p in zip(ids[start : start + CHUNK], vectors[start : start + CHUNK], paths[start : start + CHUNK])
         ]
         client.upsert(name, rows)
-    before = client.query(name, filter=f"batch == {json.dumps(batch)}", output_fields=["image_id"])
+    before = client.query(name, filter=f"batch == {json.dumps(batch)}", output_fields=["image_id"],
+                          consistency_level=CONSISTENCY)
     stale = sorted({int(r["image_id"]) for r in before} - set(ids.tolist()))
     for start in range(0, len(stale), CHUNK):
         client.delete(name, ids=stale[start : start + CHUNK])
     return len(ids), len(stale)
 
 
-def search(client, name: str, vectors: np.ndarray, k: int = 10, batches: list[str] | None = None) -> list[list[dict]]:
+def search(client, name: str, vectors: np.ndarray, k: int = 10, batches: list[str] | None = None,
+           consistency: str = SEARCH_CONSISTENCY) -> list[list[dict]]:
     """Top-``k`` rows for each query vector: image_id, inner product, batch, path."""
     expression = f"batch in {json.dumps(list(batches))}" if batches else ""
     client.load_collection(name)  # a collection reopened by a new client starts released
     results = client.search(
         name, data=[np.asarray(v, dtype=np.float32).tolist() for v in vectors], limit=k,
         output_fields=["batch", "path"], search_params={"metric_type": "IP"}, filter=expression,
+        consistency_level=consistency,
     )
     out = []
     for hits in results:
@@ -96,7 +106,8 @@ def search(client, name: str, vectors: np.ndarray, k: int = 10, batches: list[st
 def batch_sizes(client, name: str, page: int = 10_000) -> dict[str, int]:
     """Rows per batch, read a page at a time."""
     client.load_collection(name)
-    rows = client.query_iterator(name, batch_size=page, filter="", output_fields=["batch"])
+    rows = client.query_iterator(name, batch_size=page, filter="", output_fields=["batch"],
+                                 consistency_level=CONSISTENCY)
     sizes: dict[str, int] = {}
     try:
         while chunk := rows.next():
@@ -107,5 +118,15 @@ def batch_sizes(client, name: str, page: int = 10_000) -> dict[str, int]:
     return sizes
 
 
+def get(client, name: str, ids, output_fields: list[str]) -> list[dict]:
+    """The rows of these image_ids (those that exist), with ``output_fields``."""
+    client.load_collection(name)
+    return client.get(name, ids=[int(i) for i in ids], output_fields=output_fields, consistency_level=CONSISTENCY)
+
+
 def count(client, name: str) -> int:
-    return int(client.get_collection_stats(name)["row_count"])
+    """Rows in the collection now. (A server's collection statistics count flushed segments
+    only, so rows upserted since the last flush are counted here by a query.)"""
+    client.load_collection(name)
+    rows = client.query(name, filter="", output_fields=["count(*)"], consistency_level=CONSISTENCY)
+    return int(rows[0]["count(*)"])

@@ -793,9 +793,12 @@ class FaissSearcher(Searcher):
 
 
 class MilvusSearcher(Searcher):
-    """A Milvus collection filled by ``milvus_collection`` (a Milvus Lite file or a server)."""
+    """A Milvus collection filled by ``milvus_collection`` (a Milvus Lite file or a server).
 
-    def __init__(self, client, collection: str, **kwargs) -> None:
+    ``consistency``: the searches' Milvus consistency level; Bounded by default (writes of the last
+    few seconds may not be seen yet), Strong to see every acknowledged write at a time tick's cost."""
+
+    def __init__(self, client, collection: str, consistency: str | None = None, **kwargs) -> None:
         from imgsim_assets.core import milvus
 
         if not client.has_collection(collection):
@@ -803,6 +806,7 @@ class MilvusSearcher(Searcher):
                                     "(imgsim ingest --milvus)")
         super().__init__(milvus.provenance(client, collection), **kwargs)
         self.client, self.collection = client, collection
+        self.consistency = consistency or milvus.SEARCH_CONSISTENCY
 
     @property
     def num_vectors(self) -> int:
@@ -823,12 +827,15 @@ class MilvusSearcher(Searcher):
         if filters.photo:
             self.check_filters(filters)
         batches = filters.batches
-        answers = milvus.search(self.client, self.collection, vectors, k, batches=list(batches) if batches else None)
+        answers = milvus.search(self.client, self.collection, vectors, k, batches=list(batches) if batches else None,
+                                consistency=self.consistency)
         return [[Hit(rank, h["image_id"], h["inner_product"], similarity_score(h["inner_product"]), h["path"], h["batch"])
                  for rank, h in enumerate(rows, start=1)] for rows in answers]
 
     def describe(self, image_id: int) -> tuple[str, str, int]:
-        rows = self.client.get(self.collection, ids=[int(image_id)], output_fields=["batch", "path"])
+        from imgsim_assets.core import milvus
+
+        rows = milvus.get(self.client, self.collection, [image_id], ["batch", "path"])
         return (rows[0]["path"], rows[0]["batch"], 1) if rows else ("", "", 0)
 
     def batch_sizes(self) -> dict[str, int]:
@@ -837,8 +844,9 @@ class MilvusSearcher(Searcher):
         return milvus.batch_sizes(self.client, self.collection)
 
     def vectors_of(self, image_ids):
-        rows = {int(r["image_id"]): r["embedding"] for r in
-                self.client.get(self.collection, ids=[int(i) for i in image_ids], output_fields=["embedding"])}
+        from imgsim_assets.core import milvus
+
+        rows = {int(r["image_id"]): r["embedding"] for r in milvus.get(self.client, self.collection, image_ids, ["embedding"])}
         for i in image_ids:
             if int(i) not in rows:
                 raise UnknownImage(int(i))
