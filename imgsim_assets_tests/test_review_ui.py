@@ -5,6 +5,7 @@ longer come back from a search), undo (they are back, and after an ingest come b
 Screenshots go to test-artifacts/review-*.png; the API's own refusals are checked alongside."""
 
 import json
+import re
 import time
 import urllib.request
 
@@ -91,6 +92,22 @@ def test_review_keep_set_aside_not_duplicates_apply_and_undo(served):
         other = first.locator("li.member[data-suggested=set_aside]").first
         aside_id = other.get_attribute("data-image-id")
         page.screenshot(path=str(ARTIFACTS / "review-groups.png"), full_page=True)
+
+        # Why is a copy in the group? Each member but the keeper compares itself with it.
+        expect(first.locator(f"li.member[data-image-id='{keeper}'] button.why-button")).to_have_count(0)
+        other.locator("button.why-button").click()
+        dialog = page.locator("#compare-dialog")
+        expect(dialog).to_be_visible()
+        for i in range(2):
+            expect(dialog.locator("canvas.heatmap").nth(i)).to_have_attribute("data-cells", re.compile(r"^[1-9]\d*$"))
+        paths = {str(m["image_id"]): m["path"] for g in get(f"{base}/duplicates?per_page=200")[1]["groups"]
+                 for m in g["members"]}
+        expect(dialog.locator("#compare-a figcaption")).to_contain_text(paths[keeper].rsplit("/", 1)[-1])
+        expect(dialog.locator("#compare-b figcaption")).to_contain_text(paths[aside_id].rsplit("/", 1)[-1])
+        expect(page.locator("#compare-summary")).to_contain_text("patches")
+        page.screenshot(path=str(ARTIFACTS / "review-why.png"))
+        page.keyboard.press("Escape")
+        expect(dialog).to_be_hidden()
 
         # 2. Keep the keeper, set the other aside, say the last group on the page is not duplicates.
         first.locator(f"li.member[data-image-id='{keeper}'] button.decide-keep").click()

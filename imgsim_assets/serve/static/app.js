@@ -723,7 +723,7 @@
   function whyButton(queryId, hit) {
     const why = node('button', 'why-button', 'Why?');
     why.type = 'button';
-    why.title = 'Why do these match? Compare the query with ' + (basename(hit.path) || hit.image_id) + ' patch by patch';
+    why.title = 'Why do these match? Compare ' + (basename(hit.path) || hit.image_id) + ' patch by patch';
     why.addEventListener('click', () => openCompare(queryId, String(hit.image_id)));
     return why;
   }
@@ -1037,6 +1037,9 @@
     const decided = node('span', 'decided-by', m.decision ? (m.decision === 'keep' ? 'kept' : 'set aside') +
       ' by ' + m.decided_by : 'undecided');
     li.append(meta, badge, actions, decided);
+    // Why is this one in the group? Compared patch by patch with the copy suggested to keep.
+    const keeper = (group.members || []).find((k) => k.suggested === 'keep');
+    if (keeper && String(keeper.image_id) !== String(m.image_id)) li.append(whyButton(String(keeper.image_id), m));
     return li;
   }
 
