@@ -3,22 +3,26 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 FAISS ?= cpu   # `make FAISS=gpu install` for faiss-gpu (CUDA 12)
+RAY ?=         # `make RAY=1 install` adds Ray (image_embeddings on a Ray cluster; its tests)
+comma := ,
+EXTRAS := $(strip $(FAISS)),k8s,dev$(if $(strip $(RAY)),$(comma)ray)
+STAMP := $(VENV)/.installed$(if $(strip $(RAY)),-ray)
 
 export IMGSIM_DATA_DIR ?= $(CURDIR)/data
 export DAGSTER_HOME ?= $(IMGSIM_DATA_DIR)/dagster_home
 
 .PHONY: install demo test test-avx2 ui serve bench bench-index bench-scale clean-data
 
-$(VENV)/.installed: pyproject.toml
+$(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (set PYTHON=...)"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[$(strip $(FAISS)),k8s,dev]'
+	$(BIN)/python -m pip install --quiet -e '.[$(EXTRAS)]'
 	touch $@
 
-install: $(VENV)/.installed
+install: $(STAMP)
 
-$(DAGSTER_HOME)/dagster.yaml: | $(VENV)/.installed
+$(DAGSTER_HOME)/dagster.yaml: | $(STAMP)
 	$(BIN)/python -m imgsim_assets.instance $(DAGSTER_HOME)
 
 demo: install $(DAGSTER_HOME)/dagster.yaml
@@ -46,6 +50,8 @@ bench: install
 	$(BIN)/python -m bench.hostile --service 2>/dev/null
 	$(BIN)/python -m bench.serve
 	$(BIN)/python -m bench.review
+	if $(BIN)/python -c "import ray" 2>/dev/null; then $(BIN)/python -m bench.ray; \
+	else echo "bench.ray: Ray is not installed (make RAY=1 bench)"; fi
 
 # 1M vectors against autofaiss in its own venv (about half an hour on 2 cores, 3 GB of disk);
 # `make bench-index INDEX=--reuse-autofaiss` judges the autofaiss index an earlier run built.

@@ -80,6 +80,10 @@ def cmd_ingest(args) -> int:
     from imgsim_assets.settings import Settings
 
     settings = encoder_settings(Settings.from_env(), fallback_random=args.fallback_random)
+    if args.ray is not None:
+        from dataclasses import replace
+
+        settings = replace(settings, ray_address=args.ray)
     from imgsim_assets.definitions import build_definitions
     from imgsim_assets.ingest import IngestRunning, ingest
 
@@ -479,6 +483,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("ingest", help="register new batch folders and materialize everything missing or stale")
     p.add_argument("--retrain", action="store_true", help="refit PCA and centroids (rebuilds every shard)")
+    p.add_argument("--ray", default=None, metavar="ADDRESS", help="run the model on a Ray cluster: host:port of its "
+                   "head, ray://host:10001, or auto (default: $IMGSIM_RAY_ADDRESS; empty: in this process)")
     p.add_argument("--milvus", action="store_true", help="also upsert changed batches into Milvus "
                    "(milvus_collection; $IMGSIM_MILVUS_URI or a Milvus Lite file)")
     p.add_argument("--fallback-random", action="store_true",

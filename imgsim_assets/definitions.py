@@ -40,7 +40,8 @@ def build_definitions(
         sensors=[new_image_batches],
         schedules=[retrain_index],
         resources={
-            "encoder": encoder or EncoderResource(model=settings.model, weights=settings.weights, device=settings.device),
+            "encoder": encoder or EncoderResource(model=settings.model, weights=settings.weights, device=settings.device,
+                                                  ray_address=settings.ray_address),
             "preprocessing": preprocessing or PreprocessResource(),
             "storage": StorageResource(data_dir=str(settings.data_dir), review_db=settings.review_db),
             "watch": WatchResource(),

@@ -31,12 +31,24 @@ class EncoderResource(ConfigurableResource):
     depth: Optional[int] = Field(default=EncoderSpec.depth, description="build only this many blocks (tests, smoke runs)")
     compile: bool = Field(default=Encoder.DEFAULTS["compile"], description="torch.compile the forward pass (pays off "
                           "on long GPU runs)")
+    ray_address: str = Field(default="", description="run the model on a Ray cluster: its head's host:port, "
+                             "ray://host:10001, or 'auto' (this machine's cluster, else a new local one); empty: "
+                             "in this process. Needs the [ray] extra")
+    ray_actors: int = Field(default=0, description="encoder actors on the Ray cluster; 0: one per GPU, or one per "
+                            "node with its CPUs")
 
     def spec(self) -> EncoderSpec:
         return EncoderSpec(model=self.model, weights=self.weights, pooling=self.pooling, depth=self.depth)
 
     def load(self, progress=None) -> Encoder:
-        """The encoder; ``progress`` receives lines while a checkpoint is fetched."""
+        """The encoder (its model in Ray actors when ``ray_address`` is set: close it after
+        use); ``progress`` receives lines while a checkpoint is fetched."""
+        if self.ray_address:
+            from imgsim_assets.core.ray_encoder import RayEncoder
+
+            return RayEncoder(self.spec(), self.ray_address, device=self.device, dtype=self.dtype,
+                              batch_size=self.batch_size, compile=self.compile, actors=self.ray_actors,
+                              progress=progress)
         return Encoder(self.spec(), device=self.device, dtype=self.dtype, batch_size=self.batch_size,
                        compile=self.compile, progress=progress)
 

@@ -25,6 +25,7 @@ class Settings:
     review_db: str = ""  # SQLAlchemy URL of the duplicate decisions; empty: the instance's Postgres, else data/review.db
     keep_rules: str = ""  # the ordered keep rules, comma-separated (core.review.KeepRules); empty: the default
     executor: str = ""  # empty: Dagster's default (steps as processes); "k8s": one Kubernetes pod per step (deploy/)
+    ray_address: str = ""  # the Ray cluster image_embeddings runs the model on (host:port, ray://..., auto); empty: none
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> "Settings":
@@ -39,6 +40,7 @@ class Settings:
             review_db=environ.get("IMGSIM_REVIEW_DB", cls.review_db),
             keep_rules=environ.get("IMGSIM_KEEP_RULES", cls.keep_rules),
             executor=environ.get("IMGSIM_EXECUTOR", cls.executor),
+            ray_address=environ.get("IMGSIM_RAY_ADDRESS", cls.ray_address),
         )
 
     @property

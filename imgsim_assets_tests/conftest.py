@@ -63,3 +63,26 @@ def milvus_server_uri():
         yield server.start()
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_address():
+    """A two-node Ray cluster (one CPU each) of real processes on loopback, and this process
+    connected to it. CI installs Ray (RAY=1, the [ray] extra) and sets IMGSIM_REQUIRE_RAY=1, so
+    there a missing Ray fails instead of skipping."""
+    from imgsim_assets_tests.ray_cluster import RayCluster, ray_installed
+
+    if not ray_installed():
+        message = "Ray is not installed (make RAY=1 install, or pip install 'imgsim[ray]')"
+        if os.environ.get("IMGSIM_REQUIRE_RAY"):
+            pytest.fail(message)
+        pytest.skip(message)
+    import ray
+
+    cluster = RayCluster(nodes=2, cpus=1)
+    try:
+        address = cluster.start()
+        yield address
+    finally:
+        ray.shutdown()
+        cluster.stop()

@@ -92,6 +92,21 @@ def test_bench_preprocess_compares_with_the_plain_loop_at_every_size(tmp_path):
     assert len(differences) == 3 and all(0 <= _figures(d)[0] < 255 for d in differences)
 
 
+def test_bench_ray_compares_ray_with_this_process(tmp_path):
+    from imgsim_assets_tests.ray_cluster import ray_installed
+
+    if not ray_installed():
+        message = "Ray is not installed (make RAY=1 install, or pip install 'imgsim[ray]')"
+        if os.environ.get("IMGSIM_REQUIRE_RAY"):
+            pytest.fail(message)
+        pytest.skip(message)
+    out = _bench("bench.ray", "--images", "16", "--depth", "1", "--crop", "56", "--batch-size", "8", "--rounds", "1",
+                 tmp_path=tmp_path)
+    assert "Ray / this process (time)" in _ratios(out) and "image_embeddings: 16 images" in out
+    difference = float(re.search(r"max abs difference of the vectors (\S+)", out).group(1))
+    assert difference <= 1e-5
+
+
 def test_bench_embedding_compares_the_materialization_with_the_bare_loop(tmp_path):
     out = _bench("bench.embedding", "--images", "8", "--batch-size", "4", "--rounds", "1", "--depth", "1",
                  tmp_path=tmp_path)

@@ -42,6 +42,10 @@ def image_embeddings(
         model = encoder.load(progress=context.log.info)
     except (FileNotFoundError, ValueError) as e:  # no checkpoint, one that does not fit, a bad setting
         raise Failure(str(e), allow_retries=False) from e  # retrying cannot heal it
+    except RuntimeError as e:  # Ray missing, no cluster at the address, actors that cannot load the model
+        if not encoder.ray_address:
+            raise
+        raise Failure(str(e)) from e
     if model.random_weights:
         context.log.warning(
             "RANDOM WEIGHTS: no pretrained DINOv2 checkpoint is configured, so these vectors carry no "
@@ -55,13 +59,23 @@ def image_embeddings(
             "weights_fingerprint": model.weights_fingerprint,
             "pooling": model.spec.pooling,
             "device": str(model.device),
+            "compute": f"Ray at {encoder.ray_address}: {model.actors} encoder actor(s)" if encoder.ray_address
+            else "this process",
             "dtype": str(model.dtype).removeprefix("torch."),
         }
     )
     staged = {}
-    for batch in context.partition_keys:
-        staged[batch], metadata = _embed_batch(context, batch, model, cropped_tensors[batch], raw_images[batch], storage)
-        context.add_asset_metadata(metadata, partition_key=batch)
+    try:
+        for batch in context.partition_keys:
+            staged[batch], metadata = _embed_batch(context, batch, model, cropped_tensors[batch], raw_images[batch],
+                                                   storage)
+            context.add_asset_metadata(metadata, partition_key=batch)
+    except RuntimeError as e:
+        if encoder.ray_address:  # Ray gave up on a batch (its message says which and why)
+            raise Failure(str(e)) from e
+        raise
+    finally:
+        model.close()
     return staged
 
 

@@ -106,6 +106,9 @@ class Encoder:
     def random_weights(self) -> bool:
         return self.weights_file == "random"
 
+    def close(self) -> None:
+        """Nothing to give back (a :class:`core.ray_encoder.RayEncoder` stops its actors)."""
+
     def provenance(self) -> dict:
         return {**self.spec.describe(), "weights_file": self.weights_file,
                 "weights_fingerprint": self.weights_fingerprint, "dtype": str(self.dtype).removeprefix("torch."),
