@@ -44,7 +44,7 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args(argv)
 
-    from imgsim_assets.core.ray_encoder import connect
+    from imgsim_assets.core.distributed import connect
     from imgsim_assets_tests.ray_cluster import RayCluster
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -42,7 +42,7 @@ def build_definitions(
         resources={
             "encoder": encoder or EncoderResource(model=settings.model, weights=settings.weights, device=settings.device,
                                                   ray_address=settings.ray_address),
-            "preprocessing": preprocessing or PreprocessResource(),
+            "preprocessing": preprocessing or PreprocessResource(ray_address=settings.ray_address),
             "storage": StorageResource(data_dir=str(settings.data_dir), review_db=settings.review_db),
             "watch": WatchResource(),
             "milvus_db": MilvusResource(uri=settings.milvus_uri),

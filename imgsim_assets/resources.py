@@ -44,7 +44,7 @@ class EncoderResource(ConfigurableResource):
         """The encoder (its model in Ray actors when ``ray_address`` is set: close it after
         use); ``progress`` receives lines while a checkpoint is fetched."""
         if self.ray_address:
-            from imgsim_assets.core.ray_encoder import RayEncoder
+            from imgsim_assets.core.distributed import RayEncoder
 
             return RayEncoder(self.spec(), self.ray_address, device=self.device, dtype=self.dtype,
                               batch_size=self.batch_size, compile=self.compile, actors=self.ray_actors,
@@ -67,6 +67,8 @@ class PreprocessResource(ConfigurableResource):
     max_decode_bytes: int = Field(default=Preprocess.max_decode_bytes, description="an image whose decoded pixels "
                                   "would take more (read from its header) is rejected (decompression_bomb)")
     workers: int = Field(default=0, description="decoding processes; 0 = one per CPU, 1 = inline")
+    ray_address: str = Field(default="", description="decode in Ray tasks on this cluster instead (host:port, "
+                             "ray://..., auto); the files must be at the same path on every node")
 
     def preprocess(self) -> Preprocess:
         return Preprocess(

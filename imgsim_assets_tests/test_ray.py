@@ -1,11 +1,12 @@
-"""image_embeddings on a Ray cluster of real processes (a head and a worker node, started with
-``ray start`` on loopback): the same files, vectors and rejections as in this process; an
-encoder actor killed mid-batch is restarted and nothing is lost or embedded twice; a model the
-actors cannot load is said so."""
+"""Decoding and image_embeddings on a Ray cluster of real processes (a head and a worker node,
+started with ``ray start`` on loopback): the same files, vectors and rejections as in this
+process; an encoder actor killed mid-batch is restarted and nothing is lost or embedded twice;
+a decoding task whose worker dies is run again; a model the actors cannot load is said so."""
 
 import os
 import shutil
 import signal
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -22,6 +23,7 @@ from imgsim_assets.settings import Settings
 
 FILE_TIME_NS = 1_700_000_000_000_000_000
 SPEC = EncoderSpec(weights="random", depth=2)
+DECODE_CHUNK_FOR_TEST = 4
 
 
 def _collection(root, source=None):
@@ -44,13 +46,15 @@ def _ingest(data, home, ray_address=""):
     defs = build_definitions(
         Settings(data_dir=data),
         encoder=EncoderResource(weights="random", depth=2, batch_size=8, device="cpu", ray_address=ray_address),
-        preprocessing=PreprocessResource(crop_size=56, resize_size=64, workers=1),
+        preprocessing=PreprocessResource(crop_size=56, resize_size=64, workers=1, ray_address=ray_address),
     )
     with instance_for_test(temp_dir=str(home)) as instance:
         report = ingest(defs, instance, data / "images")
-        records = instance.fetch_materializations(
-            AssetRecordsFilter(asset_key=AssetKey("image_embeddings"), asset_partitions=["b1"]), limit=1).records
-        metadata = {k: v.value for k, v in records[0].asset_materialization.metadata.items()}
+        metadata = {}
+        for asset in ("image_embeddings", "cropped_tensors"):
+            records = instance.fetch_materializations(
+                AssetRecordsFilter(asset_key=AssetKey(asset), asset_partitions=["b1"]), limit=1).records
+            metadata.update({k: v.value for k, v in records[0].asset_materialization.metadata.items()})
     return report, metadata
 
 
@@ -63,6 +67,7 @@ def test_a_folder_ingested_through_ray_gives_what_this_process_gives(ray_address
     assert report.ok, report.failed
     assert report.embedded == ["b1", "b2"]
     assert ray_meta["compute"] == f"Ray at {ray_address}: 2 encoder actor(s)" and local_meta["compute"] == "this process"
+    assert ray_meta["decoded_by"] == f"Ray at {ray_address}" and local_meta["decoded_by"] == "this machine"
     for batch in ("b1", "b2"):
         assets = {side: data / "assets" for side, data in (("local", local_data), ("ray", ray_data))}
         manifests = [pq.read_table(a / "raw_images" / f"{batch}.parquet").to_pydict() for a in assets.values()]
@@ -86,7 +91,7 @@ def _batches(n: int, size: int = 8, seed: int = 0):
 
 def test_an_encoder_actor_killed_mid_batch_is_restarted_and_nothing_is_lost_or_embedded_twice(ray_address):
     from imgsim_assets.core.encoder import Encoder
-    from imgsim_assets.core.ray_encoder import RayEncoder
+    from imgsim_assets.core.distributed import RayEncoder
 
     batches = _batches(10)
     expected = np.concatenate([v for _, v in Encoder(SPEC, device="cpu", batch_size=8).embed_batches(batches)])
@@ -114,8 +119,47 @@ def test_an_encoder_actor_killed_mid_batch_is_restarted_and_nothing_is_lost_or_e
 
 
 def test_a_model_the_actors_cannot_load_is_said_so(ray_address, tmp_path):
-    from imgsim_assets.core.ray_encoder import RayEncoder
+    from imgsim_assets.core.distributed import RayEncoder
 
     missing = tmp_path / "no-such-checkpoint.pth"
     with pytest.raises(RuntimeError, match=r"could not load dinov2_vits14: .*no-such-checkpoint\.pth"):
         RayEncoder(EncoderSpec(weights=str(missing)), ray_address, device="cpu")
+
+
+def test_files_decoded_in_ray_tasks_come_back_once_in_order_when_a_worker_dies(ray_address, tmp_path):
+    from imgsim_assets.core import images
+    from imgsim_assets.core.distributed import preprocess_files_on_ray
+
+    write_synthetic_batch(tmp_path / "b", 60, seed=3, size=(240, 320))
+    (tmp_path / "b" / "zz_broken.jpg").write_bytes(b"\xff\xd8\xff not really")
+    files = images.list_batch_files(tmp_path / "b")
+    pre = images.Preprocess(crop_size=56, resize_size=64)
+    local = list(images.preprocess_files(files, tmp_path, pre, workers=1))
+    remote, killed = [], []
+    for item in preprocess_files_on_ray(files, tmp_path, pre, ray_address, chunk=DECODE_CHUNK_FOR_TEST):
+        remote.append(item)
+        if len(remote) == 1:  # the first chunk is back, the next ones are decoding: kill their workers
+            for pid in _processes_named("ray::_decode_chunk"):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+                except ProcessLookupError:
+                    pass
+    assert killed  # workers died while chunks were being decoded
+    assert [r.path for r, _ in remote] == [r.path for r, _ in local]
+    assert [(r.status, r.reason, r.image_id) for r, _ in remote] == [(r.status, r.reason, r.image_id) for r, _ in local]
+    assert remote[-1][0].reason == "not_an_image" and remote[-1][1] is None
+    assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(remote[:-1], local[:-1]))
+
+
+def _processes_named(prefix: str) -> list[int]:
+    """The pids whose command line starts with ``prefix`` (Ray names a worker by its task)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "cmdline").read_bytes().startswith(prefix.encode()):
+                    found.append(int(entry.name))
+            except OSError:
+                pass
+    return found

@@ -7,7 +7,7 @@ written to its own files, with its own metadata."""
 import time
 
 import pyarrow as pa
-from dagster import AssetExecutionContext, AssetOut, MetadataValue, Output, multi_asset
+from dagster import AssetExecutionContext, AssetOut, Failure, MetadataValue, Output, multi_asset
 
 from imgsim_assets.assets.folders import CONSUMED_KEY, batch_folders
 from imgsim_assets.core import images, tables
@@ -51,6 +51,19 @@ def batch_images(context: AssetExecutionContext, storage: StorageResource, prepr
     yield Output(tensors, output_name="cropped_tensors")
 
 
+def _preprocess_files(files, root, pre, preprocessing: PreprocessResource):
+    """Each file's record and pixels, in order: decoded in local worker processes, or in Ray tasks."""
+    if not preprocessing.ray_address:
+        yield from images.preprocess_files(files, root, pre, workers=preprocessing.workers)
+        return
+    from imgsim_assets.core.distributed import preprocess_files_on_ray
+
+    try:
+        yield from preprocess_files_on_ray(files, root, pre, preprocessing.ray_address)
+    except RuntimeError as e:  # Ray missing, no cluster at the address, or a chunk Ray gave up on
+        raise Failure(str(e)) from e
+
+
 def _read_batch(context: AssetExecutionContext, batch: str, storage: StorageResource,
                 preprocessing: PreprocessResource) -> tuple[pa.Table, StagedFile, dict[str, dict]]:
     """One batch folder: its manifest, its staged pixels, and each asset's metadata."""
@@ -64,7 +77,7 @@ def _read_batch(context: AssetExecutionContext, batch: str, storage: StorageReso
     records: list[images.ImageRecord] = []
     start = time.perf_counter()
     with tables.TensorWriter(staged, height, width, {"preprocess": pre.describe(), "batch": batch}) as writer:
-        for record, pixels in images.preprocess_files(files, storage.images_dir, pre, workers=preprocessing.workers):
+        for record, pixels in _preprocess_files(files, storage.images_dir, pre, preprocessing):
             records.append(record)
             if pixels is not None:
                 writer.add(record.image_id, pixels)
@@ -94,6 +107,7 @@ def _read_batch(context: AssetExecutionContext, batch: str, storage: StorageReso
             "image_size": f"{height}x{width}",
             "protocol": pre.protocol,
             "decode_seconds": round(seconds, 3),
+            "decoded_by": f"Ray at {preprocessing.ray_address}" if preprocessing.ray_address else "this machine",
             "files_per_second": round(len(records) / max(seconds, 1e-9), 1),
         },
     }

@@ -107,7 +107,7 @@ class Encoder:
         return self.weights_file == "random"
 
     def close(self) -> None:
-        """Nothing to give back (a :class:`core.ray_encoder.RayEncoder` stops its actors)."""
+        """Nothing to give back (a :class:`core.distributed.RayEncoder` stops its actors)."""
 
     def provenance(self) -> dict:
         return {**self.spec.describe(), "weights_file": self.weights_file,

@@ -1,6 +1,11 @@
-"""Embedding on a Ray cluster: the model runs in encoder actors (one model load per actor, one
-GPU each where the cluster has GPUs), pixel batches are sent to them as they are read and the
-vectors come back in the order the batches went out.
+"""Decoding and embedding on a Ray cluster.
+
+:func:`preprocess_files_on_ray` decodes a batch's files in Ray tasks on the cluster's CPUs (the
+files must be at the same path on every node: a shared volume), the records and pixels coming
+back in the files' order, as :func:`core.images.preprocess_files` gives them locally. The model
+runs in encoder actors (one model load per actor, one GPU each where the cluster has GPUs);
+pixel batches are sent to them as they are read and the vectors come back in the order the
+batches went out.
 
 :class:`RayEncoder` answers what the pipeline asks of :class:`core.encoder.Encoder`
 (``embed_batches``, ``provenance``, the weights and model facts), so ``image_embeddings`` writes
@@ -23,6 +28,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
+from imgsim_assets.core.images import ImageRecord, Preprocess, preprocess_file
 from imgsim_assets.core.models import EncoderSpec
 
 RAY_MISSING = "Ray is not installed: pip install 'imgsim[ray]' (make RAY=1 install)"
@@ -50,6 +56,42 @@ def connect(address: str):
     else:
         ray.init(address=address, **options)
     return ray
+
+
+DECODE_CHUNK = 32  # files per decoding task
+DECODE_TASKS_PER_CPU = 2  # decoding tasks queued per CPU of the cluster
+
+
+def _decode_chunk(paths: list[str], root: str, pre: Preprocess) -> list[tuple[ImageRecord, np.ndarray | None]]:
+    return [preprocess_file(p, root, pre) for p in paths]
+
+
+def preprocess_files_on_ray(paths: Iterable[str | os.PathLike], root: str | os.PathLike, pre: Preprocess,
+                            address: str, chunk: int = DECODE_CHUNK) -> Iterator[tuple[ImageRecord, np.ndarray | None]]:
+    """``core.images.preprocess_files`` with the decoding in Ray tasks (one CPU each, retried by
+    Ray when their worker dies): every file once, in order, rejected ones with their reason. At
+    most ``DECODE_TASKS_PER_CPU`` chunks per CPU of the cluster are decoded ahead of the reader."""
+    ray = connect(address)
+    decode = ray.remote(num_cpus=1, max_retries=TASK_RETRIES)(_decode_chunk)
+    paths, root = [os.fsdecode(p) for p in paths], os.fsdecode(root)
+    chunks = (paths[i : i + chunk] for i in range(0, len(paths), chunk))
+    ahead = max(1, int(ray.cluster_resources().get("CPU", 1)) * DECODE_TASKS_PER_CPU)
+    pre_ref = ray.put(pre)
+    pending: deque = deque()
+    for part in chunks:
+        pending.append((part, decode.remote(part, root, pre_ref)))
+        while len(pending) >= ahead:
+            yield from _decoded(ray, *pending.popleft())
+    while pending:
+        yield from _decoded(ray, *pending.popleft())
+
+
+def _decoded(ray, part: list[str], ref) -> list[tuple[ImageRecord, np.ndarray | None]]:
+    try:
+        return ray.get(ref)
+    except Exception as e:  # noqa: BLE001 -- Ray gave up on the task
+        raise RuntimeError(f"decoding {len(part)} files from {part[0]} failed on Ray after {TASK_RETRIES} "
+                           f"retries: {_cause(e)}") from e
 
 
 class _EncoderActor:
