@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-from imgsim_assets.core.models import RUN_DEFAULTS, EncoderSpec
+from imgsim_assets.core.models import PRODUCT_BACKEND, RUN_DEFAULTS, EncoderSpec
 from imgsim_assets.core.storage import DataLayout
 
 
@@ -25,6 +25,7 @@ class Settings:
     review_db: str = ""  # SQLAlchemy URL of the duplicate decisions; empty: the instance's Postgres, else data/review.db
     keep_rules: str = ""  # the ordered keep rules, comma-separated (core.review.KeepRules); empty: the default
     executor: str = ""  # empty: Dagster's default (steps as processes); "k8s": one Kubernetes pod per step (deploy/)
+    encoder_backend: str = PRODUCT_BACKEND  # where the model's forward pass runs (core.backends): auto, torch, ...
     ray_address: str = ""  # the Ray cluster image_embeddings runs the model on (host:port, ray://..., auto); empty: none
 
     @classmethod
@@ -41,6 +42,7 @@ class Settings:
             keep_rules=environ.get("IMGSIM_KEEP_RULES", cls.keep_rules),
             executor=environ.get("IMGSIM_EXECUTOR", cls.executor),
             ray_address=environ.get("IMGSIM_RAY_ADDRESS", cls.ray_address),
+            encoder_backend=environ.get("IMGSIM_ENCODER_BACKEND", cls.encoder_backend),
         )
 
     @property

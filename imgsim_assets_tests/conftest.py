@@ -4,6 +4,10 @@ import pytest
 
 # Keep CPU tests predictable on small CI machines.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# The encoder's forward pass in PyTorch eager, the reference, wherever the product's settings are
+# read (the CLI, build_definitions): auto would measure every backend on each tiny model first.
+# test_backends.py exercises the others and auto.
+os.environ.setdefault("IMGSIM_ENCODER_BACKEND", "torch")
 # No test reaches the Hugging Face hub: a test that fetches serves the hub itself on loopback
 # (imgsim_assets_tests/hub.py) and lifts this for itself. Subprocesses inherit it.
 os.environ["HF_HUB_OFFLINE"] = "1"

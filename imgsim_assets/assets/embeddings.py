@@ -114,8 +114,15 @@ def _embed_batch(context: AssetExecutionContext, batch: str, model, cropped_tens
         "embed_seconds": round(seconds, 3),
         "model_seconds": round(model.model_seconds - model_start, 3),
         "images_per_second": round(total / max(seconds, 1e-9), 1),
+        "backend": _backend_name(model),
         "provenance": MetadataValue.json(provenance),
     }
+
+
+def _backend_name(model) -> str:
+    """Where the forward pass ran (the encoder's backend; auto's choice once made)."""
+    backend = getattr(model, "backend", None)
+    return backend.name if backend is not None else getattr(model, "backend_requested", "torch")
 
 
 def check_finite(ids: np.ndarray, vectors: np.ndarray, dtype) -> None:

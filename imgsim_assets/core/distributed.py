@@ -97,7 +97,8 @@ def _decoded(ray, part: list[str], ref) -> list[tuple[ImageRecord, np.ndarray | 
 class _EncoderActor:
     """One loaded model in a Ray worker process."""
 
-    def __init__(self, spec: dict, device: str, dtype: str, batch_size: int, compile: bool, threads: int) -> None:
+    def __init__(self, spec: dict, device: str, dtype: str, batch_size: int, compile: bool, threads: int,
+                 backend: str = "torch") -> None:
         import torch
 
         from imgsim_assets.core.encoder import Encoder
@@ -105,7 +106,7 @@ class _EncoderActor:
         if threads > 0:
             torch.set_num_threads(threads)
         self.encoder = Encoder(EncoderSpec(**spec), device=device, dtype=dtype, batch_size=batch_size,
-                               compile=compile)
+                               compile=compile, backend=backend)
 
     def describe(self) -> dict:
         e = self.encoder
@@ -138,6 +139,7 @@ class RayEncoder:
         compile: bool = False,
         actors: int = 0,
         progress: Callable[[str], None] | None = None,
+        backend: str = "torch",
     ) -> None:
         import torch
 
@@ -155,7 +157,7 @@ class RayEncoder:
             count, per_gpu = actors or len(nodes), 0
             cpus = max(1, min(node_cpus) if not actors else sum(node_cpus) // actors)
         remote = ray.remote(max_restarts=ACTOR_RESTARTS, max_task_retries=TASK_RETRIES)(_EncoderActor)
-        arguments = (asdict(spec), device, dtype, batch_size, compile, cpus)
+        arguments = (asdict(spec), device, dtype, batch_size, compile, cpus, backend)
         self._actors = [remote.options(num_cpus=cpus, num_gpus=per_gpu).remote(*arguments) for _ in range(count)]
         if progress is not None:
             progress(f"Ray at {address}: {count} encoder actor(s), {cpus} CPU(s)"

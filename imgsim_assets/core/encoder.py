@@ -11,7 +11,7 @@ from typing import Callable, Iterable, Iterator, TypeVar
 import numpy as np
 import torch
 
-from imgsim_assets.core import dinov2, weights
+from imgsim_assets.core import backends, dinov2, weights
 from imgsim_assets.core.models import RUN_DEFAULTS, EncoderSpec  # noqa: F401  (EncoderSpec re-exported)
 from imgsim_assets.core.images import ImageRecord, Preprocess, preprocess_files
 from imgsim_assets.core.images.protocol import LIMITS
@@ -87,6 +87,7 @@ class Encoder:
         batch_size: int = DEFAULTS["batch_size"],
         compile: bool = DEFAULTS["compile"],
         progress: weights.Progress | None = None,
+        backend: str = DEFAULTS["backend"],
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -97,7 +98,13 @@ class Encoder:
         self.weights_file = weights.resolve(spec.model, spec.weights, progress)
         self.weights_fingerprint = weights.fingerprint(self.weights_file, spec.model)
         self.model = dinov2.load_dinov2(spec.model, self.weights_file, depth=spec.depth).to(self.device)
-        self._forward = torch.compile(self.model.forward_features) if compile else self.model.forward_features
+        if backend not in backends.CHOICES:
+            raise ValueError(f"unknown encoder backend {backend!r}; choose one of {', '.join(backends.CHOICES)}")
+        if backend in ("onnxruntime", "openvino") and self.device.type != "cpu":
+            raise ValueError(f"the {backend} backend runs on the CPU, not on {self.device}")
+        self.backend_requested = "compile" if compile else backend
+        self.backend: backends.Backend | None = None  # built on the first batch (auto measures on its size)
+        self.backend_choice: dict | None = None  # what auto measured, when it chose
         self.model_seconds = 0.0  # spent in embed() so far: the model's share of a run
         self._mean = torch.tensor(dinov2.IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1) * 255
         self._std = torch.tensor(dinov2.IMAGENET_STD, device=self.device).view(1, 3, 1, 1) * 255
@@ -138,13 +145,28 @@ class Encoder:
         x = self._host_tensor(pixels).to(self.device, non_blocking=True)
         x = (x.float() - self._mean) / self._std
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-            feats = self._forward(x)
+            feats = self._features(x)
         vectors = dinov2.pool(feats, self.spec.pooling).cpu().numpy().astype(np.float32, copy=False)
         tokens = None
         if patches:
             tokens = torch.nn.functional.normalize(feats["x_norm_patchtokens"].float(), dim=-1).cpu().numpy()
         self.model_seconds += time.perf_counter() - began  # .cpu() waited for the device
         return vectors, tokens
+
+    def _features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.backend is None:
+            name = self.backend_requested
+            if name == "auto":  # PyTorch off the CPU or below float32; else what measures fastest here
+                name = "torch"
+                if self.device.type == "cpu" and self.dtype == torch.float32:
+                    self.backend_choice = backends.choose(self.model, self.graph_identity(), tuple(x.shape[-2:]))
+                    name = self.backend_choice["backend"]
+            self.backend = backends.Backend(name, self.model, self.graph_identity(), dtype=self.dtype)
+        return self.backend(x)
+
+    def graph_identity(self) -> dict:
+        """What an exported graph of this model depends on (core.backends caches by it)."""
+        return {"model": self.spec.model, "depth": self.spec.depth, "weights_fingerprint": self.weights_fingerprint}
 
     def embed_batches(
         self,

@@ -96,4 +96,7 @@ class EncoderSpec:
 
 # How an encoder runs (not what it computes: that is the spec). The one place these defaults
 # are written; the Encoder, the Dagster resource and the settings take them from here.
-RUN_DEFAULTS = {"device": "auto", "dtype": "auto", "batch_size": 64, "compile": False}
+# ``backend``: where the forward pass runs (core.backends). Code that builds an Encoder gets
+# PyTorch eager, the reference; the product's settings default to ``auto`` (PRODUCT_BACKEND).
+RUN_DEFAULTS = {"device": "auto", "dtype": "auto", "batch_size": 64, "compile": False, "backend": "torch"}
+PRODUCT_BACKEND = "auto"

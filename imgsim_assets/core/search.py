@@ -498,7 +498,7 @@ def preprocess_from_info(info: dict):
     return Preprocess(**pre)
 
 
-def encoder_from_info(info: dict, device: str = "auto", dtype: str = "auto", progress=None):
+def encoder_from_info(info: dict, device: str = "auto", dtype: str = "auto", progress=None, backend: str = "torch"):
     """The encoder the index was built with (model, weights, pooling, depth). Weights recorded
     as a file that is not on this machine are looked up (or fetched) as ``auto``: their
     fingerprint, checked by :func:`check_query_encoder`, says whether they are the same."""
@@ -509,7 +509,7 @@ def encoder_from_info(info: dict, device: str = "auto", dtype: str = "auto", pro
     if weights_file != "random" and enc.get("weights_fingerprint") and not Path(weights_file).exists():
         weights_file = "auto"
     spec = EncoderSpec(model=enc["model"], weights=weights_file, pooling=enc["pooling"], depth=enc.get("depth"))
-    return Encoder(spec, device=device, dtype=dtype, progress=progress)
+    return Encoder(spec, device=device, dtype=dtype, progress=progress, backend=backend)
 
 
 class EncoderMismatch(ValueError):
@@ -579,9 +579,9 @@ class Searcher:
     """
 
     def __init__(self, encoder_info: dict, device: str = "auto", dtype: str = "auto", workers: int = 1,
-                 allow_other_weights: bool = False) -> None:
+                 allow_other_weights: bool = False, backend: str = "torch") -> None:
         self.encoder_info = dict(encoder_info)
-        self.device, self.dtype, self.workers = device, dtype, workers
+        self.device, self.dtype, self.workers, self.backend = device, dtype, workers, backend
         self.allow_other_weights = allow_other_weights  # search even when the query encoder differs
         self._encoder = None
         self._encoder_lock = threading.Lock()
@@ -640,7 +640,8 @@ class Searcher:
     def encoder(self):
         with self._encoder_lock:
             if self._encoder is None:
-                encoder = encoder_from_info({"encoder": self.encoder_info}, device=self.device, dtype=self.dtype)
+                encoder = encoder_from_info({"encoder": self.encoder_info}, device=self.device, dtype=self.dtype,
+                                            backend=self.backend)
                 if not self.allow_other_weights:
                     check_query_encoder(self.encoder_info, {**encoder.provenance(), "preprocess":
                                                             self.encoder_info.get("preprocess")})

@@ -1,0 +1,227 @@
+"""Where the model's forward pass runs: PyTorch eager (``torch``), ``torch.compile`` (``compile``),
+ONNX Runtime (``onnxruntime``) or OpenVINO (``openvino``), and ``auto``, the fastest of them whose
+vectors stay within :data:`FIDELITY_MAX_ABS` of PyTorch's on this machine.
+
+Every backend runs the one model :func:`core.dinov2.load_dinov2` builds, with its weights: the
+exported graphs are ``torch.onnx.export`` (dynamo) of that module, for a given input height ×
+width with the batch size left free, cached under ``$XDG_CACHE_HOME/imgsim/graphs/`` by a key of
+the model, its depth, the weights' fingerprint, the input size and the library versions (so a
+change of any of them exports again; a written graph is renamed into place whole). ``auto``'s
+choice is measured once per key on a batch of the real input size and remembered beside them.
+
+A backend is a callable from normalised float32 ``N×3×H×W`` pixels to ``forward_features``'
+``x_norm_clstoken`` and ``x_norm_patchtokens``; the encoder pools, normalises and batches as
+before. ``dtype`` bfloat16 runs PyTorch under autocast, and OpenVINO at its bf16 inference
+precision; ONNX Runtime has no bf16 CPU kernels and refuses it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+BACKENDS = ("torch", "compile", "onnxruntime", "openvino")
+CHOICES = (*BACKENDS, "auto")
+FIDELITY_MAX_ABS = 1e-4  # an fp32 backend's vectors against PyTorch eager's, per component
+AUTO_BATCH = 8  # images auto times each backend on
+AUTO_ROUNDS = 3  # the fastest of this many passes counts
+
+Features = dict[str, torch.Tensor]
+
+
+def graphs_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "imgsim" / "graphs"
+
+
+def available(backend: str) -> bool:
+    """Whether ``backend``'s library is installed (torch's are always)."""
+    module = {"onnxruntime": "onnxruntime", "openvino": "openvino"}.get(backend)
+    if module is None:
+        return backend in BACKENDS
+    try:
+        __import__(module)
+    except ImportError:
+        return False
+    return True
+
+
+class _FeaturesModule(torch.nn.Module):
+    """The model's ``forward_features`` as a module with two tensor outputs (what an exporter takes)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.model.forward_features(x)
+        return features["x_norm_clstoken"], features["x_norm_patchtokens"]
+
+
+class Backend:
+    """One way of running ``model``: ``backend(x)`` → features. Exported graphs are built on the
+    first batch of each input size (and read from the cache when they were built before)."""
+
+    def __init__(self, name: str, model: torch.nn.Module, identity: dict, dtype: torch.dtype = torch.float32,
+                 threads: int | None = None) -> None:
+        if name not in BACKENDS:
+            raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(CHOICES)}")
+        if name == "onnxruntime" and dtype != torch.float32:
+            raise ValueError("the onnxruntime backend runs float32 only (it has no bf16 CPU kernels)")
+        if not available(name):
+            raise ValueError(f"the {name} backend needs its library: pip install 'imgsim[backends]'")
+        self.name, self.model, self.identity, self.dtype = name, model, identity, dtype
+        self.threads = threads or torch.get_num_threads()
+        self._runners: dict[tuple[int, int], Callable[[torch.Tensor], Features]] = {}
+        self._lock = threading.Lock()
+        self.build_seconds: dict[tuple[int, int], float] = {}
+
+    def __call__(self, x: torch.Tensor) -> Features:
+        size = (int(x.shape[-2]), int(x.shape[-1]))
+        runner = self._runners.get(size)
+        if runner is None:
+            with self._lock:
+                runner = self._runners.get(size)
+                if runner is None:
+                    started = time.perf_counter()
+                    runner = self._runners[size] = self._build(size)
+                    self.build_seconds[size] = time.perf_counter() - started
+        return runner(x)
+
+    def _build(self, size: tuple[int, int]) -> Callable[[torch.Tensor], Features]:
+        if self.name == "torch":
+            return self.model.forward_features
+        if self.name == "compile":
+            return torch.compile(self.model.forward_features)
+        graph = export_onnx(self.model, self.identity, size)
+        if self.name == "onnxruntime":
+            return _onnxruntime(graph, self.threads)
+        return _openvino(graph, self.threads, self.dtype)
+
+
+def graph_key(identity: dict, size: tuple[int, int]) -> str:
+    """The cache key of an exported graph: what the model computes, the input size, the versions."""
+    import onnx
+
+    described = {**identity, "size": list(size), "torch": torch.__version__, "onnx": onnx.__version__, "format": 1}
+    return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def export_onnx(model: torch.nn.Module, identity: dict, size: tuple[int, int]) -> Path:
+    """``model.forward_features`` as an ONNX graph for ``size`` inputs (any batch size), from
+    the cache or exported now and put there whole."""
+    folder = graphs_dir() / graph_key(identity, size)
+    graph = folder / "model.onnx"
+    if graph.is_file():
+        return graph
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    work = folder.with_name(f"{folder.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    try:
+        example = torch.zeros(2, 3, *size)
+        batch = torch.export.Dim("batch", min=1)
+        # float32, whatever the caller runs under (the encoder's bf16 autocast): precision is the runtime's choice
+        with torch.inference_mode(False), torch.no_grad(), torch.autocast("cpu", enabled=False):
+            program = torch.onnx.export(_FeaturesModule(model).eval(), (example,), dynamo=True,
+                                        dynamic_shapes=({0: batch},), input_names=["pixels"],
+                                        output_names=["cls", "patches"], verbose=False)
+        program.save(str(work / "model.onnx"))
+        (work / "identity.json").write_text(json.dumps({**identity, "size": list(size)}, default=str))
+        try:
+            os.replace(work, folder)  # another process may have put the same graph there first
+        except OSError:
+            if not graph.is_file():
+                raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return graph
+
+
+def _onnxruntime(graph: Path, threads: int) -> Callable[[torch.Tensor], Features]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+
+    def run(x: torch.Tensor) -> Features:
+        cls, patches = session.run(None, {"pixels": np.ascontiguousarray(x.detach().float().cpu().numpy())})
+        return {"x_norm_clstoken": torch.from_numpy(cls), "x_norm_patchtokens": torch.from_numpy(patches)}
+
+    return run
+
+
+def _openvino(graph: Path, threads: int, dtype: torch.dtype) -> Callable[[torch.Tensor], Features]:
+    import openvino as ov
+
+    core = ov.Core()
+    core.set_property({"CACHE_DIR": str(graph.parent / "openvino")})  # its compiled blob, next time
+    precision = "bf16" if dtype == torch.bfloat16 else "f32"
+    compiled = core.compile_model(str(graph), "CPU", {"INFERENCE_PRECISION_HINT": precision,
+                                                      "INFERENCE_NUM_THREADS": threads,
+                                                      "PERFORMANCE_HINT": "LATENCY"})
+    local = threading.local()  # an infer request serves one call at a time
+
+    def run(x: torch.Tensor) -> Features:
+        request = getattr(local, "request", None)
+        if request is None:
+            request = local.request = compiled.create_infer_request()
+        result = request.infer({0: np.ascontiguousarray(x.detach().float().cpu().numpy())})
+        cls, patches = (np.array(result[compiled.output(i)]) for i in range(2))
+        return {"x_norm_clstoken": torch.from_numpy(cls), "x_norm_patchtokens": torch.from_numpy(patches)}
+
+    return run
+
+
+def choose(model: torch.nn.Module, identity: dict, size: tuple[int, int], threads: int | None = None,
+           candidates: tuple[str, ...] = BACKENDS) -> dict:
+    """``auto``: each installed backend timed on a batch of ``size`` inputs against PyTorch eager
+    (float32), and the fastest whose vectors stay within :data:`FIDELITY_MAX_ABS` of eager's.
+    The finding is remembered per graph key: ``{"backend", "measured": {name: {...}}}``."""
+    record = graphs_dir() / f"auto-{graph_key(identity, size)}-{threads or torch.get_num_threads()}.json"
+    if record.is_file():
+        return json.loads(record.read_text())
+    x = torch.randn(AUTO_BATCH, 3, *size, generator=torch.Generator().manual_seed(0))
+    measured, reference = {}, None
+    for name in candidates:
+        if not available(name):
+            measured[name] = {"skipped": "not installed"}
+            continue
+        backend = Backend(name, model, identity, threads=threads)
+        try:
+            with torch.inference_mode():
+                started = time.perf_counter()
+                out = backend(x)  # built, and the first pass
+                first = time.perf_counter() - started
+                times = []
+                for _ in range(AUTO_ROUNDS):
+                    started = time.perf_counter()
+                    out = backend(x)
+                    times.append(time.perf_counter() - started)
+        except Exception as e:  # noqa: BLE001 -- a backend that cannot run this model is left out, with why
+            measured[name] = {"skipped": f"{type(e).__name__}: {e}"[:300]}
+            continue
+        cls = out["x_norm_clstoken"].float()
+        if reference is None:
+            reference = cls
+        measured[name] = {"images_per_second": round(AUTO_BATCH / min(times), 2), "first_call_s": round(first, 2),
+                          "max_abs_diff": float((cls - reference).abs().max())}
+    within = {n: m for n, m in measured.items() if "images_per_second" in m and m["max_abs_diff"] <= FIDELITY_MAX_ABS}
+    found = {"backend": max(within, key=lambda n: within[n]["images_per_second"]), "measured": measured,
+             "batch": AUTO_BATCH, "threads": threads or torch.get_num_threads()}
+    record.parent.mkdir(parents=True, exist_ok=True)
+    temporary = record.with_name(record.name + f".tmp-{os.getpid()}")
+    temporary.write_text(json.dumps(found, indent=1))
+    os.replace(temporary, record)
+    return found

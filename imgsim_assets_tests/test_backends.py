@@ -1,0 +1,102 @@
+"""The encoder's backends on a 2-block ViT-S/14: each one's vectors and patch tokens against
+PyTorch eager's, the exported graphs cached by model, weights and input size and rebuilt when
+one changes, auto's choice measured once and remembered, and what a backend cannot do refused."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from imgsim_assets.core import backends
+from imgsim_assets.core.encoder import Encoder, EncoderSpec
+from imgsim_assets.settings import Settings
+
+SPEC = EncoderSpec(weights="random", depth=2)
+
+
+@pytest.fixture
+def graphs(tmp_path, monkeypatch):
+    """A cache of its own for every test: what one exports, another does not find."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "imgsim" / "graphs"
+
+
+def _pixels(n=6, size=56, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, 3, size, size), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("name", ["compile", "onnxruntime", "openvino"])
+def test_each_backend_gives_the_vectors_and_patches_pytorch_gives(graphs, name):
+    x = _pixels()
+    vectors, patches = Encoder(SPEC, device="cpu").embed_with_patches(x)
+    encoder = Encoder(SPEC, device="cpu", backend=name)
+    got_vectors, got_patches = encoder.embed_with_patches(x)
+    assert encoder.backend.name == name
+    assert np.abs(got_vectors - vectors).max() <= backends.FIDELITY_MAX_ABS
+    assert np.abs(got_patches - patches).max() <= backends.FIDELITY_MAX_ABS
+    one = encoder.embed(x[:1])  # any batch size through the same graph
+    assert np.abs(one - vectors[:1]).max() <= backends.FIDELITY_MAX_ABS
+
+
+def test_openvino_in_bfloat16_stays_close_to_float32(graphs):
+    x = _pixels()
+    expected = Encoder(SPEC, device="cpu").embed(x)
+    got = Encoder(SPEC, device="cpu", dtype="bfloat16", backend="openvino").embed(x)
+    assert np.min(np.sum(got * expected, axis=1)) > 0.999
+
+
+def test_exported_graphs_are_cached_by_weights_and_input_size_and_rebuilt_when_one_changes(graphs, monkeypatch):
+    x = _pixels()
+    first = Encoder(SPEC, device="cpu", backend="onnxruntime")
+    first.embed(x)
+    [folder] = list(graphs.iterdir())
+    graph = folder / "model.onnx"
+    assert json.loads((folder / "identity.json").read_text())["size"] == [56, 56]
+    written = graph.stat().st_mtime_ns
+
+    exports = []
+    real = torch.onnx.export
+    monkeypatch.setattr(torch.onnx, "export", lambda *a, **k: exports.append(1) or real(*a, **k))
+    again = Encoder(SPEC, device="cpu", backend="onnxruntime")
+    assert np.array_equal(again.embed(x), first.embed(x))
+    assert exports == [] and graph.stat().st_mtime_ns == written  # read from the cache
+
+    again.embed(_pixels(size=70))  # another input size: its own graph
+    other_weights = Encoder(EncoderSpec(weights="random", depth=1), device="cpu", backend="onnxruntime")
+    other_weights.embed(x)  # another model: its own graph
+    assert len(exports) == 2 and len([p for p in graphs.iterdir() if p.is_dir()]) == 3
+    assert not [p for p in graphs.iterdir() if ".tmp-" in p.name]  # written whole, then renamed
+
+
+def test_auto_picks_a_measured_backend_within_the_fidelity_bound_and_remembers_it(graphs, monkeypatch):
+    x = _pixels(n=2)
+    encoder = Encoder(SPEC, device="cpu", backend="auto")
+    vectors = encoder.embed(x)
+    choice = encoder.backend_choice
+    assert choice["backend"] == encoder.backend.name
+    measured = choice["measured"]
+    assert set(measured) == set(backends.BACKENDS) and measured["torch"]["max_abs_diff"] == 0.0
+    assert all(m["images_per_second"] > 0 for m in measured.values())
+    picked = measured[choice["backend"]]
+    within = [m for m in measured.values() if m["max_abs_diff"] <= backends.FIDELITY_MAX_ABS]
+    assert picked["images_per_second"] == max(m["images_per_second"] for m in within)
+    assert np.abs(vectors - Encoder(SPEC, device="cpu").embed(x)).max() <= backends.FIDELITY_MAX_ABS
+
+    monkeypatch.setattr(backends.Backend, "__call__", lambda *a: pytest.fail("measured again"), raising=True)
+    remembered = backends.choose(encoder.model, encoder.graph_identity(), (56, 56))
+    assert remembered == choice
+
+
+def test_what_a_backend_cannot_do_is_refused():
+    with pytest.raises(ValueError, match="unknown encoder backend 'tensorrt'"):
+        Encoder(SPEC, device="cpu", backend="tensorrt")
+    encoder = Encoder(SPEC, device="cpu", dtype="bfloat16", backend="onnxruntime")
+    with pytest.raises(ValueError, match="onnxruntime backend runs float32 only"):
+        encoder.embed(_pixels(n=1))
+
+
+def test_the_product_default_is_auto_and_the_environment_chooses():
+    assert Settings.from_env({}).encoder_backend == "auto"
+    assert Settings.from_env({"IMGSIM_ENCODER_BACKEND": "openvino"}).encoder_backend == "openvino"
+    assert Encoder.DEFAULTS["backend"] == "torch"  # code that builds an Encoder gets the reference
