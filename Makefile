@@ -44,6 +44,7 @@ test-avx2: install
 bench: install
 	$(BIN)/python -m bench.preprocess
 	$(BIN)/python -m bench.embedding
+	$(BIN)/python -m bench.backends
 	$(BIN)/python -m bench.memory
 	$(BIN)/python -m bench.throughput --models dinov2_vits14 --decode workers --images 256 --batch-size 64
 	$(BIN)/python -m bench.hostile --variants 50000 2>/dev/null

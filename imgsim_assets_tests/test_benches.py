@@ -92,6 +92,22 @@ def test_bench_preprocess_compares_with_the_plain_loop_at_every_size(tmp_path):
     assert len(differences) == 3 and all(0 <= _figures(d)[0] < 255 for d in differences)
 
 
+def test_bench_backends_compares_every_backend_with_pytorch(tmp_path):
+    from imgsim_assets.core.sample_data import write_synthetic_batch
+
+    write_synthetic_batch(tmp_path / "collection" / "b", 6, seed=4, size=(64, 80))
+    out = _bench("bench.backends", "--depth", "1", "--size", "56", "--images", "8", "--seconds", "0.2",
+                 "--batches", "1,4", "--collection", str(tmp_path / "collection"), tmp_path=tmp_path)
+    ratios = _ratios(out)
+    for name in ("compile", "onnxruntime", "openvino"):
+        assert f"batch 4: {name} float32 / torch float32 (img/s)" in ratios
+        diff = float(re.search(rf"  {name} float32: .* max abs diff (\S+),", out).group(1))
+        assert diff <= 1e-4
+    assert re.search(r"auto chooses: (torch|compile|onnxruntime|openvino) ", out)
+    assert re.search(r"retrieval, openvino float32: recall@1 [0-9.]+, mAP [0-9.]+", out)
+    assert "GFLOP an image" in out and "% of peak" in out
+
+
 def test_bench_ray_compares_ray_with_this_process(tmp_path):
     from imgsim_assets_tests.ray_cluster import ray_installed
 

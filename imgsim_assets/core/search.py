@@ -630,7 +630,9 @@ class Searcher:
         it serves the same model)."""
         if previous is not None and previous.encoder_info == self.encoder_info and previous._encoder is not None:
             self._encoder = previous._encoder
-        self.encoder  # noqa: B018
+            return
+        # One blank image through the model: its backend built (auto measured) before any query waits.
+        self.encoder.embed(np.zeros((1, 3, *self.preprocess.output_size), dtype=np.uint8))
 
     @property
     def random_weights(self) -> bool:
