@@ -1,10 +1,11 @@
 """The ``image_embeddings`` materialization vs a bare model loop over the same tensors.
 
-    python -m bench.embedding [--images 500] [--model dinov2_vits14] [--batch-size 64]
+    python -m bench.embedding [--images 500] [--model dinov2_vits14] [--batch-size 64] [--backend torch]
 
 Both sides embed the same pre-decoded 224×224 images with the same ViT (seeded random
-weights, CPU, fp32) in one process. The bare loop gets the pixels already normalised as
-float tensors in memory and only calls ``forward_features``. The materialization is the
+weights, CPU, fp32) and the same backend in one process. The bare loop gets the pixels already
+normalised as float tensors in memory and only calls the backend (``forward_features`` for
+torch, the exported graph for onnxruntime and openvino). The materialization is the
 whole Dagster run of ``image_embeddings`` for one partition: model construction, reading
 ``cropped_tensors`` from Parquet, normalising, pooling and writing Parquet.
 """
@@ -17,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from dagster import AssetKey, DagsterInstance
 
@@ -31,11 +33,12 @@ TARGET = 1.15
 BATCH = "bench"
 
 
-def bare_loop(model: torch.nn.Module, batches: list[torch.Tensor]) -> float:
+def bare_loop(backend, batches: list[torch.Tensor]) -> float:
+    """The backend alone (``core.backends.Backend``: the model's forward pass) over normalised batches."""
     start = time.perf_counter()
     with torch.inference_mode():
         for x in batches:
-            model.forward_features(x)
+            backend(x)
     return time.perf_counter() - start
 
 
@@ -46,13 +49,15 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds; the fastest of each side counts")
     parser.add_argument("--depth", type=int, default=None, help="blocks to build (default all; smoke tests)")
+    parser.add_argument("--backend", default="torch", help="the encoder's backend (core.backends); the bare loop "
+                        "calls the same backend directly")
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
         settings = Settings(data_dir=Path(tmp) / "data")
         write_synthetic_batch(settings.images_dir / BATCH, args.images, seed=0, size=(240, 320))
         encoder = EncoderResource(model=args.model, weights="random", device="cpu", batch_size=args.batch_size,
-                                  depth=args.depth)
+                                  depth=args.depth, backend=args.backend)
         defs = build_definitions(settings, encoder=encoder)
         job = defs.resolve_implicit_global_asset_job_def()
         instance = DagsterInstance.ephemeral()
@@ -72,11 +77,13 @@ def main(argv=None) -> None:
         std = torch.tensor(dinov2.IMAGENET_STD).view(1, 3, 1, 1) * 255
         batches = [(torch.from_numpy(px.copy()).float() - mean) / std
                    for _, px in tables.iter_tensor_batches(tensors, args.batch_size)]
-        model = dinov2.load_dinov2(args.model, "random", depth=args.depth)
+        bare = encoder.load()
+        bare.embed(np.zeros((1, 3, *batches[0].shape[-2:]), np.uint8))  # the backend built (auto: chosen)
+        model = bare.backend
         n = sum(len(b) for b in batches)
 
         header(f"image_embeddings: {n} images, {args.model} at 224x224, batch {args.batch_size}, "
-               f"CPU, {torch.get_num_threads()} torch threads")
+               f"CPU, {torch.get_num_threads()} torch threads, backend {model.name}")
         print(f"  (decoding the batch beforehand, not compared: {decode_s:.1f} s)")
         bare_loop(model, batches[:1])  # warm-up
         bare, asset = [], []
