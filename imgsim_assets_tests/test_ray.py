@@ -6,6 +6,7 @@ a decoding task whose worker dies is run again; a model the actors cannot load i
 import os
 import shutil
 import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -130,7 +131,7 @@ def test_files_decoded_in_ray_tasks_come_back_once_in_order_when_a_worker_dies(r
     from imgsim_assets.core import images
     from imgsim_assets.core.distributed import preprocess_files_on_ray
 
-    write_synthetic_batch(tmp_path / "b", 60, seed=3, size=(240, 320))
+    write_synthetic_batch(tmp_path / "b", 24, seed=3, size=(1200, 1600))  # a chunk decodes for a while
     (tmp_path / "b" / "zz_broken.jpg").write_bytes(b"\xff\xd8\xff not really")
     files = images.list_batch_files(tmp_path / "b")
     pre = images.Preprocess(crop_size=56, resize_size=64)
@@ -138,13 +139,16 @@ def test_files_decoded_in_ray_tasks_come_back_once_in_order_when_a_worker_dies(r
     remote, killed = [], []
     for item in preprocess_files_on_ray(files, tmp_path, pre, ray_address, chunk=DECODE_CHUNK_FOR_TEST):
         remote.append(item)
-        if len(remote) == 1:  # the first chunk is back, the next ones are decoding: kill their workers
+        deadline = time.monotonic() + 5
+        while len(remote) == 1 and not killed and time.monotonic() < deadline:
+            # The first chunk is back and the next ones are decoding: kill the workers decoding them.
             for pid in _processes_named("ray::_decode_chunk"):
                 try:
                     os.kill(pid, signal.SIGKILL)
                     killed.append(pid)
                 except ProcessLookupError:
                     pass
+            time.sleep(0.005)
     assert killed  # workers died while chunks were being decoded
     assert [r.path for r, _ in remote] == [r.path for r, _ in local]
     assert [(r.status, r.reason, r.image_id) for r, _ in remote] == [(r.status, r.reason, r.image_id) for r, _ in local]
