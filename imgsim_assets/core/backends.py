@@ -9,9 +9,11 @@ the model, its depth, the weights' fingerprint, the input size and the library v
 change of any of them exports again; a written graph is renamed into place whole). ``auto``'s
 choice is measured once per key on a batch of the real input size and remembered beside them.
 
-A backend is a callable from normalised float32 ``N×3×H×W`` pixels to ``forward_features``'
-``x_norm_clstoken`` and ``x_norm_patchtokens``; the encoder pools, normalises and batches as
-before. ``dtype`` bfloat16 runs PyTorch under autocast, and OpenVINO at its bf16 inference
+A backend is a callable from uint8 ``N×3×H×W`` pixels to ``forward_features``'
+``x_norm_clstoken`` and ``x_norm_patchtokens``: the ImageNet normalisation is its first step
+(in PyTorch for ``torch`` and ``compile``, inside the exported graph for the others, so that
+no PyTorch op, and none of its threads, runs between two of the runtime's calls); the encoder
+pools and batches. ``dtype`` bfloat16 runs PyTorch under autocast, and OpenVINO at its bf16 inference
 precision; ONNX Runtime has no bf16 CPU kernels and refuses it.
 """
 
@@ -28,6 +30,8 @@ from typing import Callable
 
 import numpy as np
 import torch
+
+from imgsim_assets.core import dinov2
 
 BACKENDS = ("torch", "compile", "onnxruntime", "openvino")
 CHOICES = (*BACKENDS, "auto")
@@ -54,15 +58,22 @@ def available(backend: str) -> bool:
     return True
 
 
+def normalize(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels → the model's float32 input (ImageNet mean and standard deviation)."""
+    mean = torch.tensor(dinov2.IMAGENET_MEAN, device=pixels.device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(dinov2.IMAGENET_STD, device=pixels.device).view(1, 3, 1, 1) * 255
+    return (pixels.float() - mean) / std
+
+
 class _FeaturesModule(torch.nn.Module):
-    """The model's ``forward_features`` as a module with two tensor outputs (what an exporter takes)."""
+    """uint8 pixels → the model's ``forward_features`` as two tensor outputs (what an exporter takes)."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = self.model.forward_features(x)
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.model.forward_features(normalize(pixels))
         return features["x_norm_clstoken"], features["x_norm_patchtokens"]
 
 
@@ -98,9 +109,10 @@ class Backend:
 
     def _build(self, size: tuple[int, int]) -> Callable[[torch.Tensor], Features]:
         if self.name == "torch":
-            return self.model.forward_features
+            return lambda pixels: self.model.forward_features(normalize(pixels))
         if self.name == "compile":
-            return torch.compile(self.model.forward_features)
+            forward = torch.compile(self.model.forward_features)
+            return lambda pixels: forward(normalize(pixels))
         graph = export_onnx(self.model, self.identity, size)
         if self.name == "onnxruntime":
             return _onnxruntime(graph, self.threads)
@@ -111,7 +123,7 @@ def graph_key(identity: dict, size: tuple[int, int]) -> str:
     """The cache key of an exported graph: what the model computes, the input size, the versions."""
     import onnx
 
-    described = {**identity, "size": list(size), "torch": torch.__version__, "onnx": onnx.__version__, "format": 1}
+    described = {**identity, "size": list(size), "torch": torch.__version__, "onnx": onnx.__version__, "format": 2}
     return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
@@ -127,7 +139,7 @@ def export_onnx(model: torch.nn.Module, identity: dict, size: tuple[int, int]) -
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
     try:
-        example = torch.zeros(2, 3, *size)
+        example = torch.zeros(2, 3, *size, dtype=torch.uint8)
         batch = torch.export.Dim("batch", min=1)
         # float32, whatever the caller runs under (the encoder's bf16 autocast): precision is the runtime's choice
         with torch.inference_mode(False), torch.no_grad(), torch.autocast("cpu", enabled=False):
@@ -156,7 +168,7 @@ def _onnxruntime(graph: Path, threads: int) -> Callable[[torch.Tensor], Features
     session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
 
     def run(x: torch.Tensor) -> Features:
-        cls, patches = session.run(None, {"pixels": np.ascontiguousarray(x.detach().float().cpu().numpy())})
+        cls, patches = session.run(None, {"pixels": np.ascontiguousarray(x.cpu().numpy())})
         return {"x_norm_clstoken": torch.from_numpy(cls), "x_norm_patchtokens": torch.from_numpy(patches)}
 
     return run
@@ -177,7 +189,7 @@ def _openvino(graph: Path, threads: int, dtype: torch.dtype) -> Callable[[torch.
         request = getattr(local, "request", None)
         if request is None:
             request = local.request = compiled.create_infer_request()
-        result = request.infer({0: np.ascontiguousarray(x.detach().float().cpu().numpy())})
+        result = request.infer({0: np.ascontiguousarray(x.cpu().numpy())})
         cls, patches = (np.array(result[compiled.output(i)]) for i in range(2))
         return {"x_norm_clstoken": torch.from_numpy(cls), "x_norm_patchtokens": torch.from_numpy(patches)}
 
@@ -192,7 +204,7 @@ def choose(model: torch.nn.Module, identity: dict, size: tuple[int, int], thread
     record = graphs_dir() / f"auto-{graph_key(identity, size)}-{threads or torch.get_num_threads()}.json"
     if record.is_file():
         return json.loads(record.read_text())
-    x = torch.randn(AUTO_BATCH, 3, *size, generator=torch.Generator().manual_seed(0))
+    x = torch.randint(0, 256, (AUTO_BATCH, 3, *size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     measured, reference = {}, None
     for name in candidates:
         if not available(name):

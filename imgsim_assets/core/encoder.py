@@ -106,8 +106,6 @@ class Encoder:
         self.backend: backends.Backend | None = None  # built on the first batch (auto measures on its size)
         self.backend_choice: dict | None = None  # what auto measured, when it chose
         self.model_seconds = 0.0  # spent in embed() so far: the model's share of a run
-        self._mean = torch.tensor(dinov2.IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1) * 255
-        self._std = torch.tensor(dinov2.IMAGENET_STD, device=self.device).view(1, 3, 1, 1) * 255
 
     @property
     def random_weights(self) -> bool:
@@ -142,8 +140,7 @@ class Encoder:
 
     def _embed(self, pixels, patches: bool) -> tuple[np.ndarray, np.ndarray | None]:
         began = time.perf_counter()
-        x = self._host_tensor(pixels).to(self.device, non_blocking=True)
-        x = (x.float() - self._mean) / self._std
+        x = self._host_tensor(pixels).to(self.device, non_blocking=True)  # uint8: the backend normalises
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
             feats = self._features(x)
         vectors = dinov2.pool(feats, self.spec.pooling).cpu().numpy().astype(np.float32, copy=False)
