@@ -2,6 +2,8 @@ import os
 
 import pytest
 
+from imgsim_assets_tests.servers import unavailable
+
 # Keep CPU tests predictable on small CI machines.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 # The encoder's forward pass in PyTorch eager, the reference, wherever the product's settings are
@@ -37,10 +39,7 @@ def postgres_url():
 
     bin_dir = server_binaries()
     if bin_dir is None:
-        message = "PostgreSQL server not installed (apt-get install postgresql)"
-        if os.environ.get("IMGSIM_REQUIRE_POSTGRES"):
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable("PostgreSQL server not installed (apt-get install postgresql)", "IMGSIM_REQUIRE_POSTGRES")
     server = PostgresServer(bin_dir)
     try:
         yield server.start()
@@ -57,11 +56,8 @@ def milvus_server_uri():
 
     package = server_package()
     if package is None:
-        message = ("Milvus server not installed (pip install 'milvus==2.3.5', in the dev extra "
-                   "for x86-64 Linux)")
-        if os.environ.get("IMGSIM_REQUIRE_MILVUS_SERVER"):
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable("Milvus server not installed (pip install 'milvus==2.3.5', in the dev extra for x86-64 Linux)",
+                    "IMGSIM_REQUIRE_MILVUS_SERVER")
     server = MilvusServer(package)
     try:
         yield server.start()
@@ -74,13 +70,9 @@ def ray_address():
     """A two-node Ray cluster (one CPU each) of real processes on loopback, and this process
     connected to it. CI installs Ray (RAY=1, the [ray] extra) and sets IMGSIM_REQUIRE_RAY=1, so
     there a missing Ray fails instead of skipping."""
-    from imgsim_assets_tests.ray_cluster import RayCluster, ray_installed
+    from imgsim_assets_tests.ray_cluster import RayCluster, require_ray
 
-    if not ray_installed():
-        message = "Ray is not installed (make RAY=1 install, or pip install 'imgsim[ray]')"
-        if os.environ.get("IMGSIM_REQUIRE_RAY"):
-            pytest.fail(message)
-        pytest.skip(message)
+    require_ray()
     import ray
 
     cluster = RayCluster(nodes=2, cpus=1)

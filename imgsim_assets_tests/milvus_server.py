@@ -13,12 +13,13 @@ import lzma
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
 import urllib.request
 from pathlib import Path
+
+from imgsim_assets_tests.servers import free_port
 
 
 def server_package() -> Path | None:
@@ -30,20 +31,14 @@ def server_package() -> Path | None:
     return package if (package / "data" / "bin" / "milvus.lzma").is_file() else None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class MilvusServer:
     """``milvus run standalone`` in a temp folder, its proxy on a free loopback port."""
 
     def __init__(self, package: Path) -> None:
         self.package = package
         self.root = Path(tempfile.mkdtemp(prefix="imgsim-milvus-"))
-        self.port = _free_port()
-        self.health_port = _free_port()
+        self.port = free_port()
+        self.health_port = free_port()
         self.log = self.root / "server.log"
         self.process: subprocess.Popen | None = None
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 from pathlib import Path
+
+from imgsim_assets_tests.servers import free_port
 
 
 def server_binaries() -> Path | None:
@@ -16,19 +17,13 @@ def server_binaries() -> Path | None:
     return found[-1].parent if found else None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class PostgresServer:
     """initdb + pg_ctl in a temp folder; as root, the server runs as the `postgres` user."""
 
     def __init__(self, bin_dir: Path) -> None:
         self.bin = bin_dir
         self.root = Path(tempfile.mkdtemp(prefix="imgsim-pg-"))
-        self.port = _free_port()
+        self.port = free_port()
         self._as = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
         if self._as:
             os.chmod(self.root, 0o755)

@@ -6,29 +6,24 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from imgsim_assets_tests.servers import free_port, unavailable
+
 RAY_CLI = [sys.executable, "-c", "from ray.scripts.scripts import main; main()"]
 OBJECT_STORE_BYTES = 200 * 2**20  # small machines' /dev/shm
 
 
-def ray_installed() -> bool:
+def require_ray() -> None:
+    """Skip (or, where CI sets IMGSIM_REQUIRE_RAY, fail) unless Ray is installed."""
     try:
         import ray  # noqa: F401
     except ImportError:
-        return False
-    return True
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        unavailable("Ray is not installed (make RAY=1 install, or pip install 'imgsim[ray]')", "IMGSIM_REQUIRE_RAY")
 
 
 class RayCluster:
@@ -52,7 +47,7 @@ class RayCluster:
         return process
 
     def start(self, timeout: float = 120.0) -> str:
-        port = _free_port()
+        port = free_port()
         self._start("head", ["--head", f"--port={port}", "--include-dashboard=false", f"--temp-dir={self.dir}"])
         self.address = f"127.0.0.1:{port}"
         for i in range(1, self.nodes):

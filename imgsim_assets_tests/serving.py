@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import socket
 import threading
 import time
 import urllib.error
@@ -25,6 +24,7 @@ from imgsim_assets.resources import EncoderResource, PreprocessResource
 from imgsim_assets.serve.app import ServeConfig, create_app
 from imgsim_assets.serve.connections import guarded_protocol
 from imgsim_assets.settings import Settings
+from imgsim_assets_tests.servers import free_port
 
 
 def tiny_definitions(settings: Settings):
@@ -75,12 +75,6 @@ def collage(images_dir: Path) -> tuple[bytes, tuple[int, int, int, int]]:
     out = io.BytesIO()
     canvas.save(out, format="PNG")
     return out.getvalue(), (x0, y0, x0 + photo.width, y0 + photo.height)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager

@@ -109,13 +109,9 @@ def test_bench_backends_compares_every_backend_with_pytorch(tmp_path):
 
 
 def test_bench_ray_compares_ray_with_this_process(tmp_path):
-    from imgsim_assets_tests.ray_cluster import ray_installed
+    from imgsim_assets_tests.ray_cluster import require_ray
 
-    if not ray_installed():
-        message = "Ray is not installed (make RAY=1 install, or pip install 'imgsim[ray]')"
-        if os.environ.get("IMGSIM_REQUIRE_RAY"):
-            pytest.fail(message)
-        pytest.skip(message)
+    require_ray()
     out = _bench("bench.ray", "--images", "16", "--depth", "1", "--crop", "56", "--batch-size", "8", "--rounds", "1",
                  tmp_path=tmp_path)
     assert "Ray / this process (time)" in _ratios(out) and "image_embeddings: 16 images" in out

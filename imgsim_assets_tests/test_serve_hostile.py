@@ -21,7 +21,8 @@ from bench.attacks import heavy_photo, png_bomb
 from imgsim_assets.serve import thumbnails
 from imgsim_assets.settings import Settings
 from imgsim_assets.serve.uploads import UploadDecoder
-from imgsim_assets_tests.serving import free_port, get, post_image, running_server, sample_collection
+from imgsim_assets_tests.serving import get, post_image, running_server, sample_collection
+from imgsim_assets_tests.servers import free_port
 
 
 def png(array: np.ndarray) -> bytes:

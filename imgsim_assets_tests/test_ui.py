@@ -4,7 +4,6 @@ and sets IMGSIM_REQUIRE_BROWSER=1, so there a missing browser fails instead of s
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ from dagster import AssetKey, DagsterInstance
 
 from imgsim_assets.core.sample_data import write_synthetic_batch
 from imgsim_assets.instance import ensure_instance_yaml
+from imgsim_assets_tests.servers import free_port, unavailable
 
 CHROMIUM = Path("/usr/bin/chromium")
 REPO = Path(__file__).resolve().parents[1]
@@ -28,17 +28,9 @@ def _browser_or_skip():
     except ImportError:
         sync_playwright = None
     if sync_playwright is None or not CHROMIUM.exists():
-        message = "needs the playwright package and Debian's chromium (apt-get install chromium)"
-        if os.environ.get("IMGSIM_REQUIRE_BROWSER"):
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable("needs the playwright package and Debian's chromium (apt-get install chromium)",
+                    "IMGSIM_REQUIRE_BROWSER")
     return sync_playwright
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_for(url: str, seconds: float) -> None:
@@ -69,7 +61,7 @@ def dagster_dev(tmp_path):
     (home / ".nux" / "nux.yaml").write_text("seen: 1\n")
     with DagsterInstance.from_config(str(home)) as instance:
         instance.add_dynamic_partitions("image_batches", ["batch-a"])
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "IMGSIM_DATA_DIR": str(data), "DAGSTER_HOME": str(home), "IMGSIM_WEIGHTS": "random",
            "IMGSIM_DEVICE": "cpu"}
     server = subprocess.Popen(
