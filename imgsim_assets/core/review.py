@@ -193,8 +193,6 @@ def read_manifests(paths: Iterable[str | Path]) -> pa.Table:
     read = [tables.manifest_columns(pq.ParquetFile(path), PHOTO_COLUMNS) for path in paths]
     table = pa.concat_tables([empty, *read])
     table = table.filter(pc.equal(table.column("status"), "ok"))
-    pixels = pc.multiply(table.column("width").cast(pa.int64()), table.column("height").cast(pa.int64()))
-    table = table.set_column(table.column_names.index("pixels"), "pixels", pc.coalesce(table.column("pixels"), pixels))
     return table.sort_by([("image_id", "ascending"), ("path", "ascending")])
 
 

@@ -42,23 +42,22 @@ PHOTO_COLUMNS = ("captured_at", "capture_offset", "camera_make", "camera_model",
 
 def manifest_columns(manifest: pq.ParquetFile | pa.Table, columns: Iterable[str]) -> pa.Table:
     """``columns`` of a ``raw_images`` manifest, typed as :data:`MANIFEST_SCHEMA` says; a column
-    that an older manifest lacks is all null (``pixels`` is computed from width and height,
-    which older manifests hold)."""
+    that an older manifest lacks is all null, but ``pixels`` is width × height wherever the
+    manifest leaves it out or null and holds those (older manifests do)."""
     columns = list(columns)
     names = manifest.schema_arrow.names if isinstance(manifest, pq.ParquetFile) else manifest.schema.names
     present = [c for c in columns if c in names]
-    if "pixels" in columns and "pixels" not in names and {"width", "height"} <= set(names):
+    size_known = "pixels" in columns and {"width", "height"} <= set(names)
+    if size_known:
         present += [c for c in ("width", "height") if c not in present]
     table = manifest.read(columns=present) if isinstance(manifest, pq.ParquetFile) else manifest.select(present)
     out = {}
     for name in columns:
         kind = MANIFEST_SCHEMA.field(name).type
-        if name in names:
-            out[name] = table[name].cast(kind)
-        elif name == "pixels" and {"width", "height"} <= set(names):
-            out[name] = pc.multiply(table["width"].cast(pa.int64()), table["height"].cast(pa.int64()))
-        else:
-            out[name] = pa.nulls(table.num_rows, kind)
+        out[name] = table[name].cast(kind) if name in names else pa.nulls(table.num_rows, kind)
+    if size_known:
+        area = pc.multiply(table["width"].cast(pa.int64()), table["height"].cast(pa.int64()))
+        out["pixels"] = pc.coalesce(out["pixels"], area)
     return pa.table(out, schema=pa.schema([MANIFEST_SCHEMA.field(c) for c in columns]))
 
 
