@@ -84,8 +84,8 @@ def test_auto_picks_a_measured_backend_within_the_fidelity_bound_and_remembers_i
     assert np.abs(vectors - Encoder(SPEC, device="cpu").embed(x)).max() <= backends.FIDELITY_MAX_ABS
 
     monkeypatch.setattr(backends.Backend, "__call__", lambda *a: pytest.fail("measured again"), raising=True)
-    remembered = backends.choose(encoder.model, encoder.graph_identity(), (56, 56))
-    assert remembered == choice
+    remembered, built = backends.choose(encoder.model, encoder.graph_identity(), (56, 56))
+    assert remembered == choice and built is None
 
 
 def test_what_a_backend_cannot_do_is_refused():

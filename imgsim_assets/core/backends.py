@@ -197,15 +197,16 @@ def _openvino(graph: Path, threads: int, dtype: torch.dtype) -> Callable[[torch.
 
 
 def choose(model: torch.nn.Module, identity: dict, size: tuple[int, int], threads: int | None = None,
-           candidates: tuple[str, ...] = BACKENDS) -> dict:
+           candidates: tuple[str, ...] = BACKENDS) -> tuple[dict, Backend | None]:
     """``auto``: each installed backend timed on a batch of ``size`` inputs against PyTorch eager
     (float32), and the fastest whose vectors stay within :data:`FIDELITY_MAX_ABS` of eager's.
-    The finding is remembered per graph key: ``{"backend", "measured": {name: {...}}}``."""
+    The finding is remembered per graph key: ``{"backend", "measured": {name: {...}}}``; with
+    it, the chosen backend as built for the measurement (None when the finding was read)."""
     record = graphs_dir() / f"auto-{graph_key(identity, size)}-{threads or torch.get_num_threads()}.json"
     if record.is_file():
-        return json.loads(record.read_text())
+        return json.loads(record.read_text()), None
     x = torch.randint(0, 256, (AUTO_BATCH, 3, *size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    measured, reference = {}, None
+    measured, built, reference = {}, {}, None
     for name in candidates:
         if not available(name):
             measured[name] = {"skipped": "not installed"}
@@ -224,6 +225,7 @@ def choose(model: torch.nn.Module, identity: dict, size: tuple[int, int], thread
         except Exception as e:  # noqa: BLE001 -- a backend that cannot run this model is left out, with why
             measured[name] = {"skipped": f"{type(e).__name__}: {e}"[:300]}
             continue
+        built[name] = backend
         cls = out["x_norm_clstoken"].float()
         if reference is None:
             reference = cls
@@ -236,4 +238,4 @@ def choose(model: torch.nn.Module, identity: dict, size: tuple[int, int], thread
     temporary = record.with_name(record.name + f".tmp-{os.getpid()}")
     temporary.write_text(json.dumps(found, indent=1))
     os.replace(temporary, record)
-    return found
+    return found, built[found["backend"]]

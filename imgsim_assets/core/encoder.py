@@ -152,13 +152,15 @@ class Encoder:
 
     def _features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.backend is None:
-            name = self.backend_requested
+            name, measured = self.backend_requested, None
             if name == "auto":  # PyTorch off the CPU or below float32; else what measures fastest here
                 name = "torch"
                 if self.device.type == "cpu" and self.dtype == torch.float32:
-                    self.backend_choice = backends.choose(self.model, self.graph_identity(), tuple(x.shape[-2:]))
+                    self.backend_choice, measured = backends.choose(self.model, self.graph_identity(),
+                                                                    tuple(x.shape[-2:]))
                     name = self.backend_choice["backend"]
-            self.backend = backends.Backend(name, self.model, self.graph_identity(), dtype=self.dtype)
+            # The one auto measured is built already (a second OpenVINO compile or torch.compile saved).
+            self.backend = measured or backends.Backend(name, self.model, self.graph_identity(), dtype=self.dtype)
         return self.backend(x)
 
     def graph_identity(self) -> dict:
