@@ -77,21 +77,31 @@ def preprocess_files_on_ray(paths: Iterable[str | os.PathLike], root: str | os.P
     chunks = (paths[i : i + chunk] for i in range(0, len(paths), chunk))
     ahead = max(1, int(ray.cluster_resources().get("CPU", 1)) * DECODE_TASKS_PER_CPU)
     pre_ref = ray.put(pre)
+    submitted = ((part, decode.remote(part, root, pre_ref)) for part in chunks)
+    for _, records in _in_order(ray, submitted, ahead, lambda part: f"decoding {len(part)} files from {part[0]}"):
+        yield from records
+
+
+def _in_order(ray, submitted: Iterable[tuple[object, object]], ahead: int,
+              what: Callable[[object], str]) -> Iterator[tuple[object, object]]:
+    """``(key, object ref or None)`` pairs → ``(key, result or None)``, in the order given, with at
+    most ``ahead`` submitted and not yet taken (``submitted`` is drawn from only as results are
+    taken). A ref Ray gave up on raises RuntimeError naming ``what(key)`` and why."""
     pending: deque = deque()
-    for part in chunks:
-        pending.append((part, decode.remote(part, root, pre_ref)))
-        while len(pending) >= ahead:
-            yield from _decoded(ray, *pending.popleft())
+
+    def take():
+        key, ref = pending.popleft()
+        try:
+            return key, None if ref is None else ray.get(ref)
+        except Exception as e:  # noqa: BLE001 -- Ray gave up on the task or the actor
+            raise RuntimeError(f"{what(key)} failed on Ray after {TASK_RETRIES} retries: {_cause(e)}") from e
+
+    for item in submitted:
+        pending.append(item)
+        if len(pending) >= ahead:
+            yield take()
     while pending:
-        yield from _decoded(ray, *pending.popleft())
-
-
-def _decoded(ray, part: list[str], ref) -> list[tuple[ImageRecord, np.ndarray | None]]:
-    try:
-        return ray.get(ref)
-    except Exception as e:  # noqa: BLE001 -- Ray gave up on the task
-        raise RuntimeError(f"decoding {len(part)} files from {part[0]} failed on Ray after {TASK_RETRIES} "
-                           f"retries: {_cause(e)}") from e
+        yield take()
 
 
 class _EncoderActor:
@@ -196,35 +206,20 @@ class RayEncoder:
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """``(ids, pixels)`` batches → ``(ids, vectors)``, in the order given; ``progress(done,
         seconds)`` after each. Up to ``IN_FLIGHT_PER_ACTOR`` batches wait at each actor."""
-        ray = self._ray
-        pending: deque = deque()
+        actors = self._actors
+        submitted = (((i, ids), actors[i % len(actors)].embed.remote(np.ascontiguousarray(pixels)) if len(pixels)
+                      else None) for i, (ids, pixels) in enumerate(batches))
         done, start = 0, time.perf_counter()
-        for i, (ids, pixels) in enumerate(batches):
-            if len(pixels):
-                pending.append((i, ids, self._actors[i % len(self._actors)].embed.remote(np.ascontiguousarray(pixels))))
-            else:
-                pending.append((i, ids, None))
-            while len(pending) >= IN_FLIGHT_PER_ACTOR * len(self._actors):
-                done = yield from self._take(ray, pending, done, start, progress)
-        while pending:
-            done = yield from self._take(ray, pending, done, start, progress)
-
-    def _take(self, ray, pending: deque, done: int, start: float, progress):
-        index, ids, ref = pending.popleft()
-        if ref is None:
+        for (i, ids), result in _in_order(self._ray, submitted, IN_FLIGHT_PER_ACTOR * len(actors),
+                                          lambda key: f"model batch {key[0]} ({len(key[1])} images)"):
             vectors = np.zeros((0, self.spec.dim), np.float32)
-        else:
-            try:
-                vectors, seconds = ray.get(ref)
-            except Exception as e:  # noqa: BLE001 -- Ray gave up on the actor or the batch
-                raise RuntimeError(f"model batch {index} ({len(ids)} images) failed on Ray after "
-                                   f"{TASK_RETRIES} retries: {_cause(e)}") from e
-            self.model_seconds += seconds
-        done += len(ids)
-        if progress is not None:
-            progress(done, time.perf_counter() - start)
-        yield ids, vectors
-        return done
+            if result is not None:
+                vectors, seconds = result
+                self.model_seconds += seconds
+            done += len(ids)
+            if progress is not None:
+                progress(done, time.perf_counter() - start)
+            yield ids, vectors
 
     def close(self) -> None:
         """Stop the actors (their GPUs and memory go back to the cluster)."""
