@@ -282,9 +282,7 @@ class ImageIndex:
             if found is not None:
                 self._allowed[key] = found  # most recently used last
                 if found.vectors is None and found.reading is None and len(found.ids) <= EXACT_KEPT_MAX:
-                    if self._reader is None:
-                        self._reader = concurrent.futures.ThreadPoolExecutor(1, "imgsim-filter-vectors")
-                    found.reading = self._reader.submit(self._read_vectors, found)
+                    found.reading = self._in_background(self._read_vectors, found)
                 return found
         positions = self._allowed_positions(filters)
         ids = self.image_ids[positions]
@@ -316,10 +314,15 @@ class ImageIndex:
         build, or None when there is nothing to build. Searches use the codes once built."""
         with self._lock:
             if self._coding is None and len(self.image_ids) >= CODES_MIN_IMAGES and self.ivf.d % 4 == 0:
-                if self._reader is None:
-                    self._reader = concurrent.futures.ThreadPoolExecutor(1, "imgsim-filter-vectors")
-                self._coding = self._reader.submit(self._build_codes)
+                self._coding = self._in_background(self._build_codes)
             return self._coding
+
+    def _in_background(self, work, *args) -> concurrent.futures.Future:
+        """``work(*args)`` on the index's one background thread (started on first use; the caller
+        holds the lock)."""
+        if self._reader is None:
+            self._reader = concurrent.futures.ThreadPoolExecutor(1, "imgsim-filter-vectors")
+        return self._reader.submit(work, *args)
 
     @property
     def filter_codes_bytes(self) -> int:
