@@ -88,12 +88,11 @@ class Backend:
         if name == "onnxruntime" and dtype != torch.float32:
             raise ValueError("the onnxruntime backend runs float32 only (it has no bf16 CPU kernels)")
         if not available(name):
-            raise ValueError(f"the {name} backend needs its library: pip install 'imgsim[backends]'")
+            raise ValueError(f"the {name} backend needs its library, one of imgsim's dependencies: pip install {name}")
         self.name, self.model, self.identity, self.dtype = name, model, identity, dtype
         self.threads = threads or torch.get_num_threads()
         self._runners: dict[tuple[int, int], Callable[[torch.Tensor], Features]] = {}
         self._lock = threading.Lock()
-        self.build_seconds: dict[tuple[int, int], float] = {}
 
     def __call__(self, x: torch.Tensor) -> Features:
         size = (int(x.shape[-2]), int(x.shape[-1]))
@@ -102,9 +101,7 @@ class Backend:
             with self._lock:
                 runner = self._runners.get(size)
                 if runner is None:
-                    started = time.perf_counter()
                     runner = self._runners[size] = self._build(size)
-                    self.build_seconds[size] = time.perf_counter() - started
         return runner(x)
 
     def _build(self, size: tuple[int, int]) -> Callable[[torch.Tensor], Features]:

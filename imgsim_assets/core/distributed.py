@@ -183,7 +183,6 @@ class RayEncoder:
         self.device = torch.device(first["device"])
         self.dtype = getattr(torch, first["dtype"].removeprefix("torch."))
         self._provenance = first["provenance"]
-        self.actors = len(self._actors)
         fingerprints = {d["weights_fingerprint"] for d in described}
         if len(fingerprints) > 1:
             self.close()
@@ -192,6 +191,10 @@ class RayEncoder:
     @property
     def random_weights(self) -> bool:
         return self.weights_file == "random"
+
+    @property
+    def actors(self) -> int:
+        return len(self._actors)
 
     def provenance(self) -> dict:
         return dict(self._provenance)
