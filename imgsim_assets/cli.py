@@ -112,10 +112,10 @@ def open_searcher(args, settings):
 
         uri = args.milvus_uri or settings.milvus
         return (MilvusSearcher(milvus.connect(uri), args.collection or milvus.COLLECTION, device=settings.device,
-                               backend=settings.encoder_backend,
+                               backend=settings.encoder_backend, dtype=settings.encoder_dtype,
                                allow_other_weights=args.allow_other_weights), f"Milvus {uri}")
     searcher = FaissSearcher.open(settings.assets_dir, device=settings.device, backend=settings.encoder_backend,
-                                  allow_other_weights=args.allow_other_weights)
+                                  dtype=settings.encoder_dtype, allow_other_weights=args.allow_other_weights)
     return searcher, f"{searcher.num_vectors} images indexed, {searcher.info.get('factory')}"
 
 
@@ -255,7 +255,7 @@ def cmd_serve(args) -> int:
     settings = Settings.from_env()
     config = ServeConfig(assets_dir=settings.assets_dir, images_dir=settings.images_dir, host=args.host,
                          port=args.port, token=serve_token(args, settings), device=settings.device,
-                         backend=settings.encoder_backend,
+                         backend=settings.encoder_backend, dtype=settings.encoder_dtype,
                          max_upload_bytes=int(args.max_upload_mb * 2**20), reload_interval_s=args.reload_interval,
                          allow_other_weights=args.allow_other_weights, allowed_hosts=tuple(args.allowed_host or ()),
                          max_decode_bytes=int(args.max_decode_mb * 2**20),

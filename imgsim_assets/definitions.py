@@ -41,7 +41,8 @@ def build_definitions(
         schedules=[retrain_index],
         resources={
             "encoder": encoder or EncoderResource(model=settings.model, weights=settings.weights, device=settings.device,
-                                                  ray_address=settings.ray_address, backend=settings.encoder_backend),
+                                                  ray_address=settings.ray_address, backend=settings.encoder_backend,
+                                                  dtype=settings.encoder_dtype),
             "preprocessing": preprocessing or PreprocessResource(ray_address=settings.ray_address),
             "storage": StorageResource(data_dir=str(settings.data_dir), review_db=settings.review_db),
             "watch": WatchResource(),

@@ -23,8 +23,8 @@ class EncoderResource(ConfigurableResource):
     weights: str = Field(default=EncoderSpec.weights, description="checkpoint path, 'auto' (the HF or torch hub "
                          "cache, else fetched from the Hugging Face hub or HF_ENDPOINT on first use) or 'random'")
     device: str = Field(default=Encoder.DEFAULTS["device"], description="auto (GPU when present), cpu, cuda or cuda:N")
-    dtype: str = Field(default=Encoder.DEFAULTS["dtype"], description="auto (bf16 on GPU, fp32 on CPU), float32, "
-                       "bfloat16, float16")
+    dtype: str = Field(default=Encoder.DEFAULTS["dtype"], description="auto (bf16 on GPU, and on a CPU with native "
+                       "bf16 when backend is auto; else fp32), float32, bfloat16, float16")
     batch_size: int = Field(default=Encoder.DEFAULTS["batch_size"], description="images per forward pass")
     pooling: str = Field(default=EncoderSpec.pooling, description="; ".join(
         f"{name}: {p.description}" for name, p in dinov2.POOLINGS.items()))
@@ -33,7 +33,8 @@ class EncoderResource(ConfigurableResource):
                           "on long GPU runs)")
     backend: str = Field(default=Encoder.DEFAULTS["backend"], description="where the forward pass runs: torch, "
                          "compile (torch.compile), onnxruntime, openvino, or auto (the fastest of them whose vectors "
-                         "stay within 1e-4 of torch's, measured once on this machine)")
+                         "stay close to torch fp32's -- within 1e-4 in fp32, cosine 0.999 in bf16 -- measured once "
+                         "on this machine)")
     ray_address: str = Field(default="", description="run the model on a Ray cluster: its head's host:port, "
                              "ray://host:10001, or 'auto' (this machine's cluster, else a new local one); empty: "
                              "in this process. Needs the [ray] extra")

@@ -26,6 +26,7 @@ class Settings:
     keep_rules: str = ""  # the ordered keep rules, comma-separated (core.review.KeepRules); empty: the default
     executor: str = ""  # empty: Dagster's default (steps as processes); "k8s": one Kubernetes pod per step (deploy/)
     encoder_backend: str = PRODUCT_BACKEND  # where the model's forward pass runs (core.backends): auto, torch, ...
+    encoder_dtype: str = RUN_DEFAULTS["dtype"]  # auto (bf16 on GPUs and on CPUs with native bf16 under auto), float32, ...
     ray_address: str = ""  # the Ray cluster image_embeddings runs the model on (host:port, ray://..., auto); empty: none
 
     @classmethod
@@ -43,6 +44,7 @@ class Settings:
             executor=environ.get("IMGSIM_EXECUTOR", cls.executor),
             ray_address=environ.get("IMGSIM_RAY_ADDRESS", cls.ray_address),
             encoder_backend=environ.get("IMGSIM_ENCODER_BACKEND", cls.encoder_backend),
+            encoder_dtype=environ.get("IMGSIM_ENCODER_DTYPE", cls.encoder_dtype),
         )
 
     @property

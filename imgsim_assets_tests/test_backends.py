@@ -71,10 +71,10 @@ def test_exported_graphs_are_cached_by_weights_and_input_size_and_rebuilt_when_o
 
 def test_auto_picks_a_measured_backend_within_the_fidelity_bound_and_remembers_it(graphs, monkeypatch):
     x = _pixels(n=2)
-    encoder = Encoder(SPEC, device="cpu", backend="auto")
+    encoder = Encoder(SPEC, device="cpu", dtype="float32", backend="auto")
     vectors = encoder.embed(x)
     choice = encoder.backend_choice
-    assert choice["backend"] == encoder.backend.name
+    assert choice["backend"] == encoder.backend.name and choice["dtype"] == "float32"
     measured = choice["measured"]
     assert set(measured) == set(backends.BACKENDS) and measured["torch"]["max_abs_diff"] == 0.0
     assert all(m["images_per_second"] > 0 for m in measured.values())
@@ -88,6 +88,46 @@ def test_auto_picks_a_measured_backend_within_the_fidelity_bound_and_remembers_i
     assert remembered == choice and built is None
 
 
+def test_auto_in_bfloat16_judges_backends_by_cosine_against_float32_and_remembers_it_apart(graphs):
+    x = _pixels(n=3)
+    float32 = Encoder(SPEC, device="cpu", dtype="float32", backend="auto")
+    float32.embed(x)
+    encoder = Encoder(SPEC, device="cpu", dtype="bfloat16", backend="auto")
+    vectors = encoder.embed(x)
+    choice = encoder.backend_choice
+    assert choice["dtype"] == "bfloat16" and choice["backend"] == encoder.backend.name != "onnxruntime"
+    assert "float32 only" in choice["measured"]["onnxruntime"]["skipped"]
+    ran = {n: m for n, m in choice["measured"].items() if "images_per_second" in m}
+    assert set(ran) == {"torch", "compile", "openvino"}
+    assert all(m["lowest_cosine"] >= backends.BF16_MIN_COSINE for m in ran.values())
+    assert ran["torch"]["max_abs_diff"] > 0  # autocast computed in bf16, not float32
+    assert ran[choice["backend"]]["images_per_second"] == max(m["images_per_second"] for m in ran.values())
+    expected = Encoder(SPEC, device="cpu").embed(x)
+    assert np.min(np.sum(vectors * expected, axis=1)) >= backends.BF16_MIN_COSINE
+    assert len(list(graphs.glob("auto-*-bfloat16-*.json"))) == len(list(graphs.glob("auto-*-float32-*.json"))) == 1
+
+
+def test_a_bfloat16_run_outside_the_bound_is_not_chosen(graphs, monkeypatch):
+    monkeypatch.setattr(backends, "BF16_MIN_COSINE", 1.01)  # nothing in bf16 agrees that well
+    with pytest.raises(RuntimeError, match="no encoder backend runs bfloat16 within its fidelity bound"):
+        Encoder(SPEC, device="cpu", dtype="bfloat16", backend="auto").embed(_pixels(n=1))
+
+
+def test_auto_precision_is_bfloat16_only_where_the_cpu_computes_it_and_the_backend_is_auto(tmp_path, monkeypatch):
+    flags = tmp_path / "cpuinfo"
+    flags.write_text("flags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\n")
+    assert backends.native_bf16(flags)
+    flags.write_text("flags\t\t: fpu sse2 avx2 fma\n")
+    assert not backends.native_bf16(flags)
+    assert not backends.native_bf16(tmp_path / "absent")
+
+    for native in (True, False):
+        monkeypatch.setattr(backends, "native_bf16", lambda native=native: native)
+        assert Encoder(SPEC, device="cpu", backend="auto").dtype == (torch.bfloat16 if native else torch.float32)
+        assert Encoder(SPEC, device="cpu", backend="openvino").dtype == torch.float32  # a named backend: fp32
+        assert Encoder(SPEC, device="cpu", dtype="float32", backend="auto").dtype == torch.float32
+
+
 def test_what_a_backend_cannot_do_is_refused():
     with pytest.raises(ValueError, match="unknown encoder backend 'tensorrt'"):
         Encoder(SPEC, device="cpu", backend="tensorrt")
@@ -99,4 +139,6 @@ def test_what_a_backend_cannot_do_is_refused():
 def test_the_product_default_is_auto_and_the_environment_chooses():
     assert Settings.from_env({}).encoder_backend == "auto"
     assert Settings.from_env({"IMGSIM_ENCODER_BACKEND": "openvino"}).encoder_backend == "openvino"
+    assert Settings.from_env({}).encoder_dtype == "auto"
+    assert Settings.from_env({"IMGSIM_ENCODER_DTYPE": "float32"}).encoder_dtype == "float32"
     assert Encoder.DEFAULTS["backend"] == "torch"  # code that builds an Encoder gets the reference

@@ -61,9 +61,15 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+def resolve_dtype(dtype: str, device: torch.device, backend: str = "torch") -> torch.dtype:
+    """``auto``: bf16 on a GPU, and on a CPU that computes bf16 natively when the backend is
+    ``auto`` too (the product's default: the fastest path, judged on retrieval by
+    ``bench.backends``); float32 otherwise, which a named backend keeps for the official
+    numbers."""
     if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type == "cuda" or (device.type == "cpu" and backend == "auto" and backends.native_bf16()):
+            return torch.bfloat16
+        return torch.float32
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]
@@ -93,7 +99,7 @@ class Encoder:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.spec = spec
         self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
+        self.dtype = resolve_dtype(dtype, self.device, "compile" if compile else backend)
         self.batch_size = batch_size
         self.weights_file = weights.resolve(spec.model, spec.weights, progress)
         self.weights_fingerprint = weights.fingerprint(self.weights_file, spec.model)
@@ -153,11 +159,11 @@ class Encoder:
     def _features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.backend is None:
             name, measured = self.backend_requested, None
-            if name == "auto":  # PyTorch off the CPU or below float32; else what measures fastest here
+            if name == "auto":  # PyTorch off the CPU or in float16; else what measures fastest here
                 name = "torch"
-                if self.device.type == "cpu" and self.dtype == torch.float32:
+                if self.device.type == "cpu" and self.dtype in (torch.float32, torch.bfloat16):
                     self.backend_choice, measured = backends.choose(self.model, self.graph_identity(),
-                                                                    tuple(x.shape[-2:]))
+                                                                    tuple(x.shape[-2:]), self.dtype)
                     name = self.backend_choice["backend"]
             # The one auto measured is built already (a second OpenVINO compile or torch.compile saved).
             self.backend = measured or backends.Backend(name, self.model, self.graph_identity(), dtype=self.dtype)

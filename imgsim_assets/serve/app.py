@@ -67,7 +67,8 @@ class Service:
     def __init__(self, config: ServeConfig, live: LiveIndex | None = None) -> None:
         self.config = config
         self.live = live or LiveIndex(config.assets_dir, config.device, config.reload_interval_s,
-                                         allow_other_weights=config.allow_other_weights, backend=config.backend)
+                                         allow_other_weights=config.allow_other_weights, backend=config.backend,
+                                         dtype=config.dtype)
         self.meters = Metrics()
         self.batcher = ModelBatcher(config.batch_window_ms / 1000, config.max_batch, config.max_queue,
                                     on_batch=self.meters.batch.observe)

@@ -18,6 +18,7 @@ class ServeConfig:
     token: str = ""  # required when binding to anything but loopback
     device: str = "auto"
     backend: str = "torch"  # where the query encoder's forward pass runs (core.backends; imgsim serve: the settings')
+    dtype: str = "auto"  # the query encoder's precision (core.encoder.resolve_dtype; imgsim serve: the settings')
     max_upload_bytes: int = 32 << 20
     max_k: int = 1000
     reload_interval_s: float = 1.0

@@ -48,11 +48,11 @@ class LiveIndex:
     """The current version of ``faiss_index`` under ``assets_dir``, kept current by a thread."""
 
     def __init__(self, assets_dir: Path, device: str = "auto", reload_interval_s: float = 1.0,
-                 allow_other_weights: bool = False, backend: str = "torch") -> None:
+                 allow_other_weights: bool = False, backend: str = "torch", dtype: str = "auto") -> None:
         self.assets_dir = Path(assets_dir)
         self.allow_other_weights = allow_other_weights
         self.link = artifact_path(self.assets_dir, "faiss_index")
-        self.device, self.backend = device, backend
+        self.device, self.backend, self.dtype = device, backend, dtype
         self.reload_interval_s = reload_interval_s
         self.current = self._load(None)
         self.reloads = 0
@@ -63,7 +63,7 @@ class LiveIndex:
     def _load(self, previous: Loaded | None) -> Loaded:
         version = index_version(self.link)
         searcher = FaissSearcher.open(self.assets_dir, device=self.device, allow_other_weights=self.allow_other_weights,
-                                      backend=self.backend)
+                                      backend=self.backend, dtype=self.dtype)
         searcher.warm(previous.searcher if previous is not None else None)  # not on the first query
         return Loaded(searcher, version)
 
