@@ -2,16 +2,25 @@
 and each one's fidelity and retrieval against PyTorch eager fp32.
 
     python -m bench.backends [--model dinov2_vits14] [--depth N] [--size 224] [--batches 1,32]
-                             [--images 64] [--seconds 10] [--collection data/images]
+                             [--images 64] [--seconds 10] [--rounds 5] [--collection data/images]
 
 Every figure goes through the product's :class:`core.encoder.Encoder` (``backend=``, ``dtype=``):
 ``Encoder.embed`` on pixels already decoded (decode excluded), and ``Encoder.embed_files`` on
-JPEG files with the decode worker processes (decode included). The peak is a float32 matrix
+JPEG files with the decode worker processes (decode included). The speeds are taken in
+``--rounds`` rounds in which every backend runs in turn, so that a machine whose speed drifts
+(a VM's neighbours) slows all of them alike: a backend's figure is its median over the rounds,
+its ratio the median of its ratios to eager fp32 within a round. The peak is a float32 matrix
 product loop measured in the same run; the model's FLOPs per image are counted by
 ``torch.utils.flop_counter``. Fidelity: max abs difference and lowest cosine of the vectors
 against eager fp32 on the same images. Retrieval: the copy-detection evaluation
-(``core.comparison.compare``, as ``imgsim compare-encoders`` runs it) over ``--collection``'s
-images, recall@1 and mAP, for every backend. Seeded random weights unless ``--weights``.
+(``core.comparison.compare``, as ``imgsim compare-encoders`` runs it) with every image of
+``--collection`` as a source, recall@1 and mAP, for every backend.
+
+Seeded random weights unless ``--weights``. Their LayerScale keeps its 1e-5 initialisation,
+which all but silences every block (the vectors hardly depend on the picture), so the retrieval
+figures use the same weights with LayerScale at 1, the value the official constructor sets
+before a checkpoint is loaded: a model whose every block shapes the vectors, as a trained one's
+do, is what reduced precision has to be judged on.
 """
 
 from __future__ import annotations
@@ -22,26 +31,19 @@ import tempfile
 import time
 from pathlib import Path
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 
-from bench._common import header, ratio_line
-from imgsim_assets.core import backends, comparison
+from bench._common import header, median, ratio_line
+from imgsim_assets.core import backends, comparison, dinov2
 from imgsim_assets.core import evaluation as ev
 from imgsim_assets.core.encoder import Encoder, EncoderSpec
 from imgsim_assets.core.images import Preprocess, image_id_from_sha256
 from imgsim_assets.core.sample_data import write_synthetic_batch
 
 FP32_GOAL, BF16_GOAL = 1.6, 2.5
-
-
-def native_bf16() -> bool:
-    """Whether this CPU computes bf16 dot products natively (AVX-512 BF16 or AMX)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
 def peak_gflops(seconds: float = 3.0, n: int = 2048) -> float:
@@ -64,7 +66,6 @@ def flops_per_image(model: torch.nn.Module, size: int) -> float:
 
 
 def images_per_second(encoder: Encoder, pixels: np.ndarray, batch: int, seconds: float) -> float:
-    encoder.embed(pixels[:batch])  # built (exported, compiled) and warm
     done, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds or done < 2 * batch:
         start = (done % max(len(pixels) - batch + 1, 1))
@@ -89,14 +90,16 @@ def main(argv=None) -> None:
     parser.add_argument("--images", type=int, default=64, help="pixels and JPEG files timed per backend")
     parser.add_argument("--seconds", type=float, default=10.0, help="per backend and batch size")
     parser.add_argument("--collection", default="data/images", help="images for the retrieval figures ('' skips)")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds every backend is timed in, in turn")
+    parser.add_argument("--dtype", default="auto", help="the precision auto is asked for (auto: as the product)")
     parser.add_argument("--backends", default=",".join(backends.BACKENDS))
     args = parser.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
     spec = EncoderSpec(model=args.model, weights=args.weights, depth=args.depth)
-    kinds = [(name, "float32") for name in args.backends.split(",") if backends.available(name)]
-    if native_bf16():
-        kinds += [(name, "bfloat16") for name in ("torch", "openvino") if name in args.backends.split(",")
-                  and backends.available(name)]
+    chosen = [name for name in args.backends.split(",") if backends.available(name)]
+    kinds = [(name, "float32") for name in chosen]
+    if backends.native_bf16():
+        kinds += [(name, "bfloat16") for name in chosen if name != "onnxruntime"]
 
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, (max(args.images, max(batches)), 3, args.size, args.size), dtype=np.uint8)
@@ -105,47 +108,63 @@ def main(argv=None) -> None:
     flops = flops_per_image(reference.model, args.size)
     header(f"encoder backends: {args.model}{f' ({args.depth} blocks)' if args.depth else ''} at {args.size}x"
            f"{args.size}, CPU, {torch.get_num_threads()} torch threads, {flops / 1e9:.2f} GFLOP an image, fp32 peak "
-           f"{peak:.0f} GFLOP/s (matrix product loop), native bf16: {'yes' if native_bf16() else 'no'}")
+           f"{peak:.0f} GFLOP/s (matrix product loop), native bf16: {'yes' if backends.native_bf16() else 'no'}")
     expected = reference.embed(pixels[: args.images])
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         files = write_synthetic_batch(root / "files", args.images, seed=1, size=(480, 640))
         pre = Preprocess(crop_size=args.size, resize_size=round(args.size * 256 / 224))
-        rates: dict[tuple[str, str, int], float] = {}
+        encoders: dict[tuple[str, str], Encoder] = {}
         for name, dtype in kinds:
-            encoder = Encoder(spec, device="cpu", dtype=dtype, backend=name)
-            label = f"{name} {dtype}"
+            encoder = encoders[name, dtype] = Encoder(spec, device="cpu", dtype=dtype, backend=name)
             built = time.perf_counter()
-            vectors = encoder.embed(pixels[: args.images])
+            vectors = encoder.embed(pixels[: args.images])  # exported, compiled, warm
             first = time.perf_counter() - built
             cosine = float(np.min(np.sum(vectors * expected, axis=1)))
-            fidelity = f"max abs diff {np.abs(vectors - expected).max():.1e}, lowest cosine {cosine:.6f}"
-            for batch in batches:
-                rates[name, dtype, batch] = images_per_second(encoder, pixels, batch, args.seconds)
             with_decode = files_per_second(encoder, files, root / "files", pre)
-            print(f"  {label}: first call {first:.1f} s (export/compile/cache), {fidelity}; "
-                  + "; ".join(f"batch {b}: {rates[name, dtype, b]:.1f} img/s "
-                              f"({rates[name, dtype, b] * flops / 1e9 / peak:.0%} of peak)" for b in batches)
-                  + f"; files with decoding, batch {encoder.batch_size}: {with_decode:.1f} img/s")
+            print(f"  {name} {dtype}: first call {first:.1f} s (export/compile/cache), max abs diff "
+                  f"{np.abs(vectors - expected).max():.1e}, lowest cosine {cosine:.6f}; files with decoding, "
+                  f"batch {encoder.batch_size}: {with_decode:.1f} img/s")
         for batch in batches:
-            base = rates["torch", "float32", batch]
-            for (name, dtype, b), rate in rates.items():
-                if b != batch or (name, dtype) == ("torch", "float32"):
+            rounds = {kind: [] for kind in kinds}
+            for _ in range(args.rounds):
+                for kind, encoder in encoders.items():
+                    encoder.embed(pixels[:batch])  # this batch size's graph built, and warm
+                    rounds[kind].append(images_per_second(encoder, pixels, batch, args.seconds / args.rounds))
+            print(f"  batch {batch}, median of {args.rounds} rounds: " + "; ".join(
+                f"{name} {dtype} {median(r):.1f} img/s ({median(r) * flops / 1e9 / peak:.0%} of fp32 peak)"
+                for (name, dtype), r in rounds.items()))
+            base = rounds["torch", "float32"]
+            for (name, dtype), rates in rounds.items():
+                if (name, dtype) == ("torch", "float32"):
                     continue
                 goal = BF16_GOAL if dtype == "bfloat16" else FP32_GOAL
-                ratio_line(f"batch {batch}: {name} {dtype} / torch float32 (img/s)", f"{rate:.1f} img/s",
-                           f"{base:.1f} img/s", rate / base, f">= {goal}x", rate / base >= goal)
+                ratio = median([rate / eager for rate, eager in zip(rates, base)])
+                ratio_line(f"batch {batch}: {name} {dtype} / torch float32 (img/s)", f"{median(rates):.1f} img/s",
+                           f"{median(base):.1f} img/s", ratio, f">= {goal}x", ratio >= goal)
         os.environ["XDG_CACHE_HOME"] = str(root / "fresh-cache")  # auto's first use: nothing exported yet
-        auto = Encoder(spec, device="cpu", backend="auto")
+        auto = Encoder(spec, device="cpu", backend="auto", dtype=args.dtype)
         started = time.perf_counter()
         auto.embed(pixels[:1])
         print(f"  auto's first use (every backend exported, built and timed): {time.perf_counter() - started:.1f} s")
-        print(f"  auto chooses: {auto.backend.name} (measured on a batch of {backends.AUTO_BATCH}: "
-              + ", ".join(f"{n} {m.get('images_per_second', m.get('skipped'))}"
-                          for n, m in auto.backend_choice["measured"].items()) + ")")
+        print(f"  auto chooses: {auto.backend.name} {auto.backend_choice['dtype']} (measured on a batch of "
+              f"{backends.AUTO_BATCH}: " + ", ".join(f"{n} {m.get('images_per_second', m.get('skipped'))}"
+                                                     for n, m in auto.backend_choice["measured"].items()) + ")")
         if args.collection:
-            retrieval(spec, kinds, Path(args.collection), root / "scratch")
+            weights = args.weights if args.weights != "random" else str(layer_scale_one(args.model, args.depth, root))
+            retrieval(replace(spec, weights=weights), kinds, Path(args.collection), root / "scratch")
+
+
+def layer_scale_one(model: str, depth: int | None, folder: Path) -> Path:
+    """The seeded random weights with every LayerScale at 1, as a checkpoint file."""
+    state = dinov2.load_dinov2(model, "random", depth=depth).state_dict()
+    for name, value in state.items():
+        if name.endswith(".gamma"):
+            state[name] = torch.ones_like(value)
+    path = folder / f"{model}-random-layerscale-1.pth"
+    torch.save(state, path)
+    return path
 
 
 def retrieval(spec: EncoderSpec, kinds, collection: Path, scratch: Path) -> None:
@@ -158,22 +177,22 @@ def retrieval(spec: EncoderSpec, kinds, collection: Path, scratch: Path) -> None
         return
     database = [ev.Source(image_id_from_sha256(hashlib.sha256(p.read_bytes()).hexdigest()), p, collection)
                 for p in files]
-    database = list({s.image_id: s for s in database}.values())
-    sources = database[:: max(1, len(database) // 40)]
+    database = list({s.image_id: s for s in database}.values())  # each picture once
     option = comparison.parse_option("cls@224:pca")
     scratch.mkdir(parents=True, exist_ok=True)
     figures = {}
+    print(f"  retrieval: weights {spec.weights}, every one of {len(database)} images a source of copies")
     for name, dtype in kinds:
         encoder = Encoder(spec, device="cpu", dtype=dtype, backend=name)
-        [result] = comparison.compare([option], sources, database, encoder, pca_dim=min(64, len(database) - 1),
+        [result] = comparison.compare([option], database, database, encoder, pca_dim=min(64, len(database) - 1),
                                       scratch=scratch)
         figures[name, dtype] = result
-        print(f"  retrieval, {name} {dtype}: recall@1 {result.recall_at_1:.3f}, mAP "
-              f"{result.mean_average_precision:.3f} ({len(sources)} sources, {len(database)} images)")
+        print(f"  retrieval, {name} {dtype}: recall@1 {result.recall_at_1:.4f}, mAP "
+              f"{result.mean_average_precision:.4f}")
     base = figures["torch", "float32"]
     worst = max(abs(r.recall_at_1 - base.recall_at_1) for r in figures.values())
     worst_map = max(abs(r.mean_average_precision - base.mean_average_precision) for r in figures.values())
-    print(f"  retrieval: largest difference from torch float32: recall@1 {worst:.3f}, mAP {worst_map:.3f} "
+    print(f"  retrieval: largest difference from torch float32: recall@1 {worst:.4f}, mAP {worst_map:.4f} "
           f"(goal <= 0.01: {'met' if max(worst, worst_map) <= 0.01 else 'missed'})")
 
 
