@@ -16,11 +16,11 @@ against eager fp32 on the same images. Retrieval: the copy-detection evaluation
 (``core.comparison.compare``, as ``imgsim compare-encoders`` runs it) with every image of
 ``--collection`` as a source, recall@1 and mAP, for every backend.
 
-Seeded random weights unless ``--weights``. Their LayerScale keeps its 1e-5 initialisation,
-which all but silences every block (the vectors hardly depend on the picture), so the retrieval
-figures use the same weights with LayerScale at 1, the value the official constructor sets
-before a checkpoint is loaded: a model whose every block shapes the vectors, as a trained one's
-do, is what reduced precision has to be judged on.
+Weights: ``--weights``, else the product's seeded random weights with every LayerScale at 1. Left
+at its 1e-5 initialisation, LayerScale all but silences every block, so the vectors hardly depend
+on the picture and any precision looks faithful; at 1 (the value the official constructor sets
+before a checkpoint is loaded) every block shapes the vectors, as a trained model's do, which is
+what reduced precision has to be judged on. The speeds do not depend on the weights.
 """
 
 from __future__ import annotations
@@ -30,8 +30,6 @@ import os
 import tempfile
 import time
 from pathlib import Path
-
-from dataclasses import replace
 
 import numpy as np
 import torch
@@ -94,8 +92,14 @@ def main(argv=None) -> None:
     parser.add_argument("--dtype", default="auto", help="the precision auto is asked for (auto: as the product)")
     parser.add_argument("--backends", default=",".join(backends.BACKENDS))
     args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        run(args, Path(tmp))
+
+
+def run(args, root: Path) -> None:
     batches = [int(b) for b in args.batches.split(",")]
-    spec = EncoderSpec(model=args.model, weights=args.weights, depth=args.depth)
+    weights = args.weights if args.weights != "random" else str(layer_scale_one(args.model, args.depth, root))
+    spec = EncoderSpec(model=args.model, weights=weights, depth=args.depth)
     chosen = [name for name in args.backends.split(",") if backends.available(name)]
     kinds = [(name, "float32") for name in chosen]
     if backends.native_bf16():
@@ -108,52 +112,49 @@ def main(argv=None) -> None:
     flops = flops_per_image(reference.model, args.size)
     header(f"encoder backends: {args.model}{f' ({args.depth} blocks)' if args.depth else ''} at {args.size}x"
            f"{args.size}, CPU, {torch.get_num_threads()} torch threads, {flops / 1e9:.2f} GFLOP an image, fp32 peak "
-           f"{peak:.0f} GFLOP/s (matrix product loop), native bf16: {'yes' if backends.native_bf16() else 'no'}")
+           f"{peak:.0f} GFLOP/s (matrix product loop), native bf16: {'yes' if backends.native_bf16() else 'no'}; "
+           f"weights {Path(weights).name}")
     expected = reference.embed(pixels[: args.images])
-
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        files = write_synthetic_batch(root / "files", args.images, seed=1, size=(480, 640))
-        pre = Preprocess(crop_size=args.size, resize_size=round(args.size * 256 / 224))
-        encoders: dict[tuple[str, str], Encoder] = {}
-        for name, dtype in kinds:
-            encoder = encoders[name, dtype] = Encoder(spec, device="cpu", dtype=dtype, backend=name)
-            built = time.perf_counter()
-            vectors = encoder.embed(pixels[: args.images])  # exported, compiled, warm
-            first = time.perf_counter() - built
-            cosine = float(np.min(np.sum(vectors * expected, axis=1)))
-            with_decode = files_per_second(encoder, files, root / "files", pre)
-            print(f"  {name} {dtype}: first call {first:.1f} s (export/compile/cache), max abs diff "
-                  f"{np.abs(vectors - expected).max():.1e}, lowest cosine {cosine:.6f}; files with decoding, "
-                  f"batch {encoder.batch_size}: {with_decode:.1f} img/s")
-        for batch in batches:
-            rounds = {kind: [] for kind in kinds}
-            for _ in range(args.rounds):
-                for kind, encoder in encoders.items():
-                    encoder.embed(pixels[:batch])  # this batch size's graph built, and warm
-                    rounds[kind].append(images_per_second(encoder, pixels, batch, args.seconds / args.rounds))
-            print(f"  batch {batch}, median of {args.rounds} rounds: " + "; ".join(
-                f"{name} {dtype} {median(r):.1f} img/s ({median(r) * flops / 1e9 / peak:.0%} of fp32 peak)"
-                for (name, dtype), r in rounds.items()))
-            base = rounds["torch", "float32"]
-            for (name, dtype), rates in rounds.items():
-                if (name, dtype) == ("torch", "float32"):
-                    continue
-                goal = BF16_GOAL if dtype == "bfloat16" else FP32_GOAL
-                ratio = median([rate / eager for rate, eager in zip(rates, base)])
-                ratio_line(f"batch {batch}: {name} {dtype} / torch float32 (img/s)", f"{median(rates):.1f} img/s",
-                           f"{median(base):.1f} img/s", ratio, f">= {goal}x", ratio >= goal)
-        os.environ["XDG_CACHE_HOME"] = str(root / "fresh-cache")  # auto's first use: nothing exported yet
-        auto = Encoder(spec, device="cpu", backend="auto", dtype=args.dtype)
-        started = time.perf_counter()
-        auto.embed(pixels[:1])
-        print(f"  auto's first use (every backend exported, built and timed): {time.perf_counter() - started:.1f} s")
-        print(f"  auto chooses: {auto.backend.name} {auto.backend_choice['dtype']} (measured on a batch of "
-              f"{backends.AUTO_BATCH}: " + ", ".join(f"{n} {m.get('images_per_second', m.get('skipped'))}"
-                                                     for n, m in auto.backend_choice["measured"].items()) + ")")
-        if args.collection:
-            weights = args.weights if args.weights != "random" else str(layer_scale_one(args.model, args.depth, root))
-            retrieval(replace(spec, weights=weights), kinds, Path(args.collection), root / "scratch")
+    files = write_synthetic_batch(root / "files", args.images, seed=1, size=(480, 640))
+    pre = Preprocess(crop_size=args.size, resize_size=round(args.size * 256 / 224))
+    encoders: dict[tuple[str, str], Encoder] = {}
+    for name, dtype in kinds:
+        encoder = encoders[name, dtype] = Encoder(spec, device="cpu", dtype=dtype, backend=name)
+        built = time.perf_counter()
+        vectors = encoder.embed(pixels[: args.images])  # exported, compiled, warm
+        first = time.perf_counter() - built
+        cosine = float(np.min(np.sum(vectors * expected, axis=1)))
+        with_decode = files_per_second(encoder, files, root / "files", pre)
+        print(f"  {name} {dtype}: first call {first:.1f} s (export/compile/cache), max abs diff "
+              f"{np.abs(vectors - expected).max():.1e}, lowest cosine {cosine:.6f}; files with decoding, "
+              f"batch {encoder.batch_size}: {with_decode:.1f} img/s")
+    for batch in batches:
+        rounds = {kind: [] for kind in kinds}
+        for _ in range(args.rounds):
+            for kind, encoder in encoders.items():
+                encoder.embed(pixels[:batch])  # this batch size's graph built, and warm
+                rounds[kind].append(images_per_second(encoder, pixels, batch, args.seconds / args.rounds))
+        print(f"  batch {batch}, median of {args.rounds} rounds: " + "; ".join(
+            f"{name} {dtype} {median(r):.1f} img/s ({median(r) * flops / 1e9 / peak:.0%} of fp32 peak)"
+            for (name, dtype), r in rounds.items()))
+        base = rounds["torch", "float32"]
+        for (name, dtype), rates in rounds.items():
+            if (name, dtype) == ("torch", "float32"):
+                continue
+            goal = BF16_GOAL if dtype == "bfloat16" else FP32_GOAL
+            ratio = median([rate / eager for rate, eager in zip(rates, base)])
+            ratio_line(f"batch {batch}: {name} {dtype} / torch float32 (img/s)", f"{median(rates):.1f} img/s",
+                       f"{median(base):.1f} img/s", ratio, f">= {goal}x", ratio >= goal)
+    os.environ["XDG_CACHE_HOME"] = str(root / "fresh-cache")  # auto's first use: nothing exported yet
+    auto = Encoder(spec, device="cpu", backend="auto", dtype=args.dtype)
+    started = time.perf_counter()
+    auto.embed(pixels[:1])
+    print(f"  auto's first use (every backend exported, built and timed): {time.perf_counter() - started:.1f} s")
+    print(f"  auto chooses: {auto.backend.name} {auto.backend_choice['dtype']} (measured on a batch of "
+          f"{backends.AUTO_BATCH}: " + ", ".join(f"{n} {m.get('images_per_second', m.get('skipped'))}"
+                                                 for n, m in auto.backend_choice["measured"].items()) + ")")
+    if args.collection:
+        retrieval(spec, kinds, Path(args.collection), root / "scratch")
 
 
 def layer_scale_one(model: str, depth: int | None, folder: Path) -> Path:

@@ -37,6 +37,11 @@ def test_each_backend_gives_the_vectors_and_patches_pytorch_gives(graphs, name):
     assert np.abs(got_patches - patches).max() <= backends.FIDELITY_MAX_ABS
     one = encoder.embed(x[:1])  # any batch size through the same graph
     assert np.abs(one - vectors[:1]).max() <= backends.FIDELITY_MAX_ABS
+    if name == "openvino":  # the batch was shared among its streams, the single image ran in latency mode
+        runner = encoder.backend._runners[56, 56]
+        assert set(runner._compiled) == {"THROUGHPUT", "LATENCY"} and len(runner._local.LATENCY) == 1
+        if runner.streams > 1:  # one request per stream, each with its share of the 6 images
+            assert len(runner._local.THROUGHPUT) == runner.streams
 
 
 def test_openvino_in_bfloat16_stays_close_to_float32(graphs):

@@ -127,8 +127,9 @@ def test_bench_ray_compares_ray_with_this_process(tmp_path):
 
 def test_bench_embedding_compares_the_materialization_with_the_bare_loop(tmp_path):
     out = _bench("bench.embedding", "--images", "8", "--batch-size", "4", "--rounds", "1", "--depth", "1",
-                 tmp_path=tmp_path)
+                 "--backend", "torch", "--dtype", "bfloat16", tmp_path=tmp_path)
     assert "materialization / bare loop (time)" in _ratios(out) and "image_embeddings: 8 images" in out
+    assert "backend torch bfloat16" in out
 
 
 def test_bench_memory_measures_each_batch_size_in_its_own_process(tmp_path):
