@@ -200,6 +200,7 @@ class _OpenVINO:
         self.config = {"INFERENCE_PRECISION_HINT": "bf16" if dtype == torch.bfloat16 else "f32",
                        "INFERENCE_NUM_THREADS": threads}
         self._compiled: dict[str, object] = {}
+        self._streams: int | None = None
         self._lock = threading.Lock()
         self._local = threading.local()  # an infer request serves one call at a time: each thread has its own
 
@@ -212,10 +213,17 @@ class _OpenVINO:
 
     @property
     def streams(self) -> int:
-        return int(self.compiled("THROUGHPUT").get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
+        """How many requests throughput mode runs at once (OpenVINO's choice for these threads)."""
+        if self._streams is None:
+            self._streams = int(self.compiled("THROUGHPUT").get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
+        return self._streams
 
     def _requests(self, hint: str, count: int) -> list:
-        mine = self._local.__dict__.setdefault(hint, [])
+        """``count`` infer requests of ``hint``'s version, this thread's own."""
+        mine = getattr(self._local, hint, None)
+        if mine is None:
+            mine = []
+            setattr(self._local, hint, mine)
         while len(mine) < count:
             mine.append(self.compiled(hint).create_infer_request())
         return mine[:count]
