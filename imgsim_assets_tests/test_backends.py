@@ -121,10 +121,13 @@ def test_a_bfloat16_run_outside_the_bound_is_not_chosen(graphs, monkeypatch):
 def test_auto_precision_is_bfloat16_only_where_the_cpu_computes_it_and_the_backend_is_auto(tmp_path, monkeypatch):
     flags = tmp_path / "cpuinfo"
     flags.write_text("flags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\n")
-    assert backends.native_bf16(flags)
+    assert backends.native_bf16(flags, {})
     flags.write_text("flags\t\t: fpu sse2 avx2 fma\n")
-    assert not backends.native_bf16(flags)
-    assert not backends.native_bf16(tmp_path / "absent")
+    assert not backends.native_bf16(flags, {})
+    assert not backends.native_bf16(tmp_path / "absent", {})
+    flags.write_text("flags\t\t: fpu avx512f avx512_bf16\n")
+    for isa, native in (("AVX2", False), ("avx512_core", False), ("AVX512_CORE_BF16", True), ("ALL", True)):
+        assert backends.native_bf16(flags, {"ONEDNN_MAX_CPU_ISA": isa}) is native  # oneDNN held below bf16
 
     for native in (True, False):
         monkeypatch.setattr(backends, "native_bf16", lambda native=native: native)

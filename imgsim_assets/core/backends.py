@@ -61,9 +61,16 @@ def available(backend: str) -> bool:
     return True
 
 
-def native_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
+BF16_ISAS = ("AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX10", "AVX512_CORE_AMX")  # oneDNN's names, and above
+
+
+def native_bf16(cpuinfo: str | Path = "/proc/cpuinfo", environ=os.environ) -> bool:
     """Whether this CPU computes bf16 dot products in hardware (AVX-512 BF16 or AMX), where
-    bf16 runs at up to twice the fp32 rate instead of being emulated more slowly."""
+    bf16 runs at up to twice the fp32 rate instead of being emulated more slowly, and oneDNN
+    (PyTorch's and OpenVINO's kernels) is not held below them by ``ONEDNN_MAX_CPU_ISA``."""
+    isa = environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    if isa not in ("", "ALL", "DEFAULT") and not isa.startswith(BF16_ISAS):
+        return False
     try:
         flags = Path(cpuinfo).read_text()
     except OSError:
@@ -197,7 +204,10 @@ class _OpenVINO:
         self.core = ov.Core()
         self.core.set_property({"CACHE_DIR": str(graph.parent / "openvino")})  # its compiled blobs, next time
         self.graph = graph
-        self.config = {"INFERENCE_PRECISION_HINT": "bf16" if dtype == torch.bfloat16 else "f32",
+        # bf16 where the CPU computes it; elsewhere OpenVINO would run f32 anyway, or find no kernel
+        # when oneDNN is held below the CPU's bf16 instructions
+        bf16 = dtype == torch.bfloat16 and native_bf16()
+        self.config = {"INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32",
                        "INFERENCE_NUM_THREADS": threads}
         self._compiled: dict[str, object] = {}
         self._streams: int | None = None
