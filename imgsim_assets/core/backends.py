@@ -240,9 +240,11 @@ class _OpenVINO:
 
     def __call__(self, x: torch.Tensor) -> Features:
         pixels = np.ascontiguousarray(x.cpu().numpy())
-        streams = self.streams
-        hint = "THROUGHPUT" if len(pixels) >= streams > 1 else "LATENCY"
-        parts = np.array_split(pixels, streams if hint == "THROUGHPUT" else 1)
+        # a single image never asks for the streams: a process that only answers single queries
+        # compiles the latency version alone
+        shared = len(pixels) > 1 and len(pixels) >= self.streams > 1
+        hint = "THROUGHPUT" if shared else "LATENCY"
+        parts = np.array_split(pixels, self.streams if shared else 1)
         requests = self._requests(hint, len(parts))
         for request, part in zip(requests, parts):
             request.start_async({0: np.ascontiguousarray(part)})

@@ -99,7 +99,8 @@ class Encoder:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.spec = spec
         self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device, "compile" if compile else backend)
+        self.backend_requested = "compile" if compile else backend
+        self.dtype = resolve_dtype(dtype, self.device, self.backend_requested)
         self.batch_size = batch_size
         self.weights_file = weights.resolve(spec.model, spec.weights, progress)
         self.weights_fingerprint = weights.fingerprint(self.weights_file, spec.model)
@@ -108,7 +109,6 @@ class Encoder:
             raise ValueError(f"unknown encoder backend {backend!r}; choose one of {', '.join(backends.CHOICES)}")
         if backend in ("onnxruntime", "openvino") and self.device.type != "cpu":
             raise ValueError(f"the {backend} backend runs on the CPU, not on {self.device}")
-        self.backend_requested = "compile" if compile else backend
         self.backend: backends.Backend | None = None  # built on the first batch (auto measures on its size)
         self.backend_choice: dict | None = None  # what auto measured, when it chose
         self.model_seconds = 0.0  # spent in embed() so far: the model's share of a run
